@@ -188,6 +188,8 @@ def read_index(path: str | Path) -> tuple[dict, dict[str, TensorEntry]]:
             for key, value in _block_entries(_block(data, handle, path)):
                 if key == b"":
                     header = {n: v for n, _, v in _fields(value)}
+                elif key.startswith(b"\x00"):
+                    continue  # the pieces of a partitioned tensor; its full entry carries `slices`
                 else:
                     name = key.decode("utf-8")
                     entries[name] = _parse_entry(name, value)

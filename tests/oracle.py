@@ -1,0 +1,40 @@
+"""The reference implementation: transformers' GPT2LMHeadModel, and the same weights in a GPTModel."""
+
+from __future__ import annotations
+
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from gpt2load.build import model_from_tensors
+from gpt2load.config import GPTConfig
+from gpt2load.convert import HF, convert_tensors, strip_hf_prefix
+from gpt2load.model import GPTModel
+
+TINY = GPTConfig(vocab_size=96, context_length=64, emb_dim=32, n_heads=4, n_layers=2)
+
+
+def hf_model(cfg: GPTConfig = TINY, seed: int = 0) -> GPT2LMHeadModel:
+    """A randomly initialised transformers GPT-2 of cfg's shape, in eval mode, with nonzero biases."""
+    torch.manual_seed(seed)
+    hf_cfg = GPT2Config(vocab_size=cfg.vocab_size, n_positions=cfg.context_length, n_embd=cfg.emb_dim,
+                        n_head=cfg.n_heads, n_layer=cfg.n_layers, resid_pdrop=0.0, embd_pdrop=0.0,
+                        attn_pdrop=0.0, bos_token_id=cfg.vocab_size - 1, eos_token_id=cfg.vocab_size - 1)
+    model = GPT2LMHeadModel(hf_cfg)
+    with torch.no_grad():  # default init has zero biases and unit LayerNorms, which hide mapping mistakes
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or ".ln_" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+            elif name.endswith("wte.weight"):
+                p.normal_(0, 0.5)  # larger logits, so greedy choices are not near-ties
+    return model.eval()
+
+
+def gpt_from_hf(model: GPT2LMHeadModel, cfg: GPTConfig = TINY) -> GPTModel:
+    """The same weights in a GPTModel, via the Hugging Face name map."""
+    items = ((strip_hf_prefix(k), v.detach().clone()) for k, v in model.state_dict().items())
+    return model_from_tensors(cfg, convert_tensors(items, HF, cfg, "transformers model"), device="cpu")
+
+
+def pair(cfg: GPTConfig = TINY, seed: int = 0) -> tuple[GPT2LMHeadModel, GPTModel]:
+    hf = hf_model(cfg, seed)
+    return hf, gpt_from_hf(hf, cfg)
