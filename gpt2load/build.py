@@ -39,8 +39,14 @@ def _check_available(dev: torch.device) -> None:
         raise Gpt2LoadError(f"device {dev} is not supported: use cpu, cuda or mps")
 
 
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16}
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
 
 
 def pick_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
@@ -63,9 +69,12 @@ def empty_model(cfg: GPTConfig) -> GPTModel:
         return GPTModel(cfg)
 
 
-def model_from_tensors(cfg: GPTConfig, tensors: Iterable[tuple[str, torch.Tensor]],
-                       device: str | torch.device | None = None, dtype: str | torch.dtype | None = None
-                       ) -> GPTModel:
+def model_from_tensors(
+    cfg: GPTConfig,
+    tensors: Iterable[tuple[str, torch.Tensor]],
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
+) -> GPTModel:
     """A GPTModel in eval mode holding `tensors` (GPTModel names, tied head and masks not needed).
 
     Each tensor is moved and cast one at a time, so peak memory stays near one copy of the weights.

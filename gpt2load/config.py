@@ -79,15 +79,25 @@ def resolve_size(name: str) -> str:
     key = name.lower().removeprefix("openai-community/")
     if key in ALIASES:
         return ALIASES[key]
-    valid = ", ".join(list(PRESETS) + [a for a in ALIASES if not a.endswith(("m", "b"))])
+    valid = ", ".join(list(PRESETS) + [a for a in ALIASES if not a[0].isdigit()])
     raise Gpt2LoadError(f"unknown model {name!r}: use one of {valid}, or a path to a local model folder")
 
 
 # OpenAI hparams.json and Hugging Face config.json keys -> GPTConfig fields.
-_HPARAMS_KEYS = {"n_vocab": "vocab_size", "n_ctx": "context_length", "n_embd": "emb_dim",
-                 "n_head": "n_heads", "n_layer": "n_layers"}
-_HF_CONFIG_KEYS = {"vocab_size": "vocab_size", "n_positions": "context_length", "n_embd": "emb_dim",
-                   "n_head": "n_heads", "n_layer": "n_layers"}
+_HPARAMS_KEYS = {
+    "n_vocab": "vocab_size",
+    "n_ctx": "context_length",
+    "n_embd": "emb_dim",
+    "n_head": "n_heads",
+    "n_layer": "n_layers",
+}
+_HF_CONFIG_KEYS = {
+    "vocab_size": "vocab_size",
+    "n_positions": "context_length",
+    "n_embd": "emb_dim",
+    "n_head": "n_heads",
+    "n_layer": "n_layers",
+}
 
 
 def _read_json(path: Path) -> dict:
@@ -139,8 +149,8 @@ def hf_config_dict(cfg: GPTConfig) -> dict:
         "embd_pdrop": cfg.drop_rate,
         "attn_pdrop": cfg.drop_rate,
         "initializer_range": 0.02,
-        "bos_token_id": 50256,
-        "eos_token_id": 50256,
+        "bos_token_id": min(50256, cfg.vocab_size - 1),
+        "eos_token_id": min(50256, cfg.vocab_size - 1),
         "tie_word_embeddings": True,
         "scale_attn_weights": True,
         "use_cache": True,

@@ -76,8 +76,6 @@ HF_MAP: dict[str, Rule] = {
 HF_IGNORED: tuple[str, ...] = ("h.{}.attn.bias", "h.{}.attn.masked_bias", "lm_head.weight")
 HF_PREFIX = "transformer."
 
-# GPTModel entries that no source provides: the tied head and the book's mask buffers.
-DERIVED_TARGETS: tuple[str, ...] = ("out_head.weight", "trf_blocks.{}.att.mask")
 
 
 def _regex(pattern: str) -> re.Pattern:
@@ -112,17 +110,18 @@ class NameMap:
             if hit is not None:
                 plan[name] = hit
             elif not self.ignored(name):
-                raise Gpt2LoadError(f"tensor {name!r} in {where} is not part of the {self.label} GPT-2 layout: "
-                                    "is this a GPT-2 checkpoint?")
+                raise Gpt2LoadError(
+                    f"tensor {name!r} in {where} is not part of the {self.label} GPT-2 layout: "
+                    "is this a GPT-2 checkpoint?"
+                )
         return plan
 
     def inverse(self, cfg: GPTConfig) -> Iterator[tuple[str, Rule, list[str]]]:
         """(source name, rule, target names) for every source tensor of a model of this config."""
         for pattern, rule in self.rules.items():
-            layers = range(cfg.n_layers) if "{}" in pattern else [None]
-            for i in layers:
-                fill = (lambda s: s.replace("{}", str(i))) if i is not None else (lambda s: s)
-                yield fill(pattern), rule, [fill(t) for t in rule.targets]
+            blocks = [str(i) for i in range(cfg.n_layers)] if "{}" in pattern else [""]
+            for i in blocks:
+                yield pattern.replace("{}", i), rule, [t.replace("{}", i) for t in rule.targets]
 
 
 OPENAI = NameMap(OPENAI_MAP, OPENAI_IGNORED, "OpenAI")
@@ -159,13 +158,23 @@ def from_model_layout(parts: list[torch.Tensor], rule: Rule) -> torch.Tensor:
 def expected_shapes(cfg: GPTConfig) -> dict[str, tuple[int, ...]]:
     """Shape of every GPTModel parameter that a checkpoint must fill (the tied head and masks excluded)."""
     d, v, c = cfg.emb_dim, cfg.vocab_size, cfg.context_length
-    shapes: dict[str, tuple[int, ...]] = {"tok_emb.weight": (v, d), "pos_emb.weight": (c, d),
-                                          "final_norm.scale": (d,), "final_norm.shift": (d,)}
+    shapes: dict[str, tuple[int, ...]] = {
+        "tok_emb.weight": (v, d),
+        "pos_emb.weight": (c, d),
+        "final_norm.scale": (d,),
+        "final_norm.shift": (d,),
+    }
     per_block = {
-        "norm1.scale": (d,), "norm1.shift": (d,), "norm2.scale": (d,), "norm2.shift": (d,),
-        "att.out_proj.weight": (d, d), "att.out_proj.bias": (d,),
-        "ff.layers.0.weight": (4 * d, d), "ff.layers.0.bias": (4 * d,),
-        "ff.layers.2.weight": (d, 4 * d), "ff.layers.2.bias": (d,),
+        "norm1.scale": (d,),
+        "norm1.shift": (d,),
+        "norm2.scale": (d,),
+        "norm2.shift": (d,),
+        "att.out_proj.weight": (d, d),
+        "att.out_proj.bias": (d,),
+        "ff.layers.0.weight": (4 * d, d),
+        "ff.layers.0.bias": (4 * d,),
+        "ff.layers.2.weight": (d, 4 * d),
+        "ff.layers.2.bias": (d,),
     }
     for n in ("query", "key", "value"):
         per_block[f"att.W_{n}.weight"] = (d, d)
@@ -175,8 +184,9 @@ def expected_shapes(cfg: GPTConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def convert_tensors(items: Iterable[tuple[str, torch.Tensor]], name_map: NameMap, cfg: GPTConfig,
-                    where: str) -> Iterator[tuple[str, torch.Tensor]]:
+def convert_tensors(
+    items: Iterable[tuple[str, torch.Tensor]], name_map: NameMap, cfg: GPTConfig, where: str
+) -> Iterator[tuple[str, torch.Tensor]]:
     """Stream (GPTModel name, tensor) from (source name, tensor), checking names, coverage and shapes.
 
     Args:
@@ -192,21 +202,27 @@ def convert_tensors(items: Iterable[tuple[str, torch.Tensor]], name_map: NameMap
         if hit is None:
             if name_map.ignored(name):
                 continue
-            raise Gpt2LoadError(f"tensor {name!r} in {where} is not part of the {name_map.label} GPT-2 layout: "
-                                "is this a GPT-2 checkpoint?")
+            raise Gpt2LoadError(
+                f"tensor {name!r} in {where} is not part of the {name_map.label} GPT-2 layout: "
+                "is this a GPT-2 checkpoint?"
+            )
         rule, targets = hit
         try:
             parts = to_model_layout(tensor, rule)
         except ValueError as e:
             raise Gpt2LoadError(f"tensor {name!r} in {where} has the wrong shape: {e}") from None
-        for target, part in zip(targets, parts):
+        for target, part in zip(targets, parts, strict=True):
             want = shapes.get(target)
             if want is None:
-                raise Gpt2LoadError(f"tensor {name!r} in {where} belongs to a block the config does not have "
-                                    f"({cfg.n_layers} layers): the config and weights disagree")
+                raise Gpt2LoadError(
+                    f"tensor {name!r} in {where} belongs to a block the config does not have "
+                    f"({cfg.n_layers} layers): the config and weights disagree"
+                )
             if tuple(part.shape) != want:
-                raise Gpt2LoadError(f"tensor {name!r} in {where} gives {target} shape {list(part.shape)}, the "
-                                    f"config wants {list(want)}: the config and weights disagree")
+                raise Gpt2LoadError(
+                    f"tensor {name!r} in {where} gives {target} shape {list(part.shape)}, the "
+                    f"config wants {list(want)}: the config and weights disagree"
+                )
             if target in filled:
                 raise Gpt2LoadError(f"{where} holds {target} twice (again as {name!r})")
             filled.add(target)
@@ -214,8 +230,9 @@ def convert_tensors(items: Iterable[tuple[str, torch.Tensor]], name_map: NameMap
     missing = [k for k in shapes if k not in filled]
     if missing:
         more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
-        raise Gpt2LoadError(f"{where} lacks tensors for {', '.join(missing[:3])}{more}: the checkpoint is "
-                            "incomplete; download it again")
+        raise Gpt2LoadError(
+            f"{where} lacks tensors for {', '.join(missing[:3])}{more}: the checkpoint is incomplete; download it again"
+        )
 
 
 def strip_hf_prefix(name: str) -> str:
@@ -224,5 +241,4 @@ def strip_hf_prefix(name: str) -> str:
 
 def to_source_layout(state: dict[str, torch.Tensor], name_map: NameMap, cfg: GPTConfig) -> dict[str, torch.Tensor]:
     """GPTModel tensors back in a source layout (the export path), built from the same table."""
-    return {src: from_model_layout([state[t] for t in targets], rule)
-            for src, rule, targets in name_map.inverse(cfg)}
+    return {src: from_model_layout([state[t] for t in targets], rule) for src, rule, targets in name_map.inverse(cfg)}

@@ -5,7 +5,6 @@ A state_dict of this model loads with strict=True into the book's chapter-4 GPTM
 
 from __future__ import annotations
 
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -74,8 +73,9 @@ class FeedForward(nn.Module):
 
 
 class MultiHeadAttention(nn.Module):
-    def __init__(self, d_in: int, d_out: int, context_length: int, dropout: float, num_heads: int,
-                 qkv_bias: bool = False) -> None:
+    def __init__(
+        self, d_in: int, d_out: int, context_length: int, dropout: float, num_heads: int, qkv_bias: bool = False
+    ) -> None:
         super().__init__()
         self.d_out = d_out
         self.num_heads = num_heads
@@ -89,8 +89,9 @@ class MultiHeadAttention(nn.Module):
         # but attention uses SDPA's own causal masking.
         self.register_buffer("mask", causal_mask(context_length))
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0,
-                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0, attn_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         B, T, _ = x.shape
         q, k, v = (
             w(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
@@ -115,15 +116,17 @@ class MultiHeadAttention(nn.Module):
 class TransformerBlock(nn.Module):
     def __init__(self, cfg: GPTConfig) -> None:
         super().__init__()
-        self.att = MultiHeadAttention(cfg.emb_dim, cfg.emb_dim, cfg.context_length, cfg.drop_rate,
-                                      cfg.n_heads, cfg.qkv_bias)
+        self.att = MultiHeadAttention(
+            cfg.emb_dim, cfg.emb_dim, cfg.context_length, cfg.drop_rate, cfg.n_heads, cfg.qkv_bias
+        )
         self.ff = FeedForward(cfg)
         self.norm1 = LayerNorm(cfg.emb_dim)
         self.norm2 = LayerNorm(cfg.emb_dim)
         self.drop_shortcut = nn.Dropout(cfg.drop_rate)
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0,
-                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0, attn_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         x = x + self.drop_shortcut(self.att(self.norm1(x), cache, layer, attn_mask))
         return x + self.drop_shortcut(self.ff(self.norm2(x)))
 
@@ -155,8 +158,13 @@ class GPTModel(nn.Module):
         for block in self.trf_blocks:
             block.att.mask = mask  # one tensor shared by every layer: 4 MB, not 4 MB per layer
 
-    def forward(self, in_idx: torch.Tensor, cache: KVCache | None = None,
-                attn_mask: torch.Tensor | None = None, pos_ids: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        in_idx: torch.Tensor,
+        cache: KVCache | None = None,
+        attn_mask: torch.Tensor | None = None,
+        pos_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Logits [B, T, vocab] for token ids [B, T].
 
         Args:
@@ -190,8 +198,15 @@ def causal_mask(n: int, device=None) -> torch.Tensor:
     return torch.triu(torch.ones(n, n, device=device), diagonal=1)
 
 
-_BOOK_KEYS = {"vocab_size": "vocab_size", "context_length": "context_length", "emb_dim": "emb_dim",
-              "n_heads": "n_heads", "n_layers": "n_layers", "drop_rate": "drop_rate", "qkv_bias": "qkv_bias"}
+_BOOK_KEYS = {
+    "vocab_size": "vocab_size",
+    "context_length": "context_length",
+    "emb_dim": "emb_dim",
+    "n_heads": "n_heads",
+    "n_layers": "n_layers",
+    "drop_rate": "drop_rate",
+    "qkv_bias": "qkv_bias",
+}
 
 
 def config_from_book_dict(d: dict) -> GPTConfig:

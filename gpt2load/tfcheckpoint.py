@@ -114,8 +114,15 @@ def _parse_shape(buf: bytes) -> tuple[int, ...]:
 
 
 def _parse_entry(name: str, buf: bytes) -> TensorEntry:
-    f: dict[str, object] = {"dtype": 0, "shape": (), "shard_id": 0, "offset": 0, "size": 0, "crc32c": None,
-                            "sliced": False}
+    f: dict[str, object] = {
+        "dtype": 0,
+        "shape": (),
+        "shard_id": 0,
+        "offset": 0,
+        "size": 0,
+        "crc32c": None,
+        "sliced": False,
+    }
     for num, _, val in _fields(buf):
         if num == 1:
             f["dtype"] = val
@@ -142,15 +149,18 @@ def _block(data: bytes, handle: bytes, path: Path) -> bytes:
     size, _ = _varint(handle, pos)
     end = offset + size + 5  # contents, then a 1-byte compression type and a 4-byte masked CRC
     if end > len(data):
-        raise Gpt2LoadError(f"{path} is truncated (a block ends at byte {end}, the file has {len(data)}): "
-                            "download it again")
+        raise Gpt2LoadError(
+            f"{path} is truncated (a block ends at byte {end}, the file has {len(data)}): download it again"
+        )
     contents, kind = data[offset : offset + size], data[offset + size]
     (stored,) = struct.unpack_from("<I", data, offset + size + 1)
     if masked_crc32c(data[offset : offset + size + 1]) != stored:
         raise Gpt2LoadError(f"{path} is corrupt (block at byte {offset} fails its CRC32C): download it again")
     if kind != 0:
-        raise Gpt2LoadError(f"{path} uses compressed blocks (type {kind}), which gpt2load does not read; "
-                            "re-save the checkpoint without compression")
+        raise Gpt2LoadError(
+            f"{path} uses compressed blocks (type {kind}), which gpt2load does not read; "
+            "re-save the checkpoint without compression"
+        )
     return contents
 
 
@@ -213,8 +223,10 @@ class TFCheckpoint:
         self.num_shards = header.get(1, 1)
         for e in self.entries.values():
             if e.sliced:
-                raise Gpt2LoadError(f"tensor {e.name} in {self.prefix}.index is saved in slices (a partitioned "
-                                    "variable), which gpt2load does not read; save it unpartitioned")
+                raise Gpt2LoadError(
+                    f"tensor {e.name} in {self.prefix}.index is saved in slices (a partitioned "
+                    "variable), which gpt2load does not read; save it unpartitioned"
+                )
 
     def shard_path(self, shard_id: int) -> Path:
         return self.prefix.with_name(f"{self.prefix.name}.data-{shard_id:05d}-of-{self.num_shards:05d}")
@@ -233,8 +245,9 @@ class TFCheckpoint:
                 raise Gpt2LoadError(f"{path} is missing: download the checkpoint again")
             have = path.stat().st_size
             if have < length:
-                raise Gpt2LoadError(f"{path} is truncated ({have:,} bytes, the index needs {length:,}): "
-                                    "download it again")
+                raise Gpt2LoadError(
+                    f"{path} is truncated ({have:,} bytes, the index needs {length:,}): download it again"
+                )
 
     def read_bytes(self, name: str, verify: bool = True) -> bytearray:
         """The raw bytes of one tensor, checked against the CRC32C stored in the index."""
@@ -248,11 +261,14 @@ class TFCheckpoint:
         except FileNotFoundError:
             raise Gpt2LoadError(f"{path} is missing: download the checkpoint again") from None
         if got != e.size:
-            raise Gpt2LoadError(f"{path} is truncated: tensor {name} needs bytes {e.offset:,}..{e.offset + e.size:,}"
-                                " but the file ends sooner; download it again")
+            raise Gpt2LoadError(
+                f"{path} is truncated: tensor {name} needs bytes {e.offset:,}..{e.offset + e.size:,}"
+                " but the file ends sooner; download it again"
+            )
         if verify and e.crc32c is not None and masked_crc32c(buf) != e.crc32c:
-            raise Gpt2LoadError(f"tensor {name} in {path} fails its CRC32C check (the file is corrupt): "
-                                "delete it and download again")
+            raise Gpt2LoadError(
+                f"tensor {name} in {path} fails its CRC32C check (the file is corrupt): delete it and download again"
+            )
         return buf
 
     def read(self, name: str, verify: bool = True) -> torch.Tensor:
@@ -263,13 +279,16 @@ class TFCheckpoint:
         dtype = e.torch_dtype
         if dtype is None:
             kind = _DTYPE_NAMES.get(e.dtype, f"DataType {e.dtype}")
-            raise Gpt2LoadError(f"tensor {name} in {self.prefix}.index has dtype {kind}, which gpt2load cannot "
-                                "turn into a torch tensor")
+            raise Gpt2LoadError(
+                f"tensor {name} in {self.prefix}.index has dtype {kind}, which gpt2load cannot turn into a torch tensor"
+            )
         buf = self.read_bytes(name, verify)
         expect = torch.Size(e.shape).numel() * dtype.itemsize
         if expect != e.size:
-            raise Gpt2LoadError(f"tensor {name} in {self.prefix}.index says shape {list(e.shape)} but holds "
-                                f"{e.size} bytes: the checkpoint is corrupt")
+            raise Gpt2LoadError(
+                f"tensor {name} in {self.prefix}.index says shape {list(e.shape)} but holds "
+                f"{e.size} bytes: the checkpoint is corrupt"
+            )
         if not buf:
             return torch.empty(e.shape, dtype=dtype)
         return torch.frombuffer(buf, dtype=dtype).reshape(e.shape)

@@ -16,9 +16,18 @@ TINY = GPTConfig(vocab_size=96, context_length=64, emb_dim=32, n_heads=4, n_laye
 def hf_model(cfg: GPTConfig = TINY, seed: int = 0) -> GPT2LMHeadModel:
     """A randomly initialised transformers GPT-2 of cfg's shape, in eval mode, with nonzero biases."""
     torch.manual_seed(seed)
-    hf_cfg = GPT2Config(vocab_size=cfg.vocab_size, n_positions=cfg.context_length, n_embd=cfg.emb_dim,
-                        n_head=cfg.n_heads, n_layer=cfg.n_layers, resid_pdrop=0.0, embd_pdrop=0.0,
-                        attn_pdrop=0.0, bos_token_id=cfg.vocab_size - 1, eos_token_id=cfg.vocab_size - 1)
+    hf_cfg = GPT2Config(
+        vocab_size=cfg.vocab_size,
+        n_positions=cfg.context_length,
+        n_embd=cfg.emb_dim,
+        n_head=cfg.n_heads,
+        n_layer=cfg.n_layers,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        bos_token_id=cfg.vocab_size - 1,
+        eos_token_id=cfg.vocab_size - 1,
+    )
     model = GPT2LMHeadModel(hf_cfg)
     with torch.no_grad():  # default init has zero biases and unit LayerNorms, which hide mapping mistakes
         for name, p in model.named_parameters():

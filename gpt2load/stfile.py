@@ -1,0 +1,126 @@
+"""safetensors files written tensor by tensor, atomically, so a conversion never holds two copies in memory.
+
+The format: 8-byte little-endian header length, a JSON header {name: {dtype, shape, data_offsets}},
+"__metadata__": {str: str}}, then the raw little-endian tensor bytes. The offsets are fixed before any data is
+written, so tensors may arrive in any order.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import tempfile
+from collections.abc import Iterable
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from .errors import Gpt2LoadError
+
+_ST_DTYPES = {
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.float64: "F64",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+
+
+@contextmanager
+def atomic_path(final: Path, suffix: str = ""):
+    """A temporary path beside `final`, renamed onto it only if the block finishes without an error."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=suffix + ".tmp", dir=final.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, final)
+    finally:
+        tmp_path.unlink(missing_ok=True)
+
+
+def write_streaming(
+    path: str | Path,
+    specs: dict[str, tuple[tuple[int, ...], torch.dtype]],
+    tensors: Iterable[tuple[str, torch.Tensor]],
+    metadata: dict[str, str] | None = None,
+    progress=None,
+) -> None:
+    """Write a safetensors file from a stream of tensors whose names, shapes and dtypes are known up front.
+
+    Args:
+        path: the final file; written to a temp file beside it and renamed when complete.
+        specs: name -> (shape, dtype) of every tensor the stream will yield, in file order.
+        tensors: (name, tensor) pairs, in any order; each is cast to its spec dtype as it is written.
+        metadata: string pairs stored in the header.
+        progress: optional callable taking the number of bytes just written.
+    """
+    header: dict[str, object] = {}
+    offset = 0
+    for name, (shape, dtype) in specs.items():
+        n = torch.Size(shape).numel() * dtype.itemsize
+        header[name] = {"dtype": _ST_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    if metadata:
+        header["__metadata__"] = metadata
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # keep the data 8-byte aligned
+    base = 8 + len(raw)
+    written: set[str] = set()
+    with atomic_path(Path(path)) as tmp:
+        with open(tmp, "wb") as f:
+            f.write(struct.pack("<Q", len(raw)) + raw)
+            f.truncate(base + offset)
+            for name, t in tensors:
+                if name not in specs:
+                    raise Gpt2LoadError(f"tensor {name} was not declared for {path}")
+                shape, dtype = specs[name]
+                if tuple(t.shape) != tuple(shape):
+                    raise Gpt2LoadError(f"tensor {name} has shape {list(t.shape)}, {path} expects {list(shape)}")
+                data = t.detach().to("cpu", dtype).contiguous()
+                f.seek(base + header[name]["data_offsets"][0])  # type: ignore[index]
+                f.write(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"")
+                written.add(name)
+                if progress is not None:
+                    progress(data.numel() * dtype.itemsize)
+            missing = [n for n in specs if n not in written]
+            if missing:
+                raise Gpt2LoadError(f"{path} would lack tensors {missing[:3]}: conversion incomplete")
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def read_header(path: str | Path) -> tuple[dict[str, dict], dict[str, str]]:
+    """(tensor entries, metadata) of a safetensors file, reading only its header."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise ValueError("shorter than 8 bytes")
+            (n,) = struct.unpack("<Q", head)
+            if n > 100_000_000:
+                raise ValueError("header length is implausible")
+            header = json.loads(f.read(n))
+            size = os.fstat(f.fileno()).st_size
+    except FileNotFoundError:
+        raise Gpt2LoadError(f"{path} is missing") from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise Gpt2LoadError(
+            f"{path} is not a safetensors file ({e}): delete it and convert or download again"
+        ) from None
+    meta = header.pop("__metadata__", None) or {}
+    end = max((e["data_offsets"][1] for e in header.values()), default=0)
+    if 8 + n + end > size:
+        raise Gpt2LoadError(
+            f"{path} is truncated ({size:,} bytes, its header needs {8 + n + end:,}): delete it "
+            "and convert or download again"
+        )
+    return header, meta
