@@ -166,7 +166,7 @@ def source_tensors(src: Source) -> Iterator[tuple[str, torch.Tensor]]:
             items = ((strip_hf_prefix(k), v) for k, v in _torch_load(src.path).items())
         yield from convert_tensors(_check_tied_head(items, where), HF, src.cfg, where)
     else:  # own form or book .pth: already GPTModel names
-        items = _safetensors_items(src.path) if src.kind == "own" else iter(_torch_load(src.path).items())
+        items = stfile.mmap_tensors(src.path).items() if src.kind == "own" else _torch_load(src.path).items()
         yield from _own_items(items, src.cfg, where)
 
 

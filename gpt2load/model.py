@@ -195,7 +195,10 @@ class GPTModel(nn.Module):
 
 def causal_mask(n: int, device=None) -> torch.Tensor:
     """The book's mask: 1.0 above the diagonal (positions to hide), 0.0 elsewhere."""
-    return torch.triu(torch.ones(n, n, device=device), diagonal=1)
+    ones = torch.ones(n, n, device=device)
+    if ones.is_meta:  # triu on 'meta' costs a second of one-time setup; reset_masks() fills it in later
+        return ones
+    return torch.triu(ones, diagonal=1)
 
 
 _BOOK_KEYS = {

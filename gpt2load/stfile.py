@@ -8,6 +8,7 @@ written, so tensors may arrive in any order.
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import struct
 import tempfile
@@ -19,7 +20,7 @@ import torch
 
 from .errors import Gpt2LoadError
 
-_ST_DTYPES = {
+_ST_DTYPES: dict[torch.dtype, str] = {
     torch.float32: "F32",
     torch.float16: "F16",
     torch.bfloat16: "BF16",
@@ -124,3 +125,36 @@ def read_header(path: str | Path) -> tuple[dict[str, dict], dict[str, str]]:
             "and convert or download again"
         )
     return header, meta
+
+
+_TORCH_DTYPES = {v: k for k, v in _ST_DTYPES.items()}
+
+
+def mmap_tensors(path: str | Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a safetensors file as a zero-copy view of a private (copy-on-write) memory map.
+
+    Nothing is read until a tensor is used, pages are shared with the OS file cache, and writing to a tensor
+    (training) copies just the touched pages: loading costs no second copy of the weights.
+    """
+    path = Path(path)
+    header, _ = read_header(path)
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+    base = 8 + n
+    out = {}
+    for name, e in header.items():
+        dtype = _TORCH_DTYPES.get(e["dtype"])
+        if dtype is None:
+            raise Gpt2LoadError(f"tensor {name} in {path} has dtype {e['dtype']}, which gpt2load does not load")
+        start, end = e["data_offsets"]
+        count = (end - start) // dtype.itemsize
+        if count != torch.Size(e["shape"]).numel():
+            raise Gpt2LoadError(f"tensor {name} in {path} has {end - start} bytes for shape {e['shape']}: corrupt")
+        t = (
+            torch.frombuffer(mm, dtype=dtype, count=count, offset=base + start)
+            if count
+            else torch.empty(0, dtype=dtype)
+        )
+        out[name] = t.view(e["shape"])
+    return out
