@@ -243,3 +243,27 @@ def test_folder_without_a_model(tmp_path):
         load_gpt2(tmp_path)
     with pytest.raises(Gpt2LoadError, match="does not exist"):
         load_gpt2(tmp_path / "nope")
+
+
+def test_streamed_conversion_equals_in_memory_conversion(tmp_path):
+    from gpt2load.convert import convert_tensors
+    from gpt2load.load import inspect_path
+    from gpt2load.stfile import mmap_tensors
+
+    d = copy_fixture("openai-tiny", tmp_path)
+    in_memory = dict(convert_tensors(TFCheckpoint(d), OPENAI, inspect_path(d).cfg, "fixture"))
+    load_gpt2(d, device="cpu")  # writes the cache tensor by tensor
+    streamed = mmap_tensors(d / CACHE_NAME)
+    assert streamed.keys() == in_memory.keys()
+    assert all(torch.equal(streamed[k], in_memory[k]) for k in in_memory)
+
+
+def test_mmap_loaded_weights_are_writable_without_touching_the_file(tmp_path):
+    _, model = pair()
+    export(model, "safetensors", tmp_path / "m.safetensors")
+    before = (tmp_path / "m.safetensors").read_bytes()
+    back = load_gpt2(tmp_path / "m.safetensors", device="cpu")
+    with torch.no_grad():
+        back.tok_emb.weight.add_(1.0)  # training writes into the weights: copy-on-write pages
+    assert (tmp_path / "m.safetensors").read_bytes() == before
+    assert torch.equal(back.out_head.weight, back.tok_emb.weight)

@@ -1,0 +1,134 @@
+"""Loading benchmark: cold-process time to the first generated token and peak RSS, gpt2load vs transformers,
+plus the one-time conversion from an OpenAI TensorFlow checkpoint. Random weights in the real layouts.
+
+    python scripts/bench.py load [--sizes 124M,1558M] [--repeats 3] [--workdir /tmp/gpt2load-bench]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from tfwrite import write_checkpoint  # noqa: E402
+
+from gpt2load.config import GPTConfig  # noqa: E402
+from gpt2load.convert import OPENAI, expected_shapes, to_source_layout  # noqa: E402
+from gpt2load.load import CACHE_NAME  # noqa: E402
+
+# Peak RSS of this process since exec (VmHWM; ru_maxrss would include the parent's peak before exec).
+RSS = (
+    "import re; hwm = re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read()).group(1)\n"
+    "print(json.dumps({'rss': int(hwm) * 1024}))"
+)
+CHILD = {
+    "import": "import json, torch\n" + RSS,
+    "gpt2load": (
+        "import json, torch, gpt2load\n"
+        "m = gpt2load.load_gpt2(FOLDER, device='cpu')\n"
+        "with torch.inference_mode(): tok = int(m(torch.tensor([[464, 3290, 318]]))[0, -1].argmax())\n" + RSS
+    ),
+    "transformers": (
+        "import json, torch\nfrom transformers import GPT2LMHeadModel\n"
+        "m = GPT2LMHeadModel.from_pretrained(FOLDER, dtype=torch.float32).eval()\n"
+        "out = m.generate(torch.tensor([[464, 3290, 318]]), max_new_tokens=1, do_sample=False, pad_token_id=0)\n" + RSS
+    ),
+    "convert": (
+        "import json\nfrom gpt2load.load import cached_source, inspect_path\n"
+        "cached_source(inspect_path(FOLDER), quiet=True)\n" + RSS
+    ),
+}
+
+
+def run_child(kind: str, folder: Path) -> tuple[float, int]:
+    """(wall seconds, peak RSS bytes) of a fresh Python process doing one job."""
+    start = time.perf_counter()
+    out = subprocess.run(
+        [sys.executable, "-c", CHILD[kind].replace("FOLDER", repr(str(folder)))], capture_output=True, text=True
+    )
+    elapsed = time.perf_counter() - start
+    if out.returncode:
+        raise SystemExit(f"{kind} child failed:\n{out.stderr[-2000:]}")
+    return elapsed, json.loads(out.stdout.strip().splitlines()[-1])["rss"]
+
+
+def make_weights(cfg: GPTConfig, root: Path) -> tuple[Path, Path]:
+    """Random weights of cfg's shape as an OpenAI checkpoint folder and a transformers folder."""
+    from gpt2load.build import model_from_tensors
+    from gpt2load.export import export_hf
+
+    openai_dir, hf_dir = root / "openai", root / "hf"
+    if (openai_dir / "model.ckpt.index").exists() and (hf_dir / "model.safetensors").exists():
+        return openai_dir, hf_dir
+    g = torch.Generator().manual_seed(0)
+    state = {k: torch.randn(s, generator=g) * 0.02 for k, s in expected_shapes(cfg).items()}
+    model = model_from_tensors(cfg, state.items(), device="cpu")
+    export_hf(model, hf_dir)
+    hp = {
+        "n_vocab": cfg.vocab_size,
+        "n_ctx": cfg.context_length,
+        "n_embd": cfg.emb_dim,
+        "n_head": cfg.n_heads,
+        "n_layer": cfg.n_layers,
+    }
+    write_checkpoint(openai_dir, to_source_layout(state, OPENAI, cfg), hp)
+    return openai_dir, hf_dir
+
+
+def bench_size(name: str, workdir: Path, repeats: int, import_rss: int) -> list[str]:
+    cfg = GPTConfig.from_name(name)
+    model_bytes = 4 * cfg.n_params
+    openai_dir, hf_dir = make_weights(cfg, workdir / name)
+    conv = []
+    for _ in range(repeats):
+        (openai_dir / CACHE_NAME).unlink(missing_ok=True)
+        conv.append(run_child("convert", openai_dir))
+    (hf_dir / CACHE_NAME).unlink(missing_ok=True)
+    run_child("convert", hf_dir)  # gpt2load's one-time cache of the HF files, not timed here
+    ours = [run_child("gpt2load", hf_dir) for _ in range(repeats)]
+    theirs = [run_child("transformers", hf_dir) for _ in range(repeats)]
+
+    def med(rows, i):
+        return statistics.median(r[i] for r in rows)
+
+    budget = 1.15 * model_bytes + import_rss
+    gb = 1e9
+    return [
+        f"| {name} | load → first token (s) | {med(ours, 0):.2f} | {med(theirs, 0):.2f} | "
+        f"{med(theirs, 0) / med(ours, 0):.2f}× faster |",
+        f"| {name} | peak RSS (GB) | {med(ours, 1) / gb:.2f} | {med(theirs, 1) / gb:.2f} | "
+        f"budget {budget / gb:.2f} = 1.15 × {model_bytes / gb:.2f} + import {import_rss / gb:.2f} |",
+        f"| {name} | OpenAI → cache conversion | {model_bytes / 1e6 / med(conv, 0):.0f} MB/s, {med(conv, 0):.1f} s, "
+        f"peak RSS {med(conv, 1) / gb:.2f} GB | – | budget {budget / gb:.2f} GB |",
+    ]
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sizes", default="124M,1558M")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--workdir", default="/tmp/gpt2load-bench")
+    p.add_argument("--keep", action="store_true", help="keep the generated weights")
+    args = p.parse_args(argv)
+    workdir = Path(args.workdir)
+    import_rss = statistics.median(run_child("import", workdir)[1] for _ in range(3))
+    rows = ["| size | measure | gpt2load | transformers | ratio / budget |", "|---|---|---|---|---|"]
+    for name in args.sizes.split(","):
+        rows += bench_size(name, workdir, args.repeats, import_rss)
+        print("\n".join(rows[-3:]), flush=True)
+    print(f"\nmachine: {torch.get_num_threads()} threads, torch {torch.__version__}; median of {args.repeats} runs")
+    print("\n".join(rows))
+    if not args.keep:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
