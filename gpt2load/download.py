@@ -103,6 +103,13 @@ def default_weights_dir() -> Path:
     return Path(os.environ.get("GPT2LOAD_WEIGHTS_DIR") or "weights").expanduser().absolute()
 
 
+def model_dir(model: str, source: str = "hf", weights_dir: str | Path | None = None, revision: str = "main") -> Path:
+    """The folder that `download` fills for this model, source and revision."""
+    root = Path(weights_dir).expanduser().absolute() if weights_dir is not None else default_weights_dir()
+    size = resolve_size(model)
+    return root / source / (size if revision == "main" else f"{size}@{revision.replace('/', '--')}")
+
+
 def download(
     model: str = "124M",
     source: str = "hf",
@@ -125,8 +132,7 @@ def download(
         raise Gpt2LoadError(f"unknown source {source!r}: use one of {', '.join(SOURCES)}")
     if source == "openai" and revision != "main":
         raise Gpt2LoadError(f"revision {revision!r} applies only to --source hf: drop --revision for openai")
-    root = Path(weights_dir).expanduser().absolute() if weights_dir is not None else default_weights_dir()
-    folder = root / source / (size if revision == "main" else f"{size}@{revision.replace('/', '--')}")
+    folder = model_dir(size, source, weights_dir, revision)
     try:
         folder.mkdir(parents=True, exist_ok=True)
         with _folder_lock(folder, quiet):

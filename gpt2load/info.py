@@ -6,7 +6,6 @@ import os
 from pathlib import Path
 
 from .config import GPTConfig, resolve_size
-from .errors import Gpt2LoadError
 
 
 def info(model: str, source: str = "hf", weights_dir: str | Path | None = None) -> dict:
@@ -20,12 +19,10 @@ def info(model: str, source: str = "hf", weights_dir: str | Path | None = None) 
     else:
         name = resolve_size(model)
         cfg = GPTConfig.from_name(name)
-        try:
-            from .download import model_dir
+        from .download import model_dir
 
-            where = str(model_dir(name, source, weights_dir))
-        except (ImportError, Gpt2LoadError):
-            where = "(not downloaded)"
+        folder = model_dir(name, source, weights_dir)
+        where = str(folder) if folder.is_dir() else f"{folder} (not downloaded)"
         layout = source
     return {
         "model": name,
