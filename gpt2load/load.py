@@ -10,7 +10,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 from . import stfile
 from .build import model_from_tensors
@@ -141,17 +140,6 @@ def _torch_load(p: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def _safetensors_items(path: Path, rename=lambda k: k) -> Iterator[tuple[str, torch.Tensor]]:
-    try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            for key in f.keys():
-                yield rename(key), f.get_tensor(key)
-    except Gpt2LoadError:
-        raise
-    except Exception as e:  # safetensors raises its own error type for a damaged file
-        raise Gpt2LoadError(f"{path} could not be read ({e}): delete it and download again") from None
-
-
 def source_tensors(src: Source) -> Iterator[tuple[str, torch.Tensor]]:
     """The model's tensors in GPTModel names, one at a time, with coverage and shape checks."""
     where = str(src.path)
@@ -161,7 +149,7 @@ def source_tensors(src: Source) -> Iterator[tuple[str, torch.Tensor]]:
         yield from convert_tensors(iter(ck), OPENAI, src.cfg, where)
     elif src.kind == "hf":
         if src.path.suffix == ".safetensors":
-            items = _safetensors_items(src.path, strip_hf_prefix)
+            items = ((strip_hf_prefix(k), v) for k, v in stfile.mmap_tensors(src.path).items())
         else:
             items = ((strip_hf_prefix(k), v) for k, v in _torch_load(src.path).items())
         yield from convert_tensors(_check_tied_head(items, where), HF, src.cfg, where)

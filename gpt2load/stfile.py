@@ -87,7 +87,8 @@ def write_streaming(
                     raise Gpt2LoadError(f"tensor {name} has shape {list(t.shape)}, {path} expects {list(shape)}")
                 data = t.detach().to("cpu", dtype).contiguous()
                 f.seek(base + header[name]["data_offsets"][0])  # type: ignore[index]
-                f.write(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"")
+                if data.numel():
+                    f.write(memoryview(data.view(torch.uint8).numpy()))  # no intermediate bytes copy
                 written.add(name)
                 if progress is not None:
                     progress(data.numel() * dtype.itemsize)

@@ -8,6 +8,8 @@ SSTable block a masked CRC32C of its contents: both are checked.
 
 from __future__ import annotations
 
+import mmap
+import os
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -221,6 +223,7 @@ class TFCheckpoint:
         self.prefix = resolve_prefix(Path(prefix))
         header, self.entries = read_index(self.prefix.with_name(self.prefix.name + ".index"))
         self.num_shards = header.get(1, 1)
+        self._maps: dict[int, mmap.mmap] = {}
         for e in self.entries.values():
             if e.sliced:
                 raise Gpt2LoadError(
@@ -249,27 +252,46 @@ class TFCheckpoint:
                     f"{path} is truncated ({have:,} bytes, the index needs {length:,}): download it again"
                 )
 
-    def read_bytes(self, name: str, verify: bool = True) -> bytearray:
-        """The raw bytes of one tensor, checked against the CRC32C stored in the index."""
+    def _map(self, shard_id: int) -> mmap.mmap:
+        """The shard memory-mapped once: tensors are views of the OS file cache, not copies."""
+        if shard_id not in self._maps:
+            path = self.shard_path(shard_id)
+            try:
+                with open(path, "rb") as f:
+                    if os.fstat(f.fileno()).st_size == 0:
+                        raise Gpt2LoadError(f"{path} is empty: download the checkpoint again")
+                    # ACCESS_COPY: private and writable, so torch.frombuffer accepts it; nothing writes to it.
+                    self._maps[shard_id] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+            except FileNotFoundError:
+                raise Gpt2LoadError(f"{path} is missing: download the checkpoint again") from None
+        return self._maps[shard_id]
+
+    def read_bytes(self, name: str, verify: bool = True) -> memoryview:
+        """The raw bytes of one tensor (a view of the mapped shard), checked against the CRC32C in the index."""
         e = self.entries[name]
-        buf = bytearray(e.size)
-        path = self.shard_path(e.shard_id)
-        try:
-            with open(path, "rb") as f:
-                f.seek(e.offset)
-                got = f.readinto(buf)
-        except FileNotFoundError:
-            raise Gpt2LoadError(f"{path} is missing: download the checkpoint again") from None
-        if got != e.size:
+        mm = self._map(e.shard_id)
+        if e.offset + e.size > len(mm):
             raise Gpt2LoadError(
-                f"{path} is truncated: tensor {name} needs bytes {e.offset:,}..{e.offset + e.size:,}"
-                " but the file ends sooner; download it again"
+                f"{self.shard_path(e.shard_id)} is truncated: tensor {name} needs bytes {e.offset:,}.."
+                f"{e.offset + e.size:,} but the file ends at {len(mm):,}; download it again"
             )
-        if verify and e.crc32c is not None and masked_crc32c(buf) != e.crc32c:
+        view = memoryview(mm)[e.offset : e.offset + e.size]
+        if verify and e.crc32c is not None and masked_crc32c(view) != e.crc32c:
             raise Gpt2LoadError(
-                f"tensor {name} in {path} fails its CRC32C check (the file is corrupt): delete it and download again"
+                f"tensor {name} in {self.shard_path(e.shard_id)} fails its CRC32C check (the file is corrupt): "
+                "delete it and download again"
             )
-        return buf
+        return view
+
+    def release(self, name: str) -> None:
+        """Let the OS drop the cached pages of a tensor already used, so streaming stays at one tensor of
+        memory. Safe even if the tensor is still referenced: unmodified private pages are re-read on access."""
+        e = self.entries[name]
+        mm = self._maps.get(e.shard_id)
+        start = -(-e.offset // mmap.PAGESIZE) * mmap.PAGESIZE
+        end = (e.offset + e.size) // mmap.PAGESIZE * mmap.PAGESIZE
+        if mm is not None and end > start and hasattr(mm, "madvise"):
+            mm.madvise(mmap.MADV_DONTNEED, start, end - start)
 
     def read(self, name: str, verify: bool = True) -> torch.Tensor:
         """One tensor, as a torch tensor of its stored dtype and shape."""
@@ -294,14 +316,17 @@ class TFCheckpoint:
         return torch.frombuffer(buf, dtype=dtype).reshape(e.shape)
 
     def __iter__(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """Every tensor in file order; each one's pages are released once the consumer asks for the next."""
         for name in self.entries:
             yield name, self.read(name)
+            self.release(name)
 
     def verify(self) -> None:
         """Check shard lengths and every tensor's CRC32C, reading one tensor at a time."""
         self.check_shards()
         for name in self.entries:
             self.read_bytes(name, verify=True)
+            self.release(name)
 
 
 def resolve_prefix(p: Path) -> Path:
