@@ -1,0 +1,112 @@
+"""Choosing the next token: pure functions on logits [batch, vocab], testable on a hand-made distribution.
+
+The rules are transformers' logits processors, in transformers' order: repetition penalty, minimum length,
+then temperature, top-k and top-p (nucleus). Temperature 0 means greedy (argmax).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .errors import Gpt2LoadError
+
+
+def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """Penalise tokens already in the sequence: positive logits are divided by `penalty`, negative multiplied.
+
+    Args:
+        logits: [B, V].
+        seen: bool [B, V], True for every token id present in the row so far (prompt included).
+        penalty: > 1 discourages repetition, < 1 encourages it, 1 changes nothing.
+    """
+    if penalty == 1.0:
+        return logits
+    penalised = torch.where(logits < 0, logits * penalty, logits / penalty)
+    return torch.where(seen, penalised, logits)
+
+
+def apply_temperature(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Logits divided by temperature (> 0): below 1 sharpens the distribution, above 1 flattens it."""
+    return logits if temperature == 1.0 else logits / temperature
+
+
+def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """Keep the k largest logits of each row (and any tied with the k-th); the rest become -inf."""
+    if k >= logits.shape[-1]:
+        return logits
+    kth = torch.topk(logits, k, dim=-1).values[..., -1:]
+    return logits.masked_fill(logits < kth, -math.inf)
+
+
+def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
+    """Nucleus filtering: keep the most probable tokens whose probabilities add up to at least p.
+
+    transformers' TopPLogitsWarper rule (min_tokens_to_keep=1): sort ascending, drop the tokens whose cumulative
+    probability is <= 1 - p; the most probable token is always kept.
+    """
+    if p >= 1.0:
+        return logits
+    ascending, order = torch.sort(logits, dim=-1)
+    drop_sorted = ascending.softmax(dim=-1).cumsum(dim=-1) <= 1 - p
+    drop_sorted[..., -1] = False
+    drop = drop_sorted.scatter(-1, order, drop_sorted)
+    return logits.masked_fill(drop, -math.inf)
+
+
+def mask_token(logits: torch.Tensor, token_id: int) -> torch.Tensor:
+    """Forbid one token (e.g. EOS before min_new_tokens): its logit becomes -inf."""
+    out = logits.clone()
+    out[..., token_id] = -math.inf
+    return out
+
+
+def sample(
+    logits: torch.Tensor,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """The next token id of each row, [B]: argmax when temperature is 0, else a draw after the filters.
+
+    Args:
+        logits: [B, V] (already penalised if a repetition penalty is used).
+        temperature: 0 for greedy; > 0 to sample from softmax(logits / temperature).
+        top_k: keep only the k most likely tokens before sampling.
+        top_p: keep only the nucleus of probability mass p before sampling.
+        generator: the random stream to draw from (None: torch's global one, as the book uses).
+    """
+    if temperature == 0.0:
+        return logits.argmax(dim=-1)
+    logits = apply_temperature(logits.float(), temperature)
+    if top_k is not None:
+        logits = top_k_filter(logits, top_k)
+    if top_p is not None:
+        logits = top_p_filter(logits, top_p)
+    probs = torch.softmax(logits, dim=-1)
+    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
+
+
+def check_sampling(temperature: float, top_k: int | None, top_p: float | None, repetition_penalty: float) -> None:
+    """Raise a Gpt2LoadError naming the first bad sampling setting."""
+    if not isinstance(temperature, (int, float)) or not temperature >= 0:  # `not >=` also catches NaN
+        raise Gpt2LoadError(f"temperature must be >= 0 (0 = greedy), got {temperature!r}")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+        raise Gpt2LoadError(f"top_k must be a whole number >= 1 (or None for no limit), got {top_k!r}")
+    if top_p is not None and (not isinstance(top_p, (int, float)) or not 0 < top_p <= 1):
+        raise Gpt2LoadError(f"top_p must be in (0, 1] (or None for no limit), got {top_p!r}")
+    if not isinstance(repetition_penalty, (int, float)) or not repetition_penalty > 0:
+        raise Gpt2LoadError(f"repetition_penalty must be > 0 (1.0 = none), got {repetition_penalty!r}")
+
+
+__all__ = [
+    "apply_repetition_penalty",
+    "apply_temperature",
+    "check_sampling",
+    "mask_token",
+    "sample",
+    "top_k_filter",
+    "top_p_filter",
+]
