@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import sys
+import warnings
 from collections.abc import Callable
 
 from .errors import Gpt2LoadError
@@ -32,44 +33,47 @@ def _model_args(p: argparse.ArgumentParser, positional: bool = False) -> None:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from .generate import complete
+    from .generate import PromptTruncatedWarning, complete
     from .load import load_gpt2, load_tokenizer
 
     quiet = args.json or args.quiet
     model = load_gpt2(args.model, args.source, args.weights_dir, args.device, args.dtype, quiet=quiet)
     enc = load_tokenizer(args.model, args.source, args.weights_dir)
     streaming = not args.json and args.num_beams == 1 and args.num_return_sequences == 1
-    write = sys.stdout.write
 
     def on_text(piece: str) -> None:
-        write(piece)
+        sys.stdout.write(piece)
         sys.stdout.flush()
 
     if streaming:
-        write(args.prompt)
-    result = complete(
-        model,
-        enc,
-        args.prompt,
-        max_new_tokens=args.max_new_tokens,
-        min_new_tokens=args.min_new_tokens,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        repetition_penalty=args.repetition_penalty,
-        stop=args.stop,
-        seed=args.seed,
-        num_beams=args.num_beams,
-        length_penalty=args.length_penalty,
-        early_stopping=args.early_stopping,
-        num_return_sequences=args.num_return_sequences,
-        on_text=on_text if streaming else None,
-        on_notice=lambda msg: print(f"gpt2load: {msg}", file=sys.stderr),
-    )
+        on_text(args.prompt)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", PromptTruncatedWarning)
+        result = complete(
+            model,
+            enc,
+            args.prompt,
+            max_new_tokens=args.max_new_tokens,
+            min_new_tokens=args.min_new_tokens,
+            temperature=args.temperature,
+            top_k=args.top_k,
+            top_p=args.top_p,
+            repetition_penalty=args.repetition_penalty,
+            stop=args.stop,
+            seed=args.seed,
+            num_beams=args.num_beams,
+            length_penalty=args.length_penalty,
+            early_stopping=args.early_stopping,
+            num_return_sequences=args.num_return_sequences,
+            on_text=on_text if streaming else None,
+        )
+    for w in caught:
+        if issubclass(w.category, PromptTruncatedWarning):
+            print(f"gpt2load: notice: {w.message}", file=sys.stderr)
     if args.json:
         print(json.dumps(result))
     elif streaming:
-        write("\n")
+        sys.stdout.write("\n")
     else:
         for i, c in enumerate(result["completions"]):
             score = f" (score {c['score']:.4f})" if c["score"] is not None else ""
@@ -175,12 +179,16 @@ def main(argv: list[str] | None = None) -> int:
     except Gpt2LoadError as e:
         print(f"gpt2load: error: {e}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("gpt2load: interrupted", file=sys.stderr)
-        return 130
     except BrokenPipeError:  # e.g. piped into `head`
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    except OSError as e:  # the disk or the file system, not gpt2load: say which file and why
+        where = f" {e.filename}" if e.filename else ""
+        print(f"gpt2load: error: cannot access{where}: {e.strerror or e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("gpt2load: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

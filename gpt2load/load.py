@@ -36,6 +36,7 @@ class Source:
         configs = [self.folder / n for n in ("hparams.json", "config.json") if (self.folder / n).is_file()]
         if self.kind == "openai":
             ck = TFCheckpoint(self.path)
+            ck.check_shards()  # a missing or short shard is the user's problem to hear about, by name
             shards = [ck.shard_path(i) for i in range(ck.num_shards)]
             return [self.path.with_name(self.path.name + ".index"), *shards, *configs]
         return [self.path, *configs]
