@@ -870,17 +870,13 @@ def train_on_files(
             train_tokens = tokens
         else:
             train_tokens, val_tokens = split_tokens(tokens, val_ratio)
-            if val_tokens is not None and len(val_tokens) < length + 1:
-                raise Gpt2LoadError(
-                    f"the validation split (--val-ratio {val_ratio}) has {len(val_tokens):,} tokens, fewer than "
-                    f"one window of {length + 1}: raise --val-ratio, pass --val-data, or use --val-ratio 0"
-                )
         for what, t in (("the training data", train_tokens), ("the validation data", val_tokens)):
             if t is not None and len(t) and int(t.max()) >= net.cfg.vocab_size:
                 raise Gpt2LoadError(
                     f"{what} has token id {int(t.max())}, beyond the model's vocabulary of {net.cfg.vocab_size}"
                 )
-        train_w = TokenWindows(train_tokens, length, stride or length, "the training data")
+        held_out = "" if val_data or val_tokens is None else f" (less the --val-ratio {val_ratio} held out)"
+        train_w = TokenWindows(train_tokens, length, stride or length, f"the training data{held_out}")
         seed = options.get("seed", 123)
         train_loader = WindowLoader(train_w, batch_size, shuffle=True, seed=seed, rank=rank, world_size=world)
         if len(train_loader) == 0:
@@ -890,6 +886,11 @@ def train_on_files(
             )
         val_loader = None
         if val_tokens is not None:
+            if not val_data and len(val_tokens) < length + 1:
+                raise Gpt2LoadError(
+                    f"the validation split (--val-ratio {val_ratio}) has {len(val_tokens):,} tokens, fewer than "
+                    f"one window of {length + 1}: raise --val-ratio, pass --val-data, or use --val-ratio 0"
+                )
             val_w = TokenWindows(val_tokens, length, length, "the validation data")
             val_loader = WindowLoader(val_w, batch_size, shuffle=False, rank=rank, world_size=world)
         info = {"batch_size": batch_size, "context_length": length, "stride": stride or length, "dropout": dropout}

@@ -1,5 +1,6 @@
 """Greedy decoding, sampling, batching, streaming and stop strings, against transformers and the book's loop."""
 
+import importlib
 import math
 import warnings
 
@@ -9,7 +10,6 @@ from helpers import TOKENIZER_DIR
 from oracle import TINY, pair
 from transformers.generation.logits_process import TopPLogitsWarper
 
-import gpt2load.generate as gen_module
 from gpt2load.config import GPTConfig
 from gpt2load.errors import Gpt2LoadError
 from gpt2load.generate import (
@@ -24,6 +24,8 @@ from gpt2load.generate import (
 )
 from gpt2load.sampling import apply_repetition_penalty, apply_temperature, sample, top_k_filter, top_p_filter
 from gpt2load.tokenizer import EOT_ID, tokenizer_from_folder
+
+gen_module = importlib.import_module("gpt2load.generate")  # the module, not the function
 
 BIG_VOCAB = GPTConfig(vocab_size=50257, context_length=64, emb_dim=32, n_heads=2, n_layers=2)
 PROMPT = torch.tensor([[5, 17, 33, 2, 8]])

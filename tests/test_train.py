@@ -156,6 +156,18 @@ def test_plain_dataloader_resumes_exactly_after_a_crash(model_dir, corpus, tmp_p
         assert torch.equal(a, b), name
 
 
+def test_gradient_accumulation_equals_the_bigger_batch(model_dir, corpus):
+    _, _, windows = loaders(corpus)
+    models = []
+    for batch, accum in ((4, 1), (2, 2)):
+        model = load_gpt2(model_dir, device="cpu")
+        train(model, WindowLoader(windows, batch, shuffle=False), max_steps=3, grad_accum=accum, eval_every=0)
+        models.append(model.state_dict())
+    for k, v in models[0].items():
+        if not k.endswith("att.W_key.bias"):  # zero true gradient: see the two-process test
+            torch.testing.assert_close(v, models[1][k], atol=1e-6, rtol=0, msg=k)
+
+
 def test_freezing_leaves_frozen_weights_bit_identical(model_dir, corpus):
     model = load_gpt2(model_dir, device="cpu")
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -224,8 +236,7 @@ def test_exact_resume_after_kill_9(model_dir, corpus, tmp_path):
     flags = ["--max-steps", "36", "--save-every", "4", "--eval-every", "4", "--keep-checkpoints", "2"]
     flags += ["--dropout", "0.1", "--batch-size", "2", "--seed", "7"]
     whole, killed = tmp_path / "whole", tmp_path / "killed"
-    proc = run(*train_cmd(model_dir, corpus, whole, *flags))
-    assert proc.returncode == 0, proc.stderr
+    assert main(train_cmd(model_dir, corpus, whole, *flags)) == 0  # in this process, one thread like the others
 
     def kill_when(after_step: int) -> None:
         ck = killed / "checkpoints"
@@ -283,14 +294,13 @@ def test_corrupt_checkpoint_falls_back_to_the_previous_one(model_dir, corpus, tm
     assert (out / "checkpoints" / "step-000006.pt.corrupt").is_file()
 
 
-def test_final_model_generates_and_exports_to_transformers(model_dir, corpus, tmp_path):
+def test_final_model_generates_and_exports_to_transformers(model_dir, corpus, tmp_path, capsys):
     out = tmp_path / "run"
-    proc = run(*train_cmd(model_dir, corpus, out, "--max-steps", "3", "--eval-every", "3", "--sample-prompt", "A"))
-    assert proc.returncode == 0, proc.stderr
+    assert main(train_cmd(model_dir, corpus, out, "--max-steps", "3", "--eval-every", "3", "--sample-prompt", "A")) == 0
     assert {"metrics.jsonl", "checkpoints", "final", "tokens"} <= {p.name for p in out.iterdir()}
     row = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
     assert set(row) >= {"step", "tokens_seen", "lr", "train_loss", "val_loss", "val_ppl", "tokens_per_s"}
-    assert "sample: A" in proc.stdout
+    assert "sample: A" in capsys.readouterr().out
 
     hf_dir = tmp_path / "hf"
     proc = run("convert", "--model", str(out / "final"), "--to", "hf", "--out", str(hf_dir), "--quiet")
@@ -320,10 +330,9 @@ def free_port() -> int:
 
 
 def test_two_processes_match_one_process_with_the_whole_batch(model_dir, corpus, tmp_path):
-    flags = ["--max-steps", "6", "--eval-every", "3", "--save-every", "6"]
+    flags = ["--max-steps", "6", "--eval-every", "3", "--save-every", "6", "--grad-accum", "2"]  # no_sync too
     one, two = tmp_path / "one", tmp_path / "two"
-    proc = run(*train_cmd(model_dir, corpus, one, *flags, "--batch-size", "4"))
-    assert proc.returncode == 0, proc.stderr
+    assert main(train_cmd(model_dir, corpus, one, *flags, "--batch-size", "4")) == 0
     torchrun = Path(sys.executable).with_name("torchrun")
     cmd = [str(torchrun), "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(free_port())]
     cmd += ["-m", "gpt2load", *train_cmd(model_dir, corpus, two, *flags, "--batch-size", "2")]
