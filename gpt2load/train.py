@@ -7,7 +7,6 @@ checkpoints that resume bit-exactly, layer freezing and multi-process data paral
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -26,14 +25,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .checkpoint import (
+    CHECKPOINT_FORMAT,
+    CHECKPOINT_VERSION,
+    latest_checkpoint,
+    list_checkpoints,
+    model_state,
+    prune,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 from .errors import Gpt2LoadError
 from .model import GPTModel
 from .stfile import atomic_path
-
-CHECKPOINT_FORMAT = "gpt2load-train"
-CHECKPOINT_VERSION = 1
-_CKPT_NAME = re.compile(r"^step-(\d+)\.pt$")
-
 
 # ---------------------------------------------------------------- processes (torchrun)
 
@@ -307,115 +312,6 @@ def plot_losses(rows: Sequence[dict], path: Path) -> bool:
     return True
 
 
-# ---------------------------------------------------------------- checkpoints
-
-
-class _HashingWriter:
-    """A file wrapper that hashes what torch.save writes, so the sidecar costs no second read."""
-
-    def __init__(self, f) -> None:
-        self.f, self.sha = f, hashlib.sha256()
-
-    def write(self, b) -> int:
-        self.sha.update(b)
-        return self.f.write(b)
-
-    def flush(self) -> None:
-        self.f.flush()
-
-
-def _sha256_file(path: Path) -> str:
-    sha = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 24):
-            sha.update(block)
-    return sha.hexdigest()
-
-
-def list_checkpoints(folder: Path) -> list[tuple[int, Path]]:
-    """(step, path) of the checkpoint files in `folder`, oldest first (temporary files ignored)."""
-    if not folder.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := _CKPT_NAME.match(p.name))]
-    return sorted(found)
-
-
-def save_checkpoint(path: Path, payload: dict) -> None:
-    """torch.save `payload` atomically, with a sha256sum-style sidecar `<name>.sha256` written first."""
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as f:
-            w = _HashingWriter(f)
-            torch.save(payload, w)
-            f.flush()
-            os.fsync(f.fileno())
-        sidecar = path.with_name(path.name + ".sha256")
-        with atomic_path(sidecar) as tmp_side:
-            tmp_side.write_text(f"{w.sha.hexdigest()}  {path.name}\n", encoding="utf-8")
-    # The sidecar lands before the checkpoint: a checkpoint on disk always has one.
-
-
-def _read_checkpoint(path: Path, device: torch.device) -> dict:
-    sidecar = path.with_name(path.name + ".sha256")
-    try:
-        want = sidecar.read_text(encoding="utf-8").split()[0]
-    except (OSError, IndexError):
-        raise ValueError("its .sha256 file is missing") from None
-    if _sha256_file(path) != want:
-        raise ValueError("sha256 mismatch: truncated or corrupt")
-    try:
-        ck = torch.load(path, map_location=device, weights_only=True)
-    except Exception as e:  # torch raises many types for a bad file
-        raise ValueError(f"unreadable: {type(e).__name__}") from None
-    if not isinstance(ck, dict) or ck.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError("not a gpt2load training checkpoint")
-    return ck
-
-
-def latest_checkpoint(folder: Path, device: torch.device, warn: Callable[[str], None]) -> tuple[Path, dict] | None:
-    """The newest checkpoint that verifies and loads; damaged newer ones are renamed `*.corrupt` with a
-    warning each. None when there is no usable checkpoint."""
-    for _, path in reversed(list_checkpoints(folder)):
-        try:
-            return path, _read_checkpoint(path, device)
-        except ValueError as e:
-            bad = path.with_name(path.name + ".corrupt")
-            os.replace(path, bad)
-            path.with_name(path.name + ".sha256").unlink(missing_ok=True)
-            warn(f"checkpoint {path} is damaged ({e}); moved it to {bad.name} and trying the previous one")
-    return None
-
-
-def _prune(folder: Path, keep: int) -> None:
-    for _, path in list_checkpoints(folder)[:-keep]:
-        path.unlink(missing_ok=True)
-        path.with_name(path.name + ".sha256").unlink(missing_ok=True)
-
-
-def _rng_state(epoch_rng: torch.Tensor | None) -> dict:
-    np_state = np.random.get_state()
-    return {
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "python": random.getstate(),
-        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
-        "epoch_rng": epoch_rng,  # the torch RNG just before this epoch's loader was opened
-    }
-
-
-def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"].cpu())
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
-    random.setstate(state["python"])
-    name, keys, *rest = state["numpy"]
-    np.random.set_state((name, keys.cpu().numpy().astype(np.uint32), *rest))
-
-
-def _model_state(model: GPTModel) -> dict[str, torch.Tensor]:
-    # the head is the token embedding and the masks are rebuilt: neither is stored
-    return {k: v for k, v in model.state_dict().items() if k != "out_head.weight" and not k.endswith(".att.mask")}
-
-
 # ---------------------------------------------------------------- the loop
 
 
@@ -475,11 +371,11 @@ class _BatchStream:
 
     def _open(self) -> None:
         if self._resuming:
-            now = _rng_state(None)
+            now = rng_state(None)
             if self.epoch_rng is not None:
                 torch.set_rng_state(self.epoch_rng.cpu())
             self._it = _open_epoch(self.loader, self.epoch, self.position)
-            _set_rng_state(now)
+            set_rng_state(now)
             self._resuming = False
         else:
             self.epoch_rng = torch.get_rng_state()
@@ -688,7 +584,7 @@ def train(
             if changed:
                 warn(f"resuming with changed settings ({', '.join(changed)}): results will differ from one run")
             if len(ck["rng"]) == world:
-                _set_rng_state(ck["rng"][rank])
+                set_rng_state(ck["rng"][rank])
                 epoch_rng = ck["rng"][rank]["epoch_rng"]
             else:
                 warn(f"the checkpoint has RNG states for {len(ck['rng'])} processes, this run has {world}")
@@ -744,7 +640,7 @@ def train(
             say(f"sample: {sample_prompt}{text}")
 
     def checkpoint() -> None:
-        states = [_rng_state(batches.epoch_rng)]
+        states = [rng_state(batches.epoch_rng)]
         if world > 1:  # every rank's RNG (dropout differs per rank); only rank 0 writes
             import torch.distributed as dist
 
@@ -757,7 +653,7 @@ def train(
             "version": CHECKPOINT_VERSION,
             "step": step,
             "tokens_seen": tokens_seen,
-            "model": _model_state(base),
+            "model": model_state(base),
             "config": base.cfg.to_dict(),
             "optimizer": optimizer.state_dict(),
             "scheduler": schedule.state_dict(),
@@ -766,7 +662,7 @@ def train(
             "settings": settings,
         }
         save_checkpoint(ck_dir / f"step-{step:06d}.pt", payload)
-        _prune(ck_dir, keep_checkpoints)
+        prune(ck_dir, keep_checkpoints)
 
     # ------------------------------------------------ the loop
     if step == 0 and eval_every:
