@@ -16,6 +16,7 @@ from __future__ import annotations
 import bisect
 import codecs
 import functools
+import sys
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 
@@ -39,26 +40,52 @@ class PromptTruncatedWarning(UserWarning):
 
 @functools.cache
 def _linear_for(device_type: str, dtype: torch.dtype) -> Callable:
-    """The fastest correct `linear(x, weight, bias)` for this device and dtype.
+    """The fastest correct `linear(x, weight, bias, gelu=False)` for this device and dtype.
 
     On CPU, oneDNN's matmul reads the [out, in] weights of nn.Linear at close to memory bandwidth for one or a
     few rows, where `F.linear` reaches about half of it; decoding is bound by reading the weights, so this is
     most of the speed. It is a private torch op, so it is checked against `F.linear` before it is used.
     """
+
+    def plain(x, w, b, gelu=False):
+        y = F.linear(x, w, b)
+        return F.gelu(y, approximate="tanh") if gelu else y
+
     if device_type != "cpu" or dtype != torch.float32 or not torch.backends.mkldnn.is_available():
-        return F.linear
+        return plain
+
+    def onednn(x, w, b, gelu=False):
+        return op(x, w, b, "gelu", [], "tanh") if gelu else op(x, w, b, "none", [], "")
+
     try:
         op = torch.ops.mkldnn._linear_pointwise
         gen = torch.Generator().manual_seed(0)
         x, w, b = (torch.randn(s, generator=gen) for s in ((3, 16), (8, 16), (8,)))
         with torch.inference_mode():
-            ok = torch.allclose(op(x, w, b, "none", [], ""), F.linear(x, w, b), atol=1e-5)
-            ok = ok and torch.allclose(op(x, w, None, "none", [], ""), F.linear(x, w), atol=1e-5)
+            ok = all(
+                torch.allclose(onednn(x, w, bias, gelu), plain(x, w, bias, gelu), atol=1e-5)
+                for bias in (b, None)
+                for gelu in (False, True)
+            )
     except (AttributeError, RuntimeError):
-        return F.linear
-    if not ok:
-        return F.linear
-    return lambda x, w, b: op(x, w, b, "none", [], "")
+        return plain
+    return onednn if ok else plain
+
+
+def fuse_qkv(model: GPTModel) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+    """Per layer, W_query, W_key and W_value stacked into one [3 * d, d] weight (and bias), a copy.
+
+    One matmul reads the three at once: for a single token, as fast as reading one of them alone. The model
+    keeps its own three Linears (the book's parameters); decoding holds this copy while it runs (3 * d * d
+    floats per layer: 85 MB for 124M in fp32) and drops it afterwards.
+    """
+    fused = []
+    with torch.no_grad():
+        for block in model.trf_blocks:
+            lins = (block.att.W_query, block.att.W_key, block.att.W_value)
+            bias = None if lins[0].bias is None else torch.cat([lin.bias for lin in lins])
+            fused.append((torch.cat([lin.weight for lin in lins]), bias))
+    return fused
 
 
 def forward_last(
@@ -67,40 +94,47 @@ def forward_last(
     cache: KVCache,
     attn_mask: torch.Tensor | None = None,
     pos_ids: torch.Tensor | None = None,
+    qkv: list[tuple[torch.Tensor, torch.Tensor | None]] | None = None,
 ) -> torch.Tensor:
     """Float32 logits [B, vocab] of the last position of `idx` [B, T], appending T positions to `cache`.
 
-    The inference twin of `GPTModel.forward` (same weights, same math, tested equal to it): no dropout, no
-    autograd, the output head applied to the last position only, and faster matmuls where available.
+    The inference twin of `GPTModel.forward` (same weights, same math, tested equal to it), for decoding: no
+    dropout; q/k/v from one fused weight (`fuse_qkv(model)`, built here if not given); in the last block, the
+    attention output, feed-forward and output head only for the last position (the others only need their
+    keys and values, which are cached); faster matmuls where available. Call it under `torch.inference_mode()`.
     """
     w = model.tok_emb.weight
     linear = _linear_for(w.device.type, w.dtype)
+    qkv = fuse_qkv(model) if qkv is None else qkv
     B, T = idx.shape
     start = cache.pos
     pos = model.pos_emb.weight[start : start + T] if pos_ids is None else F.embedding(pos_ids, model.pos_emb.weight)
     x = F.embedding(idx, w) + pos
+    last = len(model.trf_blocks) - 1
     for i, block in enumerate(model.trf_blocks):
         att, n1, n2 = block.att, block.norm1, block.norm2
         h = F.layer_norm(x, x.shape[-1:], n1.scale, n1.shift, n1.eps)
-        q, k, v = (
-            linear(h, lin.weight, lin.bias).view(B, T, att.num_heads, att.head_dim).transpose(1, 2)  # (B, nh, T, hs)
-            for lin in (att.W_query, att.W_key, att.W_value)
-        )
+        h = linear(h, *qkv[i]).view(B, T, 3, att.num_heads, att.head_dim)
+        q, k, v = h.permute(2, 0, 3, 1, 4)  # 3 x (B, nh, T, hs)
         k, v = cache.update(i, k, v)
+        if i == last and T > 1:  # only the last position matters from here on; all keys/values are cached
+            q, x = q[:, :, -1:], x[:, -1:]
+            attn_mask = None if attn_mask is None else attn_mask[:, :, -1:]
+        Tq = q.shape[2]
         if attn_mask is not None:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
-        elif T == 1:
+        elif Tq == 1:
             y = F.scaled_dot_product_attention(q, k, v)  # one new token sees everything cached
         elif start == 0:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:  # a chunk after cached positions: causal with an offset
             allowed = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(start)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
-        y = y.transpose(1, 2).reshape(B, T, att.d_out)
+        y = y.transpose(1, 2).reshape(B, Tq, att.d_out)
         x = x + linear(y, att.out_proj.weight, att.out_proj.bias)
         h = F.layer_norm(x, x.shape[-1:], n2.scale, n2.shift, n2.eps)
         fc1, fc2 = block.ff.layers[0], block.ff.layers[2]
-        x = x + linear(F.gelu(linear(h, fc1.weight, fc1.bias), approximate="tanh"), fc2.weight, fc2.bias)
+        x = x + linear(linear(h, fc1.weight, fc1.bias, gelu=True), fc2.weight, fc2.bias)
     cache.pos = start + T
     fn = model.final_norm
     x = F.layer_norm(x[:, -1], x.shape[-1:], fn.scale, fn.shift, fn.eps)
@@ -128,6 +162,7 @@ class Decoder:
         attention_mask: torch.Tensor | None = None,
     ) -> None:
         self.model = model
+        self.qkv = fuse_qkv(model)
         self.window = check_context(model, context_size)
         N, P = idx.shape
         self.seq = torch.empty(N, P + max_new_tokens, dtype=torch.long, device=idx.device)
@@ -137,13 +172,14 @@ class Decoder:
         if attention_mask is not None and not bool(attention_mask.all()):
             self.keep = torch.ones(N, P + max_new_tokens, dtype=torch.bool, device=idx.device)
             self.keep[:, :P] = attention_mask.bool()
+            self.seq[:, :P].masked_fill_(~self.keep[:, :P], 0)  # pads are masked out, but must be valid ids
             real = int(attention_mask.sum(1).max())
         if real > self.window:
             warnings.warn(
                 f"the prompt has {real} tokens but the context holds {self.window}: using its last "
                 f"{self.window} tokens",
                 PromptTruncatedWarning,
-                stacklevel=4,
+                stacklevel=_caller_level(),
             )
         self.length = P  # columns of `seq` filled
         kept = min(P, self.window)
@@ -159,7 +195,7 @@ class Decoder:
         if self.keep is not None and bool(self.keep[:, start:].all()):
             self.keep = None  # the padding has slid out of the window for good
         if self.keep is None:
-            self.logits = forward_last(self.model, chunk, self.cache)
+            self.logits = forward_last(self.model, chunk, self.cache, qkv=self.qkv)
             return self.logits
         real = self.keep[:, start : self.length]
         T = real.shape[1]
@@ -168,7 +204,7 @@ class Decoder:
         mask = (causal & real[:, None, :]) | eye
         pos_ids = (real.cumsum(1) - 1).clamp(min=0)
         self.npos = real.sum(1)
-        self.logits = forward_last(self.model, chunk, self.cache, mask[:, None], pos_ids)
+        self.logits = forward_last(self.model, chunk, self.cache, mask[:, None], pos_ids, self.qkv)
         return self.logits
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -178,10 +214,10 @@ class Decoder:
         if self.length - self.start > self.cache.max_len:  # the window is full: slide it
             return self._encode(self.length - self.window)
         if self.keep is None:
-            self.logits = forward_last(self.model, tokens[:, None], self.cache)
+            self.logits = forward_last(self.model, tokens[:, None], self.cache, qkv=self.qkv)
         else:
             mask = self.keep[:, None, None, self.start : self.length]
-            self.logits = forward_last(self.model, tokens[:, None], self.cache, mask, self.npos[:, None])
+            self.logits = forward_last(self.model, tokens[:, None], self.cache, mask, self.npos[:, None], self.qkv)
             self.npos = self.npos + 1
         return self.logits
 
@@ -193,6 +229,14 @@ class Decoder:
             self.keep = self.keep.index_select(0, index)
             self.npos = self.npos.index_select(0, index)
         self.cache.reorder(index)
+
+
+def _caller_level() -> int:
+    """The `stacklevel` that makes a warning point at the first caller outside gpt2load and torch."""
+    frame, level = sys._getframe(1), 1
+    while frame.f_back is not None and frame.f_globals.get("__name__", "").partition(".")[0] in ("gpt2load", "torch"):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def check_context(model: GPTModel, context_size: int | None) -> int:
@@ -217,13 +261,11 @@ def check_prompt(model: GPTModel, idx: torch.Tensor, attention_mask: torch.Tenso
             f"idx {list(idx.shape)} is empty: give at least one token per row (e.g. {EOT_ID} for <|endoftext|>)"
         )
     if attention_mask is not None:
-        m = attention_mask
-        if not isinstance(m, torch.Tensor) or m.shape != idx.shape:
+        if not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != idx.shape:
             raise Gpt2LoadError(f"attention_mask must be a tensor shaped like idx {list(idx.shape)}")
+        m = attention_mask.long()
         if not bool(((m == 0) | (m == 1)).all()) or not bool((m.diff(dim=1) >= 0).all()) or not bool(m[:, -1].all()):
-            raise Gpt2LoadError(
-                "attention_mask must be left padding: per row, 0s then at least one 1 (use gpt2load.generate.left_pad)"
-            )
+            raise Gpt2LoadError("attention_mask must be left padding: per row, 0s then at least one 1 (see left_pad)")
     vocab = model.cfg.vocab_size
     outside = (idx < 0) | (idx >= vocab)
     if attention_mask is not None:
@@ -622,6 +664,7 @@ __all__ = [
     "PromptTruncatedWarning",
     "complete",
     "forward_last",
+    "fuse_qkv",
     "generate",
     "generate_stream",
     "left_pad",

@@ -192,14 +192,15 @@ def test_kv_cache_equals_full_recompute(tiny):
 
 def test_forward_last_equals_model_forward(tiny):
     _, ours = tiny
-    idx = torch.randint(0, 96, (3, 12), generator=torch.Generator().manual_seed(1))
+    idx = torch.randint(0, 96, (3, 45), generator=torch.Generator().manual_seed(1))
     with torch.inference_mode():
-        cache = ours.new_cache(3, 20)
-        got = forward_last(ours, idx[:, :9], cache)
-        chunk = forward_last(ours, idx[:, 9:], cache)  # a chunk after cached positions
         ref = ours(idx)
-    torch.testing.assert_close(got, ref[:, 8], rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(chunk, ref[:, -1], rtol=1e-5, atol=1e-5)
+        for split in (9, 40):
+            cache = ours.new_cache(3, 50)
+            got = forward_last(ours, idx[:, :split], cache)
+            chunk = forward_last(ours, idx[:, split:], cache)  # a chunk after cached positions
+            torch.testing.assert_close(got, ref[:, split - 1], rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(chunk, ref[:, -1], rtol=1e-5, atol=1e-5)
 
 
 def test_sliding_window_equals_the_books_loop(tiny):
@@ -222,11 +223,12 @@ def test_long_prompt_keeps_its_tail_and_warns(tiny):
 def test_batch_of_different_lengths_equals_each_prompt_alone(tiny1):
     hf, ours = tiny1
     prompts = [[5, 17, 33, 2, 8, 11, 12], [9, 4], [1, 2, 3, 70]]
-    idx, mask = left_pad(prompts, pad_id=0)
+    idx, mask = left_pad(prompts)  # padded with EOT_ID, outside this model's vocabulary: pads are never looked up
     for kw in ({}, {"repetition_penalty": 1.2}):
         out = generate(ours, idx, 15, attention_mask=mask, **kw)
         for row, p in enumerate(prompts):
             assert out[row, -15:].tolist() == generate(ours, torch.tensor([p]), 15, **kw)[0, -15:].tolist()
+    idx = idx.masked_fill(mask == 0, 0)
     ref = hf.generate(idx, attention_mask=mask, do_sample=False, max_new_tokens=15, pad_token_id=0)
     assert torch.equal(generate(ours, idx, 15, attention_mask=mask), ref)
     # a padded batch past the window still matches each prompt alone
