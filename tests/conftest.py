@@ -1,4 +1,17 @@
 import sys
 from pathlib import Path
 
+import pytest
+import torch
+
 sys.path.insert(0, str(Path(__file__).parent))  # test helpers (oracle, hubserver) import by name
+
+
+@pytest.fixture(autouse=True, scope="session")
+def one_thread():
+    """One intra-op thread for the whole suite: the test models are small, and OpenMP threads contending on a
+    busy 2-core machine turn millisecond calls into seconds. Subprocesses get OMP_NUM_THREADS=1 likewise."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

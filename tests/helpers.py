@@ -32,7 +32,7 @@ def add_tokenizer(folder: Path, names: tuple[str, str] = ("encoder.json", "vocab
 
 def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
     """`python -m gpt2load ARGS` in a subprocess, as a user would run it."""
-    full_env = {**os.environ, **(env or {})}
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     return subprocess.run(
         [sys.executable, "-m", "gpt2load", *args], capture_output=True, text=True, env=full_env, timeout=timeout
     )

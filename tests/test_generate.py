@@ -31,15 +31,6 @@ BIG_VOCAB = GPTConfig(vocab_size=50257, context_length=64, emb_dim=32, n_heads=2
 PROMPT = torch.tensor([[5, 17, 33, 2, 8]])
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from threads, and OpenMP threads on a busy 2-core machine cost seconds."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def tiny():
     return pair(TINY, seed=0)

@@ -33,15 +33,6 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 COMMON = ["--context-length", "16", "--eval-batches", "2", "--lr", "3e-3", "--quiet"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread, as the subprocesses get (OMP_NUM_THREADS=1): far faster on a busy 2-core box."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
     """A tiny random model with GPT-2's real vocabulary, saved in gpt2load's own form with the tokenizer."""
