@@ -77,7 +77,6 @@ HF_IGNORED: tuple[str, ...] = ("h.{}.attn.bias", "h.{}.attn.masked_bias", "lm_he
 HF_PREFIX = "transformer."
 
 
-
 def _regex(pattern: str) -> re.Pattern:
     return re.compile("^" + re.escape(pattern).replace(r"\{\}", r"(\d+)") + "$")
 

@@ -17,6 +17,7 @@ from .convert import HF, HF_PREFIX, to_source_layout
 from .errors import Gpt2LoadError
 from .load import OWN_FORMAT, write_own
 from .model import GPTModel
+from .stfile import current_umask
 from .tokenizer import find_tokenizer_files
 
 FORMATS = ("safetensors", "hf", "pth")
@@ -37,6 +38,7 @@ def _atomic_dir(final: Path):
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+    tmp.chmod(0o777 & ~current_umask())  # mkdtemp makes 0700
     try:
         yield tmp
         if final.exists():

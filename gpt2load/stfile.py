@@ -32,12 +32,19 @@ _ST_DTYPES: dict[torch.dtype, str] = {
 }
 
 
+def current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 @contextmanager
 def atomic_path(final: Path, suffix: str = ""):
     """A temporary path beside `final`, renamed onto it only if the block finishes without an error."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=suffix + ".tmp", dir=final.parent)
+    os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp makes 0600; the result should look like any new file
     os.close(fd)
     tmp_path = Path(tmp)
     try:
