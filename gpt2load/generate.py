@@ -73,19 +73,36 @@ def _linear_for(device_type: str, dtype: torch.dtype) -> Callable:
 
 
 def fuse_qkv(model: GPTModel) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
-    """Per layer, W_query, W_key and W_value stacked into one [3 * d, d] weight (and bias), a copy.
+    """Per layer, W_query, W_key and W_value stacked into one [3 * d, d] weight (and bias).
 
     One matmul reads the three at once: for a single token, as fast as reading one of them alone. The model
-    keeps its own three Linears (the book's parameters); decoding holds this copy while it runs (3 * d * d
-    floats per layer: 85 MB for 124M in fp32) and drops it afterwards.
+    keeps its own three Linears (the book's parameters). Loaded from gpt2load's files they lie back to back, and
+    this is a view; otherwise decoding holds a copy while it runs (85 MB for 124M in fp32).
     """
     fused = []
     with torch.no_grad():
         for block in model.trf_blocks:
             lins = (block.att.W_query, block.att.W_key, block.att.W_value)
-            bias = None if lins[0].bias is None else torch.cat([lin.bias for lin in lins])
-            fused.append((torch.cat([lin.weight for lin in lins]), bias))
+            bias = None if lins[0].bias is None else _stacked([lin.bias for lin in lins])
+            fused.append((_stacked([lin.weight for lin in lins]), bias))
     return fused
+
+
+def _stacked(parts: list[torch.Tensor]) -> torch.Tensor:
+    """`torch.cat(parts)`, as a view when the parts already lie back to back in one storage (as gpt2load's
+    own files and the models loaded from them have them), else a copy."""
+    first = parts[0]
+    n = first.numel()
+    adjacent = all(
+        p.is_contiguous()
+        and p.shape == first.shape
+        and p.untyped_storage().data_ptr() == first.untyped_storage().data_ptr()
+        and p.storage_offset() == first.storage_offset() + i * n
+        for i, p in enumerate(parts)
+    )
+    if adjacent:
+        return first.as_strided((len(parts) * first.shape[0], *first.shape[1:]), first.stride())
+    return torch.cat(parts)
 
 
 def forward_last(

@@ -150,6 +150,7 @@ def mmap_tensors(path: str | Path) -> dict[str, torch.Tensor]:
         (n,) = struct.unpack("<Q", f.read(8))
         mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
     base = 8 + n
+    whole = torch.frombuffer(mm, dtype=torch.uint8)  # one storage for every tensor: neighbours stay neighbours
     out = {}
     for name, e in header.items():
         dtype = _TORCH_DTYPES.get(e["dtype"])
@@ -159,10 +160,11 @@ def mmap_tensors(path: str | Path) -> dict[str, torch.Tensor]:
         count = (end - start) // dtype.itemsize
         if count != torch.Size(e["shape"]).numel():
             raise Gpt2LoadError(f"tensor {name} in {path} has {end - start} bytes for shape {e['shape']}: corrupt")
-        t = (
-            torch.frombuffer(mm, dtype=dtype, count=count, offset=base + start)
-            if count
-            else torch.empty(0, dtype=dtype)
-        )
+        if not count:
+            t = torch.empty(0, dtype=dtype)
+        elif (base + start) % dtype.itemsize == 0:
+            t = whole[base + start : base + end].view(dtype)
+        else:  # misaligned for its dtype (not written by gpt2load or the safetensors library): its own view
+            t = torch.frombuffer(mm, dtype=dtype, count=count, offset=base + start)
         out[name] = t.view(e["shape"])
     return out

@@ -34,7 +34,7 @@ CHILD = {
     "gpt2load": (
         "import json, torch, gpt2load\n"
         "m = gpt2load.load_gpt2(FOLDER, device='cpu')\n"
-        "with torch.inference_mode(): tok = int(m(torch.tensor([[464, 3290, 318]]))[0, -1].argmax())\n" + RSS
+        "out = gpt2load.generate(m, torch.tensor([[464, 3290, 318]]), max_new_tokens=1)\n" + RSS
     ),
     "transformers": (
         "import json, torch\nfrom transformers import GPT2LMHeadModel\n"

@@ -267,3 +267,18 @@ def test_mmap_loaded_weights_are_writable_without_touching_the_file(tmp_path):
         back.tok_emb.weight.add_(1.0)  # training writes into the weights: copy-on-write pages
     assert (tmp_path / "m.safetensors").read_bytes() == before
     assert torch.equal(back.out_head.weight, back.tok_emb.weight)
+
+
+def test_loaded_qkv_weights_lie_back_to_back_so_decoding_fuses_them_without_a_copy(tmp_path):
+    from gpt2load.generate import fuse_qkv
+
+    _, model = pair()
+    export(model, "safetensors", tmp_path / "m.safetensors")
+    back = load_gpt2(tmp_path / "m.safetensors", device="cpu")
+    fused = fuse_qkv(back)
+    att = back.trf_blocks[1].att
+    assert fused[1][0].data_ptr() == att.W_query.weight.data_ptr()  # a view, not a copy
+    assert torch.equal(fused[1][0], torch.cat([att.W_query.weight, att.W_key.weight, att.W_value.weight]))
+    assert torch.equal(fused[1][1], torch.cat([att.W_query.bias, att.W_key.bias, att.W_value.bias]))
+    copied = fuse_qkv(model)  # built in memory: separate storages, so stacked by copying
+    assert torch.equal(copied[1][0], fused[1][0])
