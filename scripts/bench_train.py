@@ -15,6 +15,7 @@ import platform
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -34,28 +35,12 @@ def peak_matmul_flops(dtype: torch.dtype, n: int = 2048, reps: int = 8) -> float
 
 def models(context: int):
     """A random transformers GPT-2 (124M shape) and a GPTModel holding the same weights."""
-    from transformers import GPT2Config, GPT2LMHeadModel
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the oracle: same weights in both
+    from oracle import pair
 
-    from gpt2load.build import model_from_tensors
     from gpt2load.config import GPTConfig
-    from gpt2load.convert import HF, convert_tensors, strip_hf_prefix
 
-    torch.manual_seed(0)
-    cfg = GPTConfig(context_length=max(context, 1024))
-    hf_cfg = GPT2Config(
-        vocab_size=cfg.vocab_size,
-        n_positions=cfg.context_length,
-        n_embd=cfg.emb_dim,
-        n_head=cfg.n_heads,
-        n_layer=cfg.n_layers,
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        attn_pdrop=0.0,
-    )
-    hf = GPT2LMHeadModel(hf_cfg)
-    items = ((strip_hf_prefix(k), v.detach().clone()) for k, v in hf.state_dict().items())
-    ours = model_from_tensors(cfg, convert_tensors(items, HF, cfg, "transformers model"), device="cpu")
-    return hf, ours
+    return pair(GPTConfig(context_length=max(context, 1024)))
 
 
 def bench_transformers(hf, batches, warmup: int, lr: float) -> list[float]:

@@ -13,10 +13,9 @@ from gpt2load.model import GPTModel
 TINY = GPTConfig(vocab_size=96, context_length=64, emb_dim=32, n_heads=4, n_layers=2)
 
 
-def hf_model(cfg: GPTConfig = TINY, seed: int = 0) -> GPT2LMHeadModel:
-    """A randomly initialised transformers GPT-2 of cfg's shape, in eval mode, with nonzero biases."""
-    torch.manual_seed(seed)
-    hf_cfg = GPT2Config(
+def hf_config(cfg: GPTConfig) -> GPT2Config:
+    """transformers' GPT2Config for cfg, dropout off, eos/bos the last token id."""
+    return GPT2Config(
         vocab_size=cfg.vocab_size,
         n_positions=cfg.context_length,
         n_embd=cfg.emb_dim,
@@ -28,6 +27,12 @@ def hf_model(cfg: GPTConfig = TINY, seed: int = 0) -> GPT2LMHeadModel:
         bos_token_id=cfg.vocab_size - 1,
         eos_token_id=cfg.vocab_size - 1,
     )
+
+
+def hf_model(cfg: GPTConfig = TINY, seed: int = 0) -> GPT2LMHeadModel:
+    """A randomly initialised transformers GPT-2 of cfg's shape, in eval mode, with nonzero biases."""
+    torch.manual_seed(seed)
+    hf_cfg = hf_config(cfg)
     model = GPT2LMHeadModel(hf_cfg)
     with torch.no_grad():  # default init has zero biases and unit LayerNorms, which hide mapping mistakes
         for name, p in model.named_parameters():

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 from helpers import OPENAI_TINY, copy_fixture
-from oracle import TINY, gpt_from_hf, hf_model, pair
-from transformers import GPT2Config, GPT2LMHeadModel
+from oracle import TINY, gpt_from_hf, hf_config, hf_model, pair
+from transformers import GPT2LMHeadModel
 
 from gpt2load.build import empty_model
 from gpt2load.config import GPTConfig, read_hparams
@@ -52,17 +52,7 @@ def _hf_name(tf_name: str) -> str:
 def _hf_from_tf_oracle() -> GPT2LMHeadModel:
     """transformers loaded with TensorFlow's own values of the fixture, renamed by hand (not via our tables)."""
     cfg = read_hparams(OPENAI_TINY / "hparams.json")
-    hf = GPT2LMHeadModel(
-        GPT2Config(
-            vocab_size=cfg.vocab_size,
-            n_positions=cfg.context_length,
-            n_embd=cfg.emb_dim,
-            n_head=cfg.n_heads,
-            n_layer=cfg.n_layers,
-            bos_token_id=0,
-            eos_token_id=0,
-        )
-    )
+    hf = GPT2LMHeadModel(hf_config(cfg))
     tf = np.load(OPENAI_TINY / "expected.npz")
     state = {}
     for name in tf.files:
