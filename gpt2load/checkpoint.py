@@ -13,7 +13,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .model import GPTModel
 from .stfile import atomic_path
 
 CHECKPOINT_FORMAT = "gpt2load-train"
@@ -120,8 +119,3 @@ def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
     name, keys, *rest = state["numpy"]
     np.random.set_state((name, keys.cpu().numpy().astype(np.uint32), *rest))
-
-
-def model_state(model: GPTModel) -> dict[str, torch.Tensor]:
-    # the head is the token embedding and the masks are rebuilt: neither is stored
-    return {k: v for k, v in model.state_dict().items() if k != "out_head.weight" and not k.endswith(".att.mask")}

@@ -16,7 +16,7 @@ from .config import hf_config_dict
 from .convert import HF, HF_PREFIX, to_source_layout
 from .errors import Gpt2LoadError
 from .load import OWN_FORMAT, write_own
-from .model import GPTModel
+from .model import GPTModel, stored_state
 from .stfile import current_umask
 from .tokenizer import find_tokenizer_files
 
@@ -25,11 +25,7 @@ FORMATS = ("safetensors", "hf", "pth")
 
 def _params(model: GPTModel) -> dict[str, torch.Tensor]:
     """Parameters in GPTModel names, without the tied head and mask buffers, as float32 on the CPU."""
-    return {
-        k: v.detach().to("cpu", torch.float32)
-        for k, v in model.state_dict().items()
-        if k != "out_head.weight" and not k.endswith(".att.mask")
-    }
+    return {k: v.detach().to("cpu", torch.float32) for k, v in stored_state(model).items()}
 
 
 @contextmanager

@@ -13,10 +13,10 @@ import torch
 
 from . import stfile
 from .build import model_from_tensors
-from .config import GPTConfig, read_hf_config, read_hparams, resolve_size
+from .config import PRESETS, GPTConfig, read_hf_config, read_hparams, resolve_size
 from .convert import HF, OPENAI, convert_tensors, expected_shapes, strip_hf_prefix
 from .errors import Gpt2LoadError
-from .model import GPTModel
+from .model import GPTModel, is_derived
 from .tfcheckpoint import TFCheckpoint
 
 CACHE_NAME = "gpt2load.safetensors"  # converted weights, beside the files they came from
@@ -69,7 +69,7 @@ def _book_config(shapes: dict[str, tuple[int, ...]], path: Path) -> GPTConfig:
     except KeyError:
         raise Gpt2LoadError(f"{path} does not hold a GPTModel state_dict (no tok_emb/pos_emb)") from None
     layers = len({k.split(".")[1] for k in shapes if k.startswith("trf_blocks.")})
-    heads = {768: 12, 1024: 16, 1280: 20, 1600: 25}.get(d)
+    heads = {c.emb_dim: c.n_heads for c in PRESETS.values()}.get(d)
     if heads is None:
         raise Gpt2LoadError(
             f"{path}: emb_dim {d} is not a GPT-2 size, so the head count is unknown; save it with "
@@ -177,7 +177,7 @@ def _own_items(items, cfg: GPTConfig, where: str):
     shapes = expected_shapes(cfg)
     seen = set()
     for name, t in items:
-        if name == "out_head.weight" or name.endswith(".att.mask"):
+        if is_derived(name):
             continue  # tied to tok_emb / rebuilt
         if name not in shapes:
             raise Gpt2LoadError(f"tensor {name!r} in {where} is not a GPTModel parameter")

@@ -193,6 +193,16 @@ class GPTModel(nn.Module):
         return KVCache(self.cfg, batch, max_len or self.cfg.context_length, device=w.device, dtype=w.dtype)
 
 
+def is_derived(name: str) -> bool:
+    """State_dict entries no file needs to store: the tied head (it is tok_emb) and the rebuilt masks."""
+    return name == "out_head.weight" or name.endswith(".att.mask")
+
+
+def stored_state(model: GPTModel) -> dict[str, torch.Tensor]:
+    """The model's state_dict without the derived entries: what gpt2load's files and checkpoints hold."""
+    return {k: v for k, v in model.state_dict().items() if not is_derived(k)}
+
+
 def causal_mask(n: int, device=None) -> torch.Tensor:
     """The book's mask: 1.0 above the diagonal (positions to hide), 0.0 elsewhere."""
     ones = torch.ones(n, n, device=device)

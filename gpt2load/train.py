@@ -30,14 +30,13 @@ from .checkpoint import (
     CHECKPOINT_VERSION,
     latest_checkpoint,
     list_checkpoints,
-    model_state,
     prune,
     rng_state,
     save_checkpoint,
     set_rng_state,
 )
 from .errors import Gpt2LoadError
-from .model import GPTModel
+from .model import GPTModel, is_derived, stored_state
 from .stfile import atomic_path
 
 # ---------------------------------------------------------------- processes (torchrun)
@@ -431,7 +430,7 @@ def _find_resume_checkpoint(ck_dir: Path, device: torch.device, warn) -> tuple[P
 
 def _restore(path: Path, ck: dict, base: GPTModel, optimizer, schedule, train_layers: str) -> None:
     missing, unexpected = base.load_state_dict(ck["model"], strict=False)
-    missing = [k for k in missing if k != "out_head.weight" and not k.endswith(".att.mask")]
+    missing = [k for k in missing if not is_derived(k)]
     if missing or unexpected:
         raise Gpt2LoadError(f"{path} does not fit this model (it differs in {(missing + unexpected)[:3]})")
     base.tie_weights()
@@ -653,7 +652,7 @@ def train(
             "version": CHECKPOINT_VERSION,
             "step": step,
             "tokens_seen": tokens_seen,
-            "model": model_state(base),
+            "model": stored_state(base),
             "config": base.cfg.to_dict(),
             "optimizer": optimizer.state_dict(),
             "scheduler": schedule.state_dict(),
