@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -219,6 +220,11 @@ def cached_source(src: Source, quiet: bool = True) -> Source:
         write_own(
             cache, src.cfg, source_tensors(src), {"source": stamp, "source_kind": src.kind}, bar.update if bar else None
         )
+    except OSError as e:  # disk full, quota, read-only mount: the cache is an optimisation, the load goes on
+        warnings.warn(
+            f"could not cache the conversion in {cache} ({e.strerror or e}); converting in memory", stacklevel=2
+        )
+        return src
     finally:
         if bar:
             bar.close()
