@@ -285,35 +285,84 @@ def check_output(
 
 
 class RunLock:
-    """An exclusive flock on `folder/.gpt2load.lock`, held while the object lives (or until `release`).
+    """An exclusive flock on `folder/.gpt2load.lock`, held until `release` (re-entrant within a process).
 
     The kernel drops the lock when the process dies, however it dies, so a killed run never leaves a folder
-    locked. A second holder gets a one-line error."""
+    locked. A second process gets a one-line error."""
 
-    def __init__(self, folder: Path, what: str = "a run") -> None:
-        self.path = Path(folder) / LOCK_NAME
-        self._fd: int | None = os.open(self.path, os.O_CREAT | os.O_RDWR | getattr(os, "O_NOFOLLOW", 0), 0o666)
-        if fcntl is None:
+    _held: dict[str, list[int]] = {}  # lock path -> [fd, holders] for this process
+
+    def __init__(self, folder: Path, what: str = "a training run") -> None:
+        self.path = str(Path(folder).resolve() / LOCK_NAME)
+        self._active = True
+        if self.path in RunLock._held:
+            RunLock._held[self.path][1] += 1
             return
+        fd = os.open(self.path, os.O_CREAT | os.O_RDWR | getattr(os, "O_NOFOLLOW", 0), 0o666)
         try:
-            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if fcntl is not None:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
-            os.close(self._fd)
-            self._fd = None
+            os.close(fd)
+            self._active = False
             raise Gpt2LoadError(
-                f"{folder} is in use by another gpt2load process ({what}): wait for it to finish, or use another --out"
+                f"{folder} is in use by another gpt2load process ({what}): wait for it to end, or use another --out"
             ) from None
+        RunLock._held[self.path] = [fd, 1]
 
     def release(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)  # closing the descriptor releases the flock
-            self._fd = None
+        if not self._active:
+            return
+        self._active = False
+        entry = RunLock._held[self.path]
+        entry[1] -= 1
+        if entry[1] == 0:
+            del RunLock._held[self.path]
+            os.close(entry[0])  # closing the descriptor releases the flock
 
     def __enter__(self) -> RunLock:
         return self
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+RUN_MARKER = ".gpt2load-run"
+# What a run folder of an earlier gpt2load version held (before it carried RUN_MARKER).
+_RUN_NAMES = {"metrics.jsonl", "loss.png", "checkpoints", "tokens", "final", LOCK_NAME, RUN_MARKER}
+
+
+def open_run_folder(path: str | Path) -> RunLock:
+    """Check, create and lock a training run folder; stale temporary files in it are removed.
+
+    Allowed: a new path, an empty folder, or a gpt2load run folder. Refused like `check_output`: a symlink,
+    device, FIFO or file, the working directory or a folder holding it, a non-empty folder of other things.
+    """
+    p = Path(path)
+    what = f"--out {p}"
+    if p.is_symlink():
+        raise Gpt2LoadError(f"{what} is a symbolic link: give the real path, or a new one")
+    real, here = p.resolve(), Path.cwd().resolve()
+    if real == here or real in here.parents:
+        raise Gpt2LoadError(f"{what} is or holds the working directory: give a new folder name, e.g. --out run1")
+    if p.exists() and not p.is_dir():
+        raise Gpt2LoadError(f"{what} is not a folder: give a new folder name for the run")
+    if p.is_dir():
+        names = {e.name for e in p.iterdir()}
+        legacy = bool(names & {"metrics.jsonl", "checkpoints"}) and names <= _RUN_NAMES
+        if names and RUN_MARKER not in names and not legacy:
+            raise Gpt2LoadError(
+                f"{what} is a folder that is not a gpt2load training run ({len(names)} entries): give a new folder"
+            )
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise _renamed(e, p) from None
+    lock = RunLock(p)
+    (p / RUN_MARKER).touch()
+    for folder in (p, p / "checkpoints"):
+        clean_stale_temps(folder, all_ours=True)  # ours alone: the lock keeps other writers out
+    return lock
 
 
 __all__ = [
@@ -324,6 +373,7 @@ __all__ = [
     "check_output",
     "clean_stale_temps",
     "mark_file",
+    "open_run_folder",
     "owned_format",
     "write_marker",
 ]
