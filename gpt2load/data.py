@@ -38,6 +38,8 @@ def find_text_files(paths: Sequence[str | Path]) -> list[Path]:
             files += found
         elif p.is_file():
             files.append(p)
+        elif p.exists():  # a device (/dev/zero), FIFO or socket: endless or one-shot, never a corpus
+            raise Gpt2LoadError(f"data path {p} is not a regular file or folder: point --data at text files")
         else:
             raise Gpt2LoadError(f"data path {p} does not exist: check the path given to --data")
     return files

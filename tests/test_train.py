@@ -225,8 +225,12 @@ def test_loss_png_is_skipped_without_matplotlib(monkeypatch, tmp_path):
 
 def test_exact_resume_after_kill_9(model_dir, corpus, tmp_path):
     """Uninterrupted run vs a run killed twice (once as soon as a checkpoint is being written or has been
-    written) and resumed: the same final weights and the same metrics rows, none duplicated."""
-    flags = ["--max-steps", "36", "--save-every", "4", "--eval-every", "4", "--keep-checkpoints", "2"]
+    written) and resumed: the same final weights and the same metrics rows, none duplicated.
+
+    The run is long (96 steps, a checkpoint every 4) so that the kill lands seconds before its end: each kill
+    is asserted to have happened, and to have left the run unfinished."""
+    total = 96
+    flags = ["--max-steps", str(total), "--save-every", "4", "--eval-every", "16", "--keep-checkpoints", "2"]
     flags += ["--dropout", "0.1", "--batch-size", "2", "--seed", "7"]
     whole, killed = tmp_path / "whole", tmp_path / "killed"
     assert main(train_cmd(model_dir, corpus, whole, *flags)) == 0  # in this process, one thread like the others
@@ -250,17 +254,18 @@ def test_exact_resume_after_kill_9(model_dir, corpus, tmp_path):
             time.sleep(0.002)
         p.send_signal(signal.SIGKILL)
         assert p.wait() == -signal.SIGKILL, "the run finished before it could be killed"
+        done = [int(f.name[5:11]) for f in ck.glob("step-*.pt")]
+        assert done and max(done) < total, done  # killed mid-run, with a checkpoint to resume from
 
     kill_when(0)  # after its first checkpoint
     first = max(int(p.name[5:11]) for p in (killed / "checkpoints").glob("step-*.pt"))
-    assert first < 36
     kill_when(first)  # while writing or just after writing a later checkpoint
     proc = run(*train_cmd(model_dir, corpus, killed, *flags, "--resume"))
     assert proc.returncode == 0, proc.stderr
     assert "resuming from" in proc.stdout
     assert max_diff(whole, killed) <= 1e-6
     assert metrics(killed) == metrics(whole)
-    assert [r["step"] for r in metrics(whole)] == list(range(0, 37, 4))
+    assert [r["step"] for r in metrics(whole)] == list(range(0, total + 1, 16))
     assert len(list((killed / "checkpoints").glob("step-*.pt"))) == 2
     assert not list((killed / "checkpoints").glob(".*tmp"))
 
