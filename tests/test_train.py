@@ -18,6 +18,7 @@ import torch
 from helpers import TOKENIZER_DIR, assert_clean_error
 from safetensors.torch import load_file
 
+from gpt2load import evaluate  # the public API
 from gpt2load.cli import main
 from gpt2load.config import GPTConfig
 from gpt2load.data import TokenWindows, WindowLoader
@@ -28,7 +29,7 @@ from gpt2load.metrics import plot_losses
 from gpt2load.model import GPTModel
 from gpt2load.optim import WarmupCosine, make_optimizer
 from gpt2load.tokenizer import encode, tokenizer_from_folder
-from gpt2load.training import train
+from gpt2load.training import TrainConfig, train
 
 CFG = GPTConfig(vocab_size=50257, context_length=32, emb_dim=16, n_heads=2, n_layers=2)
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
@@ -176,6 +177,70 @@ def test_freezing_leaves_frozen_weights_bit_identical(model_dir, corpus):
         train(model, train_loader, max_steps=1, train_layers="first:1")
 
 
+def test_freezing_never_freezes_a_head_of_its_own(model_dir, corpus):
+    """A head that is not the token embedding's Parameter (untied copy, chapter 6's classifier) trains."""
+    model = load_gpt2(model_dir, device="cpu")
+    model.out_head.weight = torch.nn.Parameter(model.tok_emb.weight.detach().clone())  # same values, untied
+    head, emb = model.out_head.weight.detach().clone(), model.tok_emb.weight.detach().clone()
+    train_loader, _, _ = loaders(corpus)
+    train(model, train_loader, max_steps=2, eval_every=0, train_layers="last:1", lr=1e-2)
+    assert not torch.equal(model.out_head.weight, head)
+    assert torch.equal(model.tok_emb.weight, emb)
+
+
+def test_evaluate_ignores_minus_100_targets_token_weighted():
+    torch.manual_seed(0)
+    model = GPTModel(CFG).eval()
+    xs = torch.randint(0, CFG.vocab_size, (3, 2, 8))
+    ys = torch.randint(0, CFG.vocab_size, (3, 2, 8))
+    ys[0, :, 4:] = -100  # half of the first batch's targets
+    ys[1, 1, :] = -100
+    ys[2, :, :6] = -100  # batches with different numbers of counted targets: the mean weights targets
+    with torch.no_grad():
+        logits = torch.cat([model(x) for x in xs])
+    want = torch.nn.functional.cross_entropy(logits.flatten(0, 1), ys.flatten(0, 1).flatten(), ignore_index=-100)
+    got = evaluate(model, list(zip(xs, ys, strict=True)))
+    assert got == pytest.approx(want.item(), rel=1e-5)
+    assert evaluate(model, list(zip(xs, ys, strict=True)), max_batches=1) == pytest.approx(
+        torch.nn.functional.cross_entropy(logits[:2].flatten(0, 1), ys[0].flatten(), ignore_index=-100).item(),
+        rel=1e-5,
+    )
+    with pytest.raises(Gpt2LoadError, match="no targets"):
+        evaluate(model, [(xs[0], torch.full_like(ys[0], -100))])
+
+
+def test_train_leaves_the_callers_rng_states_alone(model_dir, corpus):
+    model = load_gpt2(model_dir, device="cpu")
+    train_loader, _, _ = loaders(corpus)
+    torch.manual_seed(11)
+    random.seed(11)
+    np.random.seed(11)
+    want = (torch.rand(3), random.random(), np.random.rand())
+    torch.manual_seed(11)
+    random.seed(11)
+    np.random.seed(11)
+    train(model, train_loader, max_steps=2, eval_every=0, seed=5)
+    got = (torch.rand(3), random.random(), np.random.rand())
+    assert torch.equal(got[0], want[0]) and got[1:] == want[1:]
+
+
+def test_a_loss_hook_plugs_another_objective_into_the_loop(model_dir, corpus):
+    """TrainConfig.loss_fn: here only the last position counts, as in a classification recipe."""
+    calls = []
+
+    def last_token(model, x, y):
+        calls.append(x.shape)
+        logits = model(x)[:, -1, :]
+        return torch.nn.functional.cross_entropy(logits, y[:, -1], reduction="sum"), y.shape[0]
+
+    model = load_gpt2(model_dir, device="cpu")
+    train_loader, val_loader, _ = loaders(corpus)
+    config = TrainConfig(max_steps=6, eval_every=6, eval_batches=2, lr=3e-3, loss_fn=last_token, count_fn=len)
+    rows = train(model, train_loader, val_loader, config)
+    assert len(calls) == 6 + 2 * 2 * 2  # 6 steps, and 2 evaluations of 2 batches of each loader
+    assert rows[-1]["train_loss"] < rows[0]["train_loss"]
+
+
 def test_weight_decay_spares_biases_norms_embeddings_and_the_tied_head_once():
     model = GPTModel(CFG)
     opt = make_optimizer(model, 1e-3, 0.1)
@@ -279,6 +344,10 @@ def test_corrupt_checkpoint_falls_back_to_the_previous_one(model_dir, corpus, tm
     assert [p.name for p in ckpts] == ["step-000002.pt", "step-000004.pt", "step-000006.pt"]
     data = ckpts[-1].read_bytes()
     ckpts[-1].write_bytes(data[: len(data) // 2])  # truncated, as by a full disk
+    stale = [out / ".final.4194305.abcdef12.tmp", out / "checkpoints" / ".step-000008.pt.k3j_x9ab.tmp"]
+    stale[0].mkdir()  # left by kill -9 while saving the final model / writing a checkpoint
+    (stale[0] / "model.safetensors").write_bytes(b"partial")
+    stale[1].write_bytes(b"partial")
     capsys.readouterr()
     assert main(train_cmd(model_dir, corpus, out, *flags, "--resume")) == 0
     captured = capsys.readouterr()
@@ -290,6 +359,7 @@ def test_corrupt_checkpoint_falls_back_to_the_previous_one(model_dir, corpus, tm
     assert all(torch.equal(got[k], want[k]) for k in want)
     assert (out / "checkpoints" / "step-000006.pt").is_file()  # written again
     assert (out / "checkpoints" / "step-000006.pt.corrupt").is_file()
+    assert not any(p.exists() for p in stale)
 
 
 def test_final_model_generates_and_exports_to_transformers(model_dir, corpus, tmp_path, capsys):
