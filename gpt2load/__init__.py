@@ -4,20 +4,24 @@ from .beam import beam_search
 from .config import GPTConfig
 from .download import download
 from .errors import Gpt2LoadError
+from .evaluation import evaluate
 from .export import export, export_hf, export_pth, save_model
 from .generate import complete, generate, generate_stream
 from .load import load_gpt2, load_tokenizer
 from .model import GPTModel, KVCache
-from .train import train, train_on_files
+from .pretrain import train_on_files
+from .training import TrainConfig, train
 
 __all__ = [
     "GPTConfig",
     "GPTModel",
     "Gpt2LoadError",
     "KVCache",
+    "TrainConfig",
     "beam_search",
     "complete",
     "download",
+    "evaluate",
     "export",
     "export_hf",
     "export_pth",

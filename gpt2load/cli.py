@@ -10,6 +10,7 @@ import warnings
 from collections.abc import Callable
 
 from .errors import Gpt2LoadError
+from .fsutil import check_output
 
 
 def _bool_or_never(text: str) -> bool | str:
@@ -82,12 +83,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from .export import export
+    from .export import export, is_folder_output
     from .load import load_gpt2, model_folder
 
+    # the output is checked before the (slow) load, and again by the writer
+    where = model_folder(args.model, args.source, args.weights_dir, quiet=args.quiet)
+    check_output(args.out, args.to, folder=is_folder_output(args.to, args.out), force=args.force, protect=[where])
     model = load_gpt2(args.model, args.source, args.weights_dir, device="cpu", quiet=args.quiet)
-    where = model_folder(args.model, args.source, args.weights_dir, quiet=True)
-    out = export(model, args.to, args.out, tokenizer_dir=where if where.is_dir() else where.parent)
+    folder = where if where.is_dir() else where.parent
+    out = export(model, args.to, args.out, tokenizer_dir=folder, force=args.force, protect=[where])
     print(f"wrote {out}")
     return 0
 
@@ -144,6 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(c)
     c.add_argument("--to", required=True, choices=("safetensors", "hf", "pth"))
     c.add_argument("--out", required=True, help="output file (.safetensors, .pth) or folder (hf, safetensors)")
+    c.add_argument("--force", action="store_true", help="replace an earlier gpt2load output of this format at --out")
     c.add_argument("--quiet", action="store_true")
     c.set_defaults(func=cmd_convert)
 

@@ -11,14 +11,13 @@ import json
 import mmap
 import os
 import struct
-import tempfile
 from collections.abc import Iterable
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
 from .errors import Gpt2LoadError
+from .fsutil import atomic_path
 
 _ST_DTYPES: dict[torch.dtype, str] = {
     torch.float32: "F32",
@@ -30,28 +29,6 @@ _ST_DTYPES: dict[torch.dtype, str] = {
     torch.uint8: "U8",
     torch.bool: "BOOL",
 }
-
-
-def current_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-@contextmanager
-def atomic_path(final: Path, suffix: str = ""):
-    """A temporary path beside `final`, renamed onto it only if the block finishes without an error."""
-    final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=suffix + ".tmp", dir=final.parent)
-    os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp makes 0600; the result should look like any new file
-    os.close(fd)
-    tmp_path = Path(tmp)
-    try:
-        yield tmp_path
-        os.replace(tmp_path, final)
-    finally:
-        tmp_path.unlink(missing_ok=True)
 
 
 def write_streaming(

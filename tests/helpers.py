@@ -30,12 +30,13 @@ def add_tokenizer(folder: Path, names: tuple[str, str] = ("encoder.json", "vocab
     return folder
 
 
-def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
-    """`python -m gpt2load ARGS` in a subprocess, as a user would run it."""
+def run_cli(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 120, cwd: Path | None = None
+) -> subprocess.CompletedProcess:
+    """`python -m gpt2load ARGS` in a subprocess, as a user would run it (in `cwd` if given)."""
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
-    return subprocess.run(
-        [sys.executable, "-m", "gpt2load", *args], capture_output=True, text=True, env=full_env, timeout=timeout
-    )
+    cmd = [sys.executable, "-m", "gpt2load", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, env=full_env, timeout=timeout, cwd=cwd)
 
 
 def assert_clean_error(proc: subprocess.CompletedProcess, *needles: str) -> None:
