@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -30,11 +31,26 @@ def add_tokenizer(folder: Path, names: tuple[str, str] = ("encoder.json", "vocab
     return folder
 
 
-def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
-    """`python -m gpt2load ARGS` in a subprocess, as a user would run it."""
+def run_cli(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 120, memory_limit: int | None = None
+) -> subprocess.CompletedProcess:
+    """`python -m gpt2load ARGS` in a subprocess, as a user would run it.
+
+    memory_limit: an address-space cap in bytes (RLIMIT_AS) for the subprocess: going over it fails its
+    allocation, so a test can assert that an input is refused before memory grows.
+    """
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (memory_limit, memory_limit))
+
     return subprocess.run(
-        [sys.executable, "-m", "gpt2load", *args], capture_output=True, text=True, env=full_env, timeout=timeout
+        [sys.executable, "-m", "gpt2load", *args],
+        capture_output=True,
+        text=True,
+        env=full_env,
+        timeout=timeout,
+        preexec_fn=limit if memory_limit else None,
     )
 
 
