@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import warnings
@@ -11,6 +12,42 @@ from collections.abc import Callable
 
 from .errors import Gpt2LoadError
 from .fsutil import check_output
+
+MAX_NEW_TOKENS = 1_000_000  # hours of decoding even for 124M: anything larger is a typo
+MAX_SEED = 2**64 - 1  # torch.manual_seed's range
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage mistakes as one line and exit 1, like every other gpt2load failure."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(1, f"gpt2load: error: {message} (see `{self.prog} --help`)\n")
+
+
+def whole(lo: int, hi: int) -> Callable[[str], int]:
+    """An argparse type: a whole number from lo to hi, refused with one line before anything runs."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if not lo <= value <= hi:
+            raise argparse.ArgumentTypeError(f"{value} is out of range: use {lo} to {hi:,}")
+        return value
+
+    return parse
+
+
+def finite(text: str) -> float:
+    """An argparse type: a finite number (no nan or inf)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text} is not a finite number")
+    return value
 
 
 def _bool_or_never(text: str) -> bool | str:
@@ -33,12 +70,27 @@ def _model_args(p: argparse.ArgumentParser, positional: bool = False) -> None:
     p.add_argument("--weights-dir", default=None, help="download folder (default $GPT2LOAD_WEIGHTS_DIR or ./weights)")
 
 
+def _no_cache_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--no-cache",
+        action="store_true",
+        help="convert OpenAI/HF weights in memory instead of caching the conversion in $GPT2LOAD_CACHE_DIR "
+        "(default ~/.cache/gpt2load/converted); GPT2LOAD_NO_CACHE=1 does the same",
+    )
+
+
+def _cache(args: argparse.Namespace) -> bool | None:
+    return False if args.no_cache else None  # None: the environment decides
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     from .generate import PromptTruncatedWarning, complete
     from .load import load_gpt2, load_tokenizer
 
     quiet = args.json or args.quiet
-    model = load_gpt2(args.model, args.source, args.weights_dir, args.device, args.dtype, quiet=quiet)
+    model = load_gpt2(
+        args.model, args.source, args.weights_dir, args.device, args.dtype, quiet=quiet, cache=_cache(args)
+    )
     enc = load_tokenizer(args.model, args.source, args.weights_dir)
     streaming = not args.json and args.num_beams == 1 and args.num_return_sequences == 1
 
@@ -89,7 +141,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     # the output is checked before the (slow) load, and again by the writer
     where = model_folder(args.model, args.source, args.weights_dir, quiet=args.quiet)
     check_output(args.out, args.to, folder=is_folder_output(args.to, args.out), force=args.force, protect=[where])
-    model = load_gpt2(args.model, args.source, args.weights_dir, device="cpu", quiet=args.quiet)
+    model = load_gpt2(args.model, args.source, args.weights_dir, device="cpu", quiet=args.quiet, cache=_cache(args))
     folder = where if where.is_dir() else where.parent
     out = export(model, args.to, args.out, tokenizer_dir=folder, force=args.force, protect=[where])
     print(f"wrote {out}")
@@ -117,7 +169,7 @@ def cmd_download(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="gpt2load",
         description="OpenAI's GPT-2 weights in the book's GPTModel: download, convert, generate, train.",
     )
@@ -126,22 +178,23 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="generate text from a prompt", description="Generate text from a prompt.")
     _model_args(g)
     g.add_argument("--prompt", required=True, help="the text to continue ('' starts from <|endoftext|>)")
-    g.add_argument("--max-new-tokens", type=int, default=50)
-    g.add_argument("--min-new-tokens", type=int, default=0)
-    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    g.add_argument("--top-k", type=int, default=None)
-    g.add_argument("--top-p", type=float, default=None)
-    g.add_argument("--repetition-penalty", type=float, default=1.0)
+    g.add_argument("--max-new-tokens", type=whole(0, MAX_NEW_TOKENS), default=50)
+    g.add_argument("--min-new-tokens", type=whole(0, MAX_NEW_TOKENS), default=0)
+    g.add_argument("--temperature", type=finite, default=0.0, help="0 = greedy (default)")
+    g.add_argument("--top-k", type=whole(0, 2**31 - 1), default=None)
+    g.add_argument("--top-p", type=finite, default=None)
+    g.add_argument("--repetition-penalty", type=finite, default=1.0)
     g.add_argument("--stop", action="append", default=[], help="stop at this text (repeatable)")
-    g.add_argument("--seed", type=int, default=None)
-    g.add_argument("--num-beams", type=int, default=1)
-    g.add_argument("--length-penalty", type=float, default=1.0)
+    g.add_argument("--seed", type=whole(0, MAX_SEED), default=None)
+    g.add_argument("--num-beams", type=whole(1, 1000), default=1)
+    g.add_argument("--length-penalty", type=finite, default=1.0)
     g.add_argument("--early-stopping", type=_bool_or_never, default=False, metavar="{true,false,never}")
-    g.add_argument("--num-return-sequences", type=int, default=1)
+    g.add_argument("--num-return-sequences", type=whole(1, 1000), default=1)
     g.add_argument("--dtype", choices=("float32", "bfloat16"), default=None)
     g.add_argument("--device", default=None, help="cpu, cuda, mps (default: cuda, then mps, then cpu)")
     g.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     g.add_argument("--quiet", action="store_true", help="no progress bars")
+    _no_cache_arg(g)
     g.set_defaults(func=cmd_generate)
 
     c = sub.add_parser("convert", help="export weights as safetensors, a transformers folder or a book .pth")
@@ -150,6 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--out", required=True, help="output file (.safetensors, .pth) or folder (hf, safetensors)")
     c.add_argument("--force", action="store_true", help="replace an earlier gpt2load output of this format at --out")
     c.add_argument("--quiet", action="store_true")
+    _no_cache_arg(c)
     c.set_defaults(func=cmd_convert)
 
     i = sub.add_parser("info", help="describe a model size or a local model")
@@ -190,6 +244,11 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:  # the disk or the file system, not gpt2load: say which file and why
         where = f" {e.filename}" if e.filename else ""
         print(f"gpt2load: error: cannot access{where}: {e.strerror or e}", file=sys.stderr)
+        return 1
+    except MemoryError:  # e.g. under a ulimit: say so in one line, not a traceback from deep inside torch
+        print(
+            "gpt2load: error: out of memory: use a smaller model or --dtype bfloat16, or free memory", file=sys.stderr
+        )
         return 1
     except KeyboardInterrupt:
         print("gpt2load: interrupted", file=sys.stderr)

@@ -3,9 +3,11 @@ and turn it into a GPTModel, converting once into a cached safetensors file."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import warnings
+import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,14 +16,19 @@ import torch
 
 from . import stfile
 from .build import model_from_tensors
-from .config import PRESETS, GPTConfig, read_hf_config, read_hparams, resolve_size
+from .config import PRESETS, GPTConfig, read_hf_config, read_hparams, read_json_object, resolve_size
 from .convert import HF, OPENAI, convert_tensors, expected_shapes, strip_hf_prefix
+from .env import env_flag, env_path
 from .errors import Gpt2LoadError
 from .model import GPTModel, is_derived
-from .tfcheckpoint import TFCheckpoint
+from .tfcheckpoint import TFCheckpoint, resolve_prefix
 
-CACHE_NAME = "gpt2load.safetensors"  # converted weights, beside the files they came from
+CACHE_NAME = "gpt2load.safetensors"  # the converted weights file (in gpt2load's cache folder, or a user's export)
 OWN_FORMAT = "gpt2load"
+# Files whose presence makes a folder a model folder (rather than, say, the book's `gpt2/` download root).
+MODEL_MARKERS = ("config.json", "hparams.json", "checkpoint", "model.ckpt.index", "model.safetensors")
+MODEL_MARKERS += ("pytorch_model.bin", CACHE_NAME)
+WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".index")
 
 
 @dataclass
@@ -57,9 +64,18 @@ def _hf_weights(folder: Path) -> Path | None:
 
 def _own_config(meta: dict[str, str], path: Path) -> GPTConfig:
     try:
-        return GPTConfig.from_dict(json.loads(meta["config"]))
-    except (KeyError, json.JSONDecodeError):
+        raw = json.loads(meta["config"])
+    except (KeyError, ValueError, RecursionError):
         raise Gpt2LoadError(f"{path} lacks gpt2load's config metadata: convert it again") from None
+    return _config_dict(raw, path)
+
+
+def _config_dict(raw: object, path: Path) -> GPTConfig:
+    """A GPTConfig from gpt2load's own config dict, with any problem reported against `path`."""
+    try:
+        return GPTConfig.from_dict(raw)  # type: ignore[arg-type]
+    except Gpt2LoadError as e:
+        raise Gpt2LoadError(f"{path}: {e}") from None
 
 
 def _book_config(shapes: dict[str, tuple[int, ...]], path: Path) -> GPTConfig:
@@ -88,15 +104,13 @@ def inspect_path(path: str | Path) -> Source:
         return _inspect_file(p)
     cfg_file = p / "config.json"
     if cfg_file.is_file():
-        raw = json.loads(cfg_file.read_text(encoding="utf-8"))
+        raw = read_json_object(cfg_file)
         if raw.get("model_type") == OWN_FORMAT:
-            return Source("own", p / "model.safetensors", GPTConfig.from_dict(raw["config"]), p)
+            return Source("own", p / "model.safetensors", _config_dict(raw.get("config"), cfg_file), p)
         weights = _hf_weights(p)
         if weights is not None:
             return Source("hf", weights, read_hf_config(cfg_file), p)
     if (p / "model.ckpt.index").is_file() or (p / "checkpoint").is_file():
-        from .tfcheckpoint import resolve_prefix
-
         if not (p / "hparams.json").is_file():
             raise Gpt2LoadError(f"{p} has a TensorFlow checkpoint but no hparams.json: download the model again")
         return Source("openai", resolve_prefix(p), read_hparams(p / "hparams.json"), p)
@@ -129,8 +143,11 @@ def _inspect_file(p: Path) -> Source:
 
 
 def _torch_load(p: Path) -> dict[str, torch.Tensor]:
+    # torch.save's zip format can be memory-mapped (zero-copy); the legacy format (torch < 1.6, many older
+    # pytorch_model.bin files, `_use_new_zipfile_serialization=False`) cannot, and is read into memory.
+    mmap = zipfile.is_zipfile(p)
     try:
-        state = torch.load(p, map_location="cpu", weights_only=True, mmap=True)
+        state = torch.load(p, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:  # torch raises many types for a bad file
         raise Gpt2LoadError(
             f"{p} could not be read as a PyTorch state_dict ({type(e).__name__}): is it complete?"
@@ -138,7 +155,15 @@ def _torch_load(p: Path) -> dict[str, torch.Tensor]:
     if isinstance(state, dict) and "model_state_dict" in state:  # the book's chapter-5 checkpoint
         state = state["model_state_dict"]
     if not isinstance(state, dict):
-        raise Gpt2LoadError(f"{p} does not hold a state_dict")
+        raise Gpt2LoadError(
+            f"{p} holds a {type(state).__name__}, not a state_dict: save model.state_dict() (a dict of tensors)"
+        )
+    for key, value in state.items():
+        if not isinstance(key, str) or not isinstance(value, torch.Tensor):
+            raise Gpt2LoadError(
+                f"{p} is not a plain state_dict: entry {key!r} holds a {type(value).__name__}, not a tensor; "
+                "save model.state_dict()"
+            )
     return state
 
 
@@ -200,35 +225,63 @@ def write_own(path: Path, cfg: GPTConfig, tensors, extra_meta: dict[str, str] | 
     stfile.write_streaming(path, specs, tensors, meta, progress)
 
 
-def cached_source(src: Source, quiet: bool = True) -> Source:
-    """For OpenAI/HF sources: the converted cache beside them, made on first use; else src itself."""
-    if src.kind not in ("openai", "hf"):
+def cache_dir() -> Path:
+    """gpt2load's own folder for converted weights: $GPT2LOAD_CACHE_DIR, else $XDG_CACHE_HOME/gpt2load/converted,
+    else ~/.cache/gpt2load/converted."""
+    xdg = env_path("XDG_CACHE_HOME")
+    return env_path("GPT2LOAD_CACHE_DIR") or (xdg or Path.home() / ".cache") / "gpt2load" / "converted"
+
+
+def cache_file(src: Source) -> Path:
+    """Where the conversion of `src` is cached: one entry per source, named by a hash of its resolved path
+    (so a re-downloaded source replaces its entry instead of leaving a stale one); the file's metadata holds
+    the source fingerprint, which decides whether the entry is still good."""
+    key = hashlib.sha256(str(src.path.resolve()).encode()).hexdigest()[:20]
+    return cache_dir() / f"{src.folder.name}-{key}" / CACHE_NAME
+
+
+def cache_wanted(cache: bool | None) -> bool:
+    """cache=False turns the conversion cache off, as does GPT2LOAD_NO_CACHE=1 when cache is None."""
+    return cache if cache is not None else not env_flag("GPT2LOAD_NO_CACHE")
+
+
+def cached_source(src: Source, quiet: bool = True, cache: bool | None = None) -> Source:
+    """For OpenAI/HF sources: their conversion in gpt2load's cache folder, made on first use; else src itself.
+
+    Nothing is ever written beside the source (a Hugging Face cache snapshot, a book download, a read-only
+    mount): only into `cache_dir()`. If that cannot be written, or the cache is off, conversion runs in memory.
+    """
+    if src.kind not in ("openai", "hf") or not cache_wanted(cache):
         return src
-    cache = src.folder / CACHE_NAME
+    cached = cache_file(src)
     stamp = fingerprint(src.inputs())
-    if cache.is_file():
+    if cached.is_file():
         try:
-            _, meta = stfile.read_header(cache)
+            _, meta = stfile.read_header(cached)
             if meta.get("source") == stamp and meta.get("format") == OWN_FORMAT:
-                return Source("own", cache, _own_config(meta, cache), src.folder)
+                return Source("own", cached, _own_config(meta, cached), src.folder)
         except Gpt2LoadError:
             pass  # a damaged cache is simply rebuilt
-    if not os.access(src.folder, os.W_OK):
-        return src  # read-only folder: convert in memory on every load
     bar = _progress_bar(src.cfg.n_params * 4, f"converting {src.folder.name}", quiet)
     try:
         write_own(
-            cache, src.cfg, source_tensors(src), {"source": stamp, "source_kind": src.kind}, bar.update if bar else None
+            cached,
+            src.cfg,
+            source_tensors(src),
+            {"source": stamp, "source_kind": src.kind},
+            bar.update if bar else None,
         )
-    except OSError as e:  # disk full, quota, read-only mount: the cache is an optimisation, the load goes on
+    except OSError as e:  # disk full, quota, read-only home: the cache is an optimisation, the load goes on
         warnings.warn(
-            f"could not cache the conversion in {cache} ({e.strerror or e}); converting in memory", stacklevel=2
+            f"could not cache the conversion in {cached} ({e.strerror or e}); converting in memory "
+            "(set GPT2LOAD_CACHE_DIR to a writable folder, or GPT2LOAD_NO_CACHE=1)",
+            stacklevel=2,
         )
         return src
     finally:
         if bar:
             bar.close()
-    return Source("own", cache, src.cfg, src.folder)
+    return Source("own", cached, src.cfg, src.folder)
 
 
 def _progress_bar(total: int, desc: str, quiet: bool):
@@ -241,15 +294,55 @@ def _progress_bar(total: int, desc: str, quiet: bool):
     return tqdm(total=total, unit="B", unit_scale=True, desc=desc, leave=False)
 
 
+def written_as_path(model: str) -> bool:
+    """True when `model` is spelled as a path (./gpt2, gpt2/124M, /abs, ~/m, model.pth), not as a bare name."""
+    return (
+        "/" in model
+        or os.sep in model
+        or model.startswith((".", "~"))
+        or os.path.isabs(model)
+        or model.lower().endswith(WEIGHT_SUFFIXES)
+    )
+
+
+def _is_model_folder(p: Path) -> bool:
+    return p.is_dir() and any((p / name).exists() for name in MODEL_MARKERS)
+
+
+def locate(model: str | Path) -> tuple[Path | None, str | None]:
+    """(local path, None) or (None, size name to download) for what the user wrote.
+
+    A Path or anything written as a path is a path. A bare word is a model name (124M, gpt2, ...) unless a
+    file of that name exists, or a folder of that name that holds a model: so `gpt2` inside the book's working
+    folder, whose `gpt2/` holds only size subfolders, still means the model named gpt2.
+    """
+    if isinstance(model, Path):
+        return model, None
+    model = str(model)
+    if written_as_path(model):
+        return Path(model).expanduser(), None
+    here = Path(model)
+    exists = here.exists() or Path(model + ".index").exists()
+    try:
+        size = resolve_size(model)
+    except Gpt2LoadError as e:
+        if exists:
+            return here, None
+        raise Gpt2LoadError(f"{e} (there is no file or folder {model!r} here either)") from None
+    if here.is_file() or Path(model + ".index").exists() or _is_model_folder(here):
+        return here, None
+    return None, size
+
+
 def model_folder(
     model: str | Path, source: str = "hf", weights_dir: str | Path | None = None, quiet: bool = False
 ) -> Path:
-    """The local folder (or file) for `model`: an existing path as is, else a size downloaded on first use."""
-    if isinstance(model, Path) or os.path.exists(model) or os.path.exists(str(model) + ".index"):
-        return Path(model)
+    """The local folder (or file) for `model`: a path as is, else a size downloaded on first use."""
+    path, size = locate(model)
+    if path is not None:
+        return path
     if source not in ("hf", "openai"):
         raise Gpt2LoadError(f"unknown source {source!r}: use hf or openai")
-    size = resolve_size(str(model))
     from .download import download
 
     return download(size, source, weights_dir, quiet=quiet)
@@ -262,6 +355,7 @@ def load_gpt2(
     device: str | torch.device | None = None,
     dtype: str | torch.dtype | None = None,
     quiet: bool = False,
+    cache: bool | None = None,
 ) -> GPTModel:
     """Load GPT-2 weights into a GPTModel (eval mode), downloading and converting on first use.
 
@@ -273,8 +367,10 @@ def load_gpt2(
         device: cpu, cuda, mps; default the first available of cuda, mps, cpu.
         dtype: float32 (default), bfloat16 or float16.
         quiet: no progress bars.
+        cache: keep the conversion of an OpenAI/HF source in gpt2load's cache folder (see `cache_dir`) so later
+            loads are zero-copy; None (default) means yes unless GPT2LOAD_NO_CACHE=1, False converts in memory.
     """
-    src = cached_source(inspect_path(model_folder(model, source, weights_dir, quiet)), quiet)
+    src = cached_source(inspect_path(model_folder(model, source, weights_dir, quiet)), quiet, cache)
     return model_from_tensors(src.cfg, source_tensors(src), device=device, dtype=dtype)
 
 

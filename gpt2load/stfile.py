@@ -8,6 +8,7 @@ written, so tensors may arrive in any order.
 from __future__ import annotations
 
 import json
+import math
 import mmap
 import os
 import struct
@@ -83,32 +84,80 @@ def write_streaming(
             os.fsync(f.fileno())
 
 
+# Every dtype the safetensors format defines, with its size in bytes, to check offsets against shapes.
+ST_ITEMSIZE: dict[str, int] = {
+    "BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1,
+    "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+    "I32": 4, "U32": 4, "F32": 4,
+    "I64": 8, "U64": 8, "F64": 8,
+}  # fmt: skip
+MAX_HEADER_BYTES = 100_000_000  # the safetensors library's own limit
+MAX_DIMS = 8
+
+
+def _is_count(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def _check_entry(name: str, e: object, data_size: int) -> str | None:
+    """What is wrong with one header entry (None if nothing): every field is checked before any is used."""
+    if not isinstance(e, dict):
+        return f"is a JSON {type(e).__name__}, not an object"
+    dtype, shape, offsets = e.get("dtype"), e.get("shape"), e.get("data_offsets")
+    if dtype not in ST_ITEMSIZE:
+        return f"has unknown dtype {dtype!r}"
+    if not isinstance(shape, list) or len(shape) > MAX_DIMS or not all(_is_count(n) for n in shape):
+        return f"has shape {shape!r}, not a list of up to {MAX_DIMS} non-negative whole numbers"
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(n) for n in offsets)):
+        return f"has data_offsets {offsets!r}, not two non-negative whole numbers"
+    start, end = offsets
+    if not start <= end <= data_size:
+        return f"has data_offsets {offsets} outside the file's {data_size:,} data bytes (truncated?)"
+    numel = math.prod(shape)
+    if (end - start) != numel * ST_ITEMSIZE[dtype]:
+        return f"has {end - start:,} bytes for {dtype} shape {shape}"
+    return None
+
+
 def read_header(path: str | Path) -> tuple[dict[str, dict], dict[str, str]]:
-    """(tensor entries, metadata) of a safetensors file, reading only its header."""
+    """(tensor entries, metadata) of a safetensors file, reading only its header.
+
+    Every field is validated (types, dtypes, shapes, offsets against the file's length) before it is returned,
+    so callers may index entries and allocate by their shapes without further checks.
+    """
     path = Path(path)
+    redo = "delete it and convert or download again"
     try:
         with open(path, "rb") as f:
             head = f.read(8)
             if len(head) < 8:
                 raise ValueError("shorter than 8 bytes")
             (n,) = struct.unpack("<Q", head)
-            if n > 100_000_000:
-                raise ValueError("header length is implausible")
-            header = json.loads(f.read(n))
+            if n > MAX_HEADER_BYTES:
+                raise ValueError(f"header length {n:,} is implausible")
+            raw = f.read(n)
+            if len(raw) < n:
+                raise ValueError(f"header needs {n:,} bytes, the file ends before")
+            if not raw.startswith(b"{"):
+                raise ValueError("header is not a JSON object")
+            header = json.loads(raw)  # a deeply nested value raises RecursionError, caught below
             size = os.fstat(f.fileno()).st_size
     except FileNotFoundError:
         raise Gpt2LoadError(f"{path} is missing") from None
-    except (ValueError, UnicodeDecodeError) as e:
-        raise Gpt2LoadError(
-            f"{path} is not a safetensors file ({e}): delete it and convert or download again"
-        ) from None
+    except IsADirectoryError:
+        raise Gpt2LoadError(f"{path} is a folder, not a safetensors file") from None
+    except (ValueError, RecursionError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise Gpt2LoadError(f"{path} is not a safetensors file ({e}): {redo}") from None
+    if not isinstance(header, dict):
+        raise Gpt2LoadError(f"{path}: the safetensors header is not a JSON object: {redo}")
     meta = header.pop("__metadata__", None) or {}
-    end = max((e["data_offsets"][1] for e in header.values()), default=0)
-    if 8 + n + end > size:
-        raise Gpt2LoadError(
-            f"{path} is truncated ({size:,} bytes, its header needs {8 + n + end:,}): delete it "
-            "and convert or download again"
-        )
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise Gpt2LoadError(f"{path}: the safetensors __metadata__ is not a string-to-string map: {redo}")
+    data_size = size - 8 - n
+    for name, e in header.items():
+        problem = _check_entry(name, e, data_size)
+        if problem:
+            raise Gpt2LoadError(f"tensor {name!r} in {path} {problem}: the file is corrupt; {redo}")
     return header, meta
 
 
@@ -133,10 +182,8 @@ def mmap_tensors(path: str | Path) -> dict[str, torch.Tensor]:
         dtype = _TORCH_DTYPES.get(e["dtype"])
         if dtype is None:
             raise Gpt2LoadError(f"tensor {name} in {path} has dtype {e['dtype']}, which gpt2load does not load")
-        start, end = e["data_offsets"]
+        start, end = e["data_offsets"]  # checked against the shape and the file length by read_header
         count = (end - start) // dtype.itemsize
-        if count != torch.Size(e["shape"]).numel():
-            raise Gpt2LoadError(f"tensor {name} in {path} has {end - start} bytes for shape {e['shape']}: corrupt")
         if not count:
             t = torch.empty(0, dtype=dtype)
         elif (base + start) % dtype.itemsize == 0:

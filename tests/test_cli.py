@@ -2,6 +2,7 @@
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -97,7 +98,7 @@ def test_long_prompt_keeps_its_end_with_a_notice(tiny):
         (["--top-p", "1.5"], "top_p"),
         (["--num-beams", "2", "--num-return-sequences", "3"], "num_return_sequences"),
         (["--device", "tpu"], "device"),
-        (["--max-new-tokens", "-3"], "max_new_tokens"),
+        (["--max-new-tokens", "-3"], "max-new-tokens"),  # refused by the parser, before loading
     ],
 )
 def test_invalid_generation_arguments(tiny, flags, needle):
@@ -204,5 +205,6 @@ def test_generate_downloads_end_to_end_from_a_local_server(tmp_path, source):
     assert json.loads(first.stdout) == json.loads(second.stdout)
     assert len(json.loads(first.stdout)["completions"][0]["token_ids"]) == 5
     folder = tmp_path / "w" / source / "124M"
-    assert (folder / "gpt2load.safetensors").is_file()  # converted once, cached
+    assert len(list(Path(os.environ["GPT2LOAD_CACHE_DIR"]).glob("124M-*/gpt2load.safetensors"))) >= 1  # cached
+    assert not (folder / "gpt2load.safetensors").exists()  # never beside the download
     assert not [p for p in os.listdir(folder) if p.endswith(".part")]

@@ -16,7 +16,7 @@ from gpt2load.config import GPTConfig
 from gpt2load.convert import HF, OPENAI, NameMap, to_source_layout
 from gpt2load.errors import Gpt2LoadError
 from gpt2load.export import export
-from gpt2load.load import CACHE_NAME, load_gpt2
+from gpt2load.load import CACHE_NAME, cache_file, inspect_path, load_gpt2
 from gpt2load.model import GPTModel
 from gpt2load.tfcheckpoint import TFCheckpoint
 
@@ -138,7 +138,8 @@ def test_unwritable_cache_falls_back_to_converting_in_memory(tmp_path):
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    assert not (d / CACHE_NAME).exists() and not [p for p in os.listdir(d) if p.endswith(".tmp")]
+    cached = cache_file(inspect_path(d))
+    assert not cached.exists() and not [p for p in os.listdir(cached.parent) if p.endswith(".tmp")]
     expected = load_gpt2(d, device="cpu")(torch.tensor([[1, 2, 3]]))[0, -1].tolist()
     assert json.loads(out.stdout) == pytest.approx(expected)
 
@@ -146,8 +147,8 @@ def test_unwritable_cache_falls_back_to_converting_in_memory(tmp_path):
 def test_first_load_caches_conversion_and_later_loads_use_it(tmp_path):
     d = copy_fixture("openai-tiny", tmp_path)
     first = load_gpt2(d, device="cpu")
-    cache = d / CACHE_NAME
-    assert cache.is_file()
+    cache = cache_file(inspect_path(d))
+    assert cache.is_file() and not (d / CACHE_NAME).exists()  # in gpt2load's cache folder, never beside the source
     stamp = cache.stat().st_mtime_ns
     second = load_gpt2(d, device="cpu")
     assert cache.stat().st_mtime_ns == stamp  # not rewritten
@@ -176,8 +177,9 @@ def test_wrong_hparams_name_the_tensor(tmp_path):
     (d / "hparams.json").write_text(json.dumps({**hp, "n_embd": 48, "n_head": 4}))
     with pytest.raises(Gpt2LoadError, match=r"tensor 'model/h0/.*shape"):
         load_gpt2(d, device="cpu")
-    assert not (d / CACHE_NAME).exists()
-    assert not [f for f in os.listdir(d) if f.endswith(".tmp")]
+    cached = cache_file(inspect_path(d))
+    assert not cached.exists() and not (d / CACHE_NAME).exists()
+    assert not [f for f in os.listdir(cached.parent) if f.endswith(".tmp")]
 
 
 def test_more_layers_than_config_is_named(tmp_path):
@@ -262,7 +264,7 @@ def test_streamed_conversion_equals_in_memory_conversion(tmp_path):
     d = copy_fixture("openai-tiny", tmp_path)
     in_memory = dict(convert_tensors(TFCheckpoint(d), OPENAI, inspect_path(d).cfg, "fixture"))
     load_gpt2(d, device="cpu")  # writes the cache tensor by tensor
-    streamed = mmap_tensors(d / CACHE_NAME)
+    streamed = mmap_tensors(cache_file(inspect_path(d)))
     assert streamed.keys() == in_memory.keys()
     assert all(torch.equal(streamed[k], in_memory[k]) for k in in_memory)
 
