@@ -2,7 +2,7 @@
 
 from .beam import beam_search
 from .config import GPTConfig
-from .download import download
+from .hub import download
 from .errors import Gpt2LoadError
 from .export import export, export_hf, export_pth, save_model
 from .generate import complete, generate, generate_stream

@@ -19,7 +19,7 @@ def info(model: str, source: str = "hf", weights_dir: str | Path | None = None) 
     else:
         name = resolve_size(model)
         cfg = GPTConfig.from_name(name)
-        from .download import model_dir
+        from .hub import model_dir
 
         folder = model_dir(name, source, weights_dir)
         where = str(folder) if folder.is_dir() else f"{folder} (not downloaded)"

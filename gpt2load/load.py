@@ -250,7 +250,7 @@ def model_folder(
     if source not in ("hf", "openai"):
         raise Gpt2LoadError(f"unknown source {source!r}: use hf or openai")
     size = resolve_size(str(model))
-    from .download import download
+    from .hub import download
 
     return download(size, source, weights_dir, quiet=quiet)
 
