@@ -2,10 +2,10 @@
 
 from .beam import beam_search
 from .config import GPTConfig
-from .hub import download
 from .errors import Gpt2LoadError
 from .export import export, export_hf, export_pth, save_model
 from .generate import complete, generate, generate_stream
+from .hub import download
 from .load import load_gpt2, load_tokenizer
 from .model import GPTModel, KVCache
 from .train import train, train_on_files

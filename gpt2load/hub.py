@@ -25,7 +25,6 @@ from pathlib import Path
 from urllib.parse import quote
 
 import requests
-from huggingface_hub import get_token, try_to_load_from_cache
 
 from . import verify as checks
 from .config import PRESETS, resolve_size
@@ -216,7 +215,7 @@ class _Run:
     # --- Hugging Face ---
     def hf_want(self, name: str) -> tuple[Want, str | None]:
         url = f"{self.base}/{HF_REPOS[self.size]}/resolve/{quote(self.revision, safe='')}/{quote(name)}"
-        token = get_token()
+        token = _hf_token()
         want = Want(name, url, "hf", headers={"Authorization": f"Bearer {token}"} if token else {})
         meta = with_retries(want, lambda: hub_head(self.session, want, self.policy), self.policy, self.note)
         if not meta.etag:
@@ -242,8 +241,8 @@ class _Run:
 
     def from_hf_cache(self, name: str, want: Want | None, revision: str) -> bool:
         """Place the file from the shared Hugging Face cache (hard link, else copy) if it is there and verifies."""
-        cached = try_to_load_from_cache(HF_REPOS[self.size], name, cache_dir=_hf_cache_dir(), revision=revision)
-        if not isinstance(cached, str):
+        cached = _hf_cached(HF_REPOS[self.size], name, revision)
+        if cached is None:
             return False
         blob = Path(os.path.realpath(cached))
         if want is None:  # offline: the cache names a blob by its etag
@@ -291,11 +290,40 @@ def _offline() -> bool:
     return value.strip().upper() in {"1", "ON", "YES", "TRUE"}
 
 
-def _hf_cache_dir() -> str:
-    """The Hugging Face cache folder, from the environment as it is now (huggingface_hub fixes it at import)."""
-    if os.environ.get("HF_HUB_CACHE") or os.environ.get("HUGGINGFACE_HUB_CACHE"):
-        return os.path.expanduser(os.environ.get("HF_HUB_CACHE") or os.environ["HUGGINGFACE_HUB_CACHE"])
+# Hugging Face's cache and token are found as huggingface_hub finds them, without importing it: it reads the
+# environment once, at import, and fails to import at all when HF_ENDPOINT is malformed.
+
+
+def _hf_home() -> Path:
     if os.environ.get("HF_HOME"):
-        return os.path.join(os.path.expanduser(os.environ["HF_HOME"]), "hub")
+        return Path(os.environ["HF_HOME"]).expanduser()
     cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(cache, "huggingface", "hub")
+    return Path(cache, "huggingface")
+
+
+def _hf_cache_dir() -> Path:
+    """The Hugging Face cache folder, from the environment as it is now."""
+    explicit = os.environ.get("HF_HUB_CACHE") or os.environ.get("HUGGINGFACE_HUB_CACHE")
+    return Path(explicit).expanduser() if explicit else _hf_home() / "hub"
+
+
+def _hf_cached(repo_id: str, name: str, revision: str) -> str | None:
+    """The path of `name` at `revision` (a branch, tag or commit) in the Hugging Face cache, if it is there."""
+    repo = _hf_cache_dir() / ("models--" + repo_id.replace("/", "--"))
+    try:
+        commit = (repo / "refs" / revision).read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError):
+        commit = revision  # a commit hash names its snapshot directly
+    path = repo / "snapshots" / commit / name
+    return str(path) if "/" not in commit and path.is_file() else None
+
+
+def _hf_token() -> str | None:
+    """HF_TOKEN (or the older HUGGING_FACE_HUB_TOKEN), else the token `hf auth login` saved."""
+    token = os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN")
+    if token is None:
+        try:
+            token = Path(os.environ.get("HF_TOKEN_PATH") or _hf_home() / "token").expanduser().read_text().strip()
+        except OSError:
+            return None
+    return token.strip() or None

@@ -24,8 +24,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import struct
+import os
 import socket
+import ssl
+import struct
 import threading
 import time
 from collections import Counter
@@ -55,7 +57,7 @@ class Fault:
     gate_at: int = 0
     flip_byte: int | None = None  # serve the content with the byte at this offset flipped
     ignore_range: bool = False  # answer Range requests with 200 and the whole file
-    content_length: int | None = None  # declare this Content-Length, whatever the body's length
+    content_length: int | None = None  # declare this Content-Length (-1: none), whatever the body's length
     then: Fault | None = None  # replaces this fault once its fail_first and cuts are used up
 
 
@@ -79,6 +81,12 @@ def fake_safetensors(payload: bytes) -> bytes:
     return struct.pack("<Q", len(raw)) + raw + payload
 
 
+def tiny_as_124m_env() -> dict[str, str]:
+    """Environment for a subprocess that should accept the tiny OpenAI fixture served as "124M"."""
+    here = Path(__file__).resolve().parent
+    return {"PYTHONPATH": os.pathsep.join([str(here / "tiny124m"), str(here.parent)])}
+
+
 HTML = b"<!doctype html><html><head><title>Sign in</title></head><body>Welcome to the network</body></html>\n"
 
 
@@ -92,6 +100,7 @@ class Hub:
     sent: Counter = field(default_factory=Counter)
     requests: list[Request] = field(default_factory=list)
     mode: str | None = None  # None, "html" or "redirect_loop": hostile behaviour for every request
+    tls: tuple[Path, Path] | None = None  # (certificate, key): serve HTTPS with them
 
     def __post_init__(self) -> None:
         self.lock = threading.Lock()
@@ -118,7 +127,7 @@ class Hub:
     @property
     def endpoint(self) -> str:
         """The hub's base URL, for HF_ENDPOINT."""
-        return f"http://127.0.0.1:{self._servers[0].server_address[1]}"
+        return f"{self._scheme}://127.0.0.1:{self._servers[0].server_address[1]}"
 
     @property
     def openai_url(self) -> str:
@@ -126,8 +135,12 @@ class Hub:
         return f"{self.endpoint}/gpt-2/models"
 
     @property
+    def _scheme(self) -> str:
+        return "https" if self.tls else "http"
+
+    @property
     def cdn(self) -> str:
-        return f"http://127.0.0.1:{self._servers[1].server_address[1]}"
+        return f"{self._scheme}://127.0.0.1:{self._servers[1].server_address[1]}"
 
     # --- lifecycle ---------------------------------------------------------------------------------------
     def __enter__(self) -> Hub:
@@ -135,6 +148,10 @@ class Hub:
             server = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
             server.daemon_threads = True  # a stalled handler must not block shutdown
             server.hub = self  # type: ignore[attr-defined]
+            if self.tls:
+                ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+                ctx.load_cert_chain(*self.tls)
+                server.socket = ctx.wrap_socket(server.socket, server_side=True)
             threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
             self._servers.append(server)
         return self
@@ -278,7 +295,11 @@ class _Handler(BaseHTTPRequestHandler):
             end = min(len(data), int(last) + 1) if last else len(data)
             status = 206
             headers["Content-Range"] = f"bytes {start}-{end - 1}/{len(data)}"
-        headers["Content-Length"] = str(end - start if fault.content_length is None else fault.content_length)
+        declared = end - start if fault.content_length is None else fault.content_length
+        if declared >= 0:
+            headers["Content-Length"] = str(declared)
+        else:
+            self.close_connection = True  # no length: the body ends when the connection closes
         self._respond(status, headers)
         if self.command == "HEAD":
             return
