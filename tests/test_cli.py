@@ -6,7 +6,7 @@ import os
 import pytest
 import torch
 from helpers import OPENAI_TINY, TOKENIZER_DIR, add_tokenizer, assert_clean_error, copy_fixture, run_cli
-from hubserver import Hub
+from hubserver import Hub, tiny_as_124m_env
 from oracle import pair
 from transformers import GPT2LMHeadModel
 
@@ -167,6 +167,7 @@ def test_generate_downloads_end_to_end_from_a_local_server(tmp_path, source):
             "HF_ENDPOINT": hub.endpoint,
             "HF_HUB_CACHE": str(tmp_path / "c"),
             "GPT2LOAD_WEIGHTS_DIR": str(tmp_path / "w"),
+            **tiny_as_124m_env(),  # the tiny OpenAI fixture is served as "124M"
         }
         args = ("generate", "--model", "124M", "--source", source, "--prompt", "A(Z", "--max-new-tokens", "5", "--json")
         first = run_cli(*args, env=env)
