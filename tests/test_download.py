@@ -18,6 +18,7 @@ from gpt2load import http, sources
 from gpt2load.config import PRESETS, hf_config_dict, read_hparams
 from gpt2load.errors import Gpt2LoadError
 from gpt2load.hub import default_weights_dir, download
+from gpt2load.manifest import folder_lock
 from gpt2load.sources import OPENAI_DATA
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -364,3 +365,28 @@ def test_two_concurrent_downloads_into_one_folder(hub, tmp_path):
     assert first.returncode == second.returncode == 0, errs
     assert_complete(tmp_path / "w" / "hf" / "124M", HF)
     assert hub.sent[ST] == len(HF["model.safetensors"])  # the second run found it complete
+
+
+def test_folder_lock_is_removed_yet_excludes_a_waiter_holding_the_old_file(tmp_path):
+    """The holder removes the lock file on exit. A run that waited on the removed file must then lock the path
+    afresh: else it would hold the lock of a file no one else sees while a newcomer locks the new file."""
+    inside, most, entered = [], [], [threading.Event() for _ in range(3)]
+
+    def run(i: int) -> None:
+        with folder_lock(tmp_path, lambda: None):
+            inside.append(i)
+            most.append(len(inside))
+            entered[i].set()
+            time.sleep(0.3)
+            inside.remove(i)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(3)]
+    threads[0].start()
+    assert entered[0].wait(10)
+    threads[1].start()  # waits on the file run 0 will remove
+    assert entered[1].wait(10)
+    threads[2].start()  # arrives after the removal: creates a new lock file
+    for t in threads:
+        t.join(30)
+    assert most == [1, 1, 1]
+    assert not (tmp_path / ".gpt2load.lock").exists()
