@@ -71,7 +71,7 @@ def hub(monkeypatch):
     with Hub() as h:
         h.add_openai("124M", OPENAI)
         h.add_hf(REPO, HF)
-        # set in-process after huggingface_hub was imported: download() must read them at call time
+        # set in-process after gpt2load was imported: download() must read them at call time
         monkeypatch.setenv("HF_ENDPOINT", h.endpoint)
         monkeypatch.setenv("GPT2LOAD_OPENAI_URL", h.openai_url)
         yield h
@@ -177,7 +177,7 @@ def test_server_ignoring_range_restarts_cleanly(hub):
 def test_resume_after_kill_9(hub, tmp_path):
     hub.faults[ST] = Fault(trickle=0.02, chunk=32 * 1024)  # ~1.6 MB/s
     code = "from gpt2load.hub import download; download('124M', 'hf', 'w', quiet=True)"
-    # HF_ENDPOINT arrives through the environment here, before huggingface_hub is imported
+    # HF_ENDPOINT arrives through the environment here, before gpt2load is imported
     proc = subprocess.Popen([sys.executable, "-c", code], env=subprocess_env(), cwd=tmp_path)
     part = tmp_path / "w" / "hf" / "124M" / "model.safetensors.part"
     deadline = time.monotonic() + 60

@@ -181,6 +181,8 @@ def test_hostile_download_fails_cleanly(name, tmp_path):
         )
         n_requests = len(hub.requests)
     assert_clean_error(proc, *case.needles)
+    if not case.retries:
+        assert len(proc.stderr.splitlines()) == 1, proc.stderr  # the error line and nothing else
     assert len([ln for ln in proc.stderr.splitlines() if "; retry " in ln]) == case.retries, proc.stderr
     assert n_requests <= case.max_requests
     folder = tmp_path / "w" / case.source / "124M"
