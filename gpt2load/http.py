@@ -140,10 +140,12 @@ def with_retries(want: Want, attempt: Callable[[], T], policy: Policy, note: Cal
             limit = DNS_RETRIES if e.dns else policy.max_retries
             if failures > limit or attempts >= MAX_ATTEMPTS:
                 retries = f"{limit} retries" if failures > limit else f"{attempts} attempts"
-                raise Gpt2LoadError(
-                    f"{want.name}: giving up on {want.where} after {retries} ({e}): check the connection "
-                    "and the URL, then run the download again; it resumes where it stopped"
-                ) from None
+                advice = (
+                    "offline? check the host name, or set HF_HUB_OFFLINE=1 to use files already on disk"
+                    if e.dns
+                    else "check the connection and the URL, then run the download again; it resumes where it stopped"
+                )
+                raise Gpt2LoadError(f"{want.name}: giving up on {want.where} after {retries} ({e}): {advice}") from None
             wait = min(policy.retry_max, max(policy.retry_base * 2 ** (failures - 1), e.retry_after or 0.0))
             note(f"{want.name}: {e}; retry {failures} of {limit} in {wait:.3g} s")
             time.sleep(wait)
@@ -191,7 +193,7 @@ def request_failure(e: requests.RequestException | urllib3.exceptions.HTTPError,
         return Gpt2LoadError(f"{want.name}: {want.where} redirects in a loop: check GPT2LOAD_OPENAI_URL / HF_ENDPOINT")
     if isinstance(e, requests.ConnectionError) and _caused_by_dns(e):
         host = urlsplit(want.url).hostname
-        return Transient(f"cannot resolve host {host} (offline? set HF_HUB_OFFLINE=1 to use files on disk)", dns=True)
+        return Transient(f"cannot resolve host {host}", dns=True)
     transient = (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError)
     if isinstance(e, (*transient, urllib3.exceptions.HTTPError)):
         return Transient(_short(e), progressed=progressed)

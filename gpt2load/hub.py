@@ -39,7 +39,6 @@ from .sources import (
     MAX_WEIGHTS_BYTES,
     OPENAI_DATA,
     OPENAI_DATA_SIZES,
-    OPENAI_INDEX,
     OPENAI_SHA256,
     OPENAI_URL,
     OPENAI_URL_VAR,
@@ -190,27 +189,22 @@ class _Run:
     def openai_want(self, name: str) -> Want:
         want = Want(name, f"{self.base}/{self.size}/{name}", "openai", sha256=OPENAI_SHA256.get(name))
         want.max_bytes = MAX_BYTES.get(name)
-        want.check = self._openai_checks().get(name)
+        want.check = self._content_check(checks.OPENAI_CHECKS.get(name))
         if name == OPENAI_DATA:
             cfg = checks.check_hparams(self.folder / "hparams.json", self.size)  # verified before
             want.size = OPENAI_DATA_SIZES[self.size] if cfg == PRESETS[self.size] else 4 * cfg.n_params
         return want
 
-    def _openai_checks(self) -> dict[str, Callable[[Path], None]]:
-        """The content check of each OpenAI file without a pinned hash (files earlier in the order are verified)."""
-        folder, size = self.folder, self.size
+    def _content_check(self, check: checks.Check | None) -> Callable[[Path], None] | None:
+        """`check` bound to this folder and size (named as it is, for the manifest's "verified_by")."""
+        if check is None:
+            return None
 
-        def index(p: Path) -> None:
-            cfg = checks.check_hparams(folder / "hparams.json", size)
-            checks.check_index(p, cfg, 4 * cfg.n_params)
+        def bound(path: Path) -> None:
+            check(path, self.folder, self.size)
 
-        return {
-            "checkpoint": checks.check_checkpoint_file,
-            "hparams.json": lambda p: checks.check_hparams(p, size),
-            OPENAI_INDEX: index,
-            "model.ckpt.meta": checks.check_meta,
-            OPENAI_DATA: lambda p: checks.check_tf_data(p, folder / OPENAI_INDEX),
-        }
+        bound.__name__ = check.__name__
+        return bound
 
     # --- Hugging Face ---
     def hf_want(self, name: str) -> tuple[Want, str | None]:
@@ -235,7 +229,7 @@ class _Run:
             headers=headers,
             sha256=meta.etag if len(meta.etag) == 64 else None,
             git_sha1=meta.etag if len(meta.etag) == 40 else None,
-            check=_HF_CHECKS.get(name),
+            check=self._content_check(checks.HF_CHECKS.get(name)),
         )
         return verified, meta.commit
 
@@ -254,7 +248,7 @@ class _Run:
                 sha256=etag if len(etag) == 64 else None,
                 git_sha1=etag if len(etag) == 40 else None,
                 etag=etag or None,
-                check=_HF_CHECKS.get(name),
+                check=self._content_check(checks.HF_CHECKS.get(name)),
             )
         part = self.folder / (name + ".part")
         discard(part)
@@ -268,13 +262,6 @@ class _Run:
         os.replace(part, self.folder / name)
         self.manifest.add(name, sha256, want.etag, _how(want))
         return True
-
-
-_HF_CHECKS: dict[str, Callable[[Path], None]] = {
-    "config.json": checks.check_hf_config,
-    "vocab.json": checks.check_json_object,
-    "model.safetensors": checks.check_safetensors_header,
-}
 
 
 def _how(want: Want) -> str:

@@ -6,6 +6,9 @@ describe the size asked for, `model.ckpt.index` must parse as a tensor bundle wh
 of that architecture, `model.ckpt.meta` must parse as a MetaGraphDef (protobuf wire format), the data file
 must match every tensor's CRC32C; a Hugging Face `config.json` must parse as a GPT-2 config and
 `model.safetensors` must have a well-formed header. Each raises Gpt2LoadError saying what is wrong.
+
+Every check takes (file, its download folder, the size asked for): `OPENAI_CHECKS` and `HF_CHECKS` map file
+names to them. Checks that read an earlier file (the index reads hparams.json) rely on the download order.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import json
 import os
 import struct
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 from .config import GPTConfig, read_hf_config, read_hparams
@@ -29,7 +33,7 @@ _FLOAT32 = 1  # TensorFlow DataType enum
 _META_FIELDS = range(1, 8)
 
 
-def check_checkpoint_file(path: Path) -> None:
+def checkpoint_names_model_ckpt(path: Path, folder: Path, size: str) -> None:
     """OpenAI's `checkpoint`: text lines `key: "value"` naming model.ckpt."""
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
@@ -50,6 +54,10 @@ def expected_hparams(size: str) -> GPTConfig:
     return OPENAI_HPARAMS[size]
 
 
+def hparams_describe_the_size(path: Path, folder: Path, size: str) -> None:
+    check_hparams(path, size)
+
+
 def check_hparams(path: Path, size: str) -> GPTConfig:
     """`hparams.json` parses and describes exactly the architecture of `size`."""
     cfg = read_hparams(path)
@@ -68,6 +76,11 @@ def _source_shape(layout: str, parts: list[tuple[int, ...]]) -> tuple[int, ...]:
     if layout in (CONV1D, CONV1D_3D):
         shape = shape[::-1]
     return (1, *shape) if layout == CONV1D_3D else shape
+
+
+def index_matches_hparams(path: Path, folder: Path, size: str) -> None:
+    cfg = check_hparams(folder / "hparams.json", size)
+    check_index(path, cfg, 4 * cfg.n_params)
 
 
 def check_index(path: Path, cfg: GPTConfig, data_size: int) -> None:
@@ -96,7 +109,7 @@ def _numel(shape: tuple[int, ...]) -> int:
     return n
 
 
-def check_meta(path: Path) -> None:
+def meta_parses(path: Path, folder: Path, size: str) -> None:
     """`model.ckpt.meta` parses as a MetaGraphDef whose graph's nodes all have names (protobuf wire format)."""
     try:
         top = list(_fields(path.read_bytes()))
@@ -116,8 +129,9 @@ def check_meta(path: Path) -> None:
         raise Gpt2LoadError(f"not a TensorFlow MetaGraphDef ({e})") from None
 
 
-def check_tf_data(data: Path, index: Path) -> None:
+def data_matches_crc32c(data: Path, folder: Path, size: str) -> None:
     """Every tensor's CRC32C, via the (complete, verified) index, before the data file gets its final name."""
+    index = folder / OPENAI_INDEX
     # verify_checkpoint wants `prefix.index` next to `prefix.data-...`: stage links under those names.
     with tempfile.TemporaryDirectory(prefix=".verify-", dir=data.parent) as tmp:
         link_or_copy(index, Path(tmp) / OPENAI_INDEX)
@@ -128,11 +142,11 @@ def check_tf_data(data: Path, index: Path) -> None:
             raise Gpt2LoadError(str(e).replace(tmp + os.sep, "").rsplit(": ", 1)[0]) from None
 
 
-def check_hf_config(path: Path) -> None:
+def config_is_gpt2(path: Path, folder: Path, size: str) -> None:
     read_hf_config(path)
 
 
-def check_json_object(path: Path) -> None:
+def vocab_is_json_object(path: Path, folder: Path, size: str) -> None:
     try:
         value = json.loads(path.read_bytes())
     except (ValueError, UnicodeDecodeError) as e:
@@ -141,7 +155,7 @@ def check_json_object(path: Path) -> None:
         raise Gpt2LoadError("not a JSON object")
 
 
-def check_safetensors_header(path: Path) -> None:
+def safetensors_header_parses(path: Path, folder: Path, size: str) -> None:
     """An 8-byte little-endian length, then that many bytes of JSON object, within the file."""
     with open(path, "rb") as f:
         head = f.read(8)
@@ -154,3 +168,18 @@ def check_safetensors_header(path: Path) -> None:
             header = None
     if not isinstance(header, dict):
         raise Gpt2LoadError("not a safetensors file (its header is not a JSON object)")
+
+
+Check = Callable[[Path, Path, str], None]
+OPENAI_CHECKS: dict[str, Check] = {
+    "checkpoint": checkpoint_names_model_ckpt,
+    "hparams.json": hparams_describe_the_size,
+    OPENAI_INDEX: index_matches_hparams,
+    "model.ckpt.meta": meta_parses,
+    OPENAI_DATA: data_matches_crc32c,
+}
+HF_CHECKS: dict[str, Check] = {
+    "config.json": config_is_gpt2,
+    "vocab.json": vocab_is_json_object,
+    "model.safetensors": safetensors_header_parses,
+}
