@@ -390,3 +390,12 @@ def test_folder_lock_is_removed_yet_excludes_a_waiter_holding_the_old_file(tmp_p
         t.join(30)
     assert most == [1, 1, 1]
     assert not (tmp_path / ".gpt2load.lock").exists()
+
+
+def test_download_is_a_function_not_a_module():
+    import gpt2load
+    from gpt2load import hub
+
+    assert gpt2load.download is hub.download and callable(gpt2load.download)
+    package = Path(gpt2load.__file__).parent
+    assert not (package / "download.py").exists() and not (package / "download").exists()  # nothing shadowed
