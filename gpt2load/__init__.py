@@ -2,11 +2,11 @@
 
 from .beam import beam_search
 from .config import GPTConfig
-from .download import download
 from .errors import Gpt2LoadError
 from .evaluation import evaluate
 from .export import export, export_hf, export_pth, save_model
 from .generate import complete, generate, generate_stream
+from .hub import download
 from .load import load_gpt2, load_tokenizer
 from .model import GPTModel, KVCache
 from .pretrain import train_on_files

@@ -161,7 +161,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_download(args: argparse.Namespace) -> int:
-    from .download import download
+    from .hub import download
 
     path = download(args.model, args.source, args.weights_dir, revision=args.revision, quiet=args.quiet)
     print(path)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .config import GPTConfig
-from .download import model_dir
+from .hub import model_dir
 from .load import inspect_path, locate
 from .tokenizer import find_tokenizer_files, id_marker, tokenizer_from_folder
 

@@ -343,7 +343,7 @@ def model_folder(
         return path
     if source not in ("hf", "openai"):
         raise Gpt2LoadError(f"unknown source {source!r}: use hf or openai")
-    from .download import download
+    from .hub import download
 
     return download(size, source, weights_dir, quiet=quiet)
 

@@ -15,17 +15,13 @@ from pathlib import Path
 import tiktoken
 
 from .errors import Gpt2LoadError
+from .sources import OPENAI_SHA256 as KNOWN_SHA256  # pinned hashes of OpenAI's released files
 
 EOT = "<|endoftext|>"
 EOT_ID = 50256
 # GPT-2's pre-tokenizer regex (the same split as OpenAI's original, in possessive form).
 PAT_STR = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
 
-# Pinned hashes of OpenAI's released files (identical for all four sizes).
-KNOWN_SHA256 = {
-    "encoder.json": "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783",
-    "vocab.bpe": "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5",
-}
 # (vocabulary file, merges file), in the order they are looked for.
 FILE_PAIRS = (("encoder.json", "vocab.bpe"), ("vocab.json", "merges.txt"))
 

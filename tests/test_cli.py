@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import OPENAI_TINY, TOKENIZER_DIR, add_tokenizer, assert_clean_error, copy_fixture, run_cli
-from hubserver import Hub
+from hubserver import Hub, tiny_as_124m_env
 from oracle import pair
 from transformers import GPT2LMHeadModel
 
@@ -181,6 +181,7 @@ def test_generate_downloads_end_to_end_from_a_local_server(tmp_path, source):
             "HF_ENDPOINT": hub.endpoint,
             "HF_HUB_CACHE": str(tmp_path / "c"),
             "GPT2LOAD_WEIGHTS_DIR": str(tmp_path / "w"),
+            **tiny_as_124m_env(),  # the tiny OpenAI fixture is served as "124M"
         }
         args = (
             "generate",
