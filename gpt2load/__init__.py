@@ -2,19 +2,25 @@
 
 from .beam import beam_search
 from .config import GPTConfig
+from .decoding import BookModelWarning, PromptTruncatedWarning, left_pad
 from .download import download
 from .errors import Gpt2LoadError
 from .export import export, export_hf, export_pth, save_model
-from .generate import complete, generate, generate_stream
+from .generation import generate, generate_stream
 from .load import load_gpt2, load_tokenizer
 from .model import GPTModel, KVCache
+from .sampling import GenerationConfig
+from .text import complete
 from .train import train, train_on_files
 
 __all__ = [
+    "BookModelWarning",
     "GPTConfig",
     "GPTModel",
+    "GenerationConfig",
     "Gpt2LoadError",
     "KVCache",
+    "PromptTruncatedWarning",
     "beam_search",
     "complete",
     "download",
@@ -23,6 +29,7 @@ __all__ = [
     "export_pth",
     "generate",
     "generate_stream",
+    "left_pad",
     "load_gpt2",
     "load_tokenizer",
     "save_model",

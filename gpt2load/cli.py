@@ -33,8 +33,9 @@ def _model_args(p: argparse.ArgumentParser, positional: bool = False) -> None:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from .generate import PromptTruncatedWarning, complete
+    from .decoding import PromptTruncatedWarning
     from .load import load_gpt2, load_tokenizer
+    from .text import complete
 
     quiet = args.json or args.quiet
     model = load_gpt2(args.model, args.source, args.weights_dir, args.device, args.dtype, quiet=quiet)

@@ -237,7 +237,7 @@ def _eval_batches(loader, n: int):
 @torch.no_grad()
 def sample_text(model: GPTModel, enc, prompt: str, max_new_tokens: int = 40) -> str:
     """Greedy continuation of `prompt` (stops at <|endoftext|>), for a glance at what the model learned."""
-    from .generate import generate
+    from .generation import generate
     from .tokenizer import EOT_ID, encode
 
     ids = encode(enc, prompt) or [EOT_ID]
