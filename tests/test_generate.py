@@ -9,10 +9,10 @@ from helpers import TOKENIZER_DIR
 from oracle import TINY, pair
 from transformers.generation.logits_process import TopPLogitsWarper
 
-from gpt2load.config import GPTConfig
-from gpt2load.errors import Gpt2LoadError
 from gpt2load import PromptTruncatedWarning, complete, generate, generate_stream, left_pad
+from gpt2load.config import GPTConfig
 from gpt2load.decoding import CachedDecoder
+from gpt2load.errors import Gpt2LoadError
 from gpt2load.sampling import apply_repetition_penalty, apply_temperature, sample, top_k_filter, top_p_filter
 from gpt2load.text import stream_text
 from gpt2load.tokenizer import EOT_ID, tokenizer_from_folder
