@@ -103,7 +103,11 @@ def model_from_tensors(
     model = empty_model(cfg)
     state = {name: t.to(device=dev, dtype=dt) for name, t in tensors}
     state.setdefault("out_head.weight", state["tok_emb.weight"])
-    model.load_state_dict(state, strict=False, assign=True)
+    unexpected = model.load_state_dict(state, strict=False, assign=True).unexpected_keys
+    if unexpected:  # e.g. q/k/v biases for a config without them: never dropped in silence
+        from .errors import Gpt2LoadError
+
+        raise Gpt2LoadError(f"tensors {unexpected[:3]} have no place in a GPTModel of this config")
     if tied is False:
         model.untie_head()
     missing = [n for n, p in model.named_parameters() if p.is_meta]

@@ -8,6 +8,8 @@ A state_dict of this model loads into the book's chapter-4 GPTModel (export_pth 
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -214,6 +216,22 @@ class GPTModel(nn.Module):
         if self.head_tied:
             w = self.tok_emb.weight
             self.out_head.weight = nn.Parameter(w.detach().clone(), requires_grad=w.requires_grad)
+
+    def head_meta(self) -> dict:
+        """What gpt2load's files record about the head: tied or not, its [out, in] shape, whether it has a bias."""
+        head = self.out_head
+        w, b = getattr(head, "weight", None), getattr(head, "bias", None)
+        if not isinstance(w, torch.Tensor) or w.dim() != 2:
+            raise Gpt2LoadError(
+                f"out_head is a {type(head).__name__} without a [out, in] weight: gpt2load's files hold a linear "
+                "head (merge adapters into it first)"
+            )
+        return {"tied": self.head_tied, "shape": list(w.shape), "bias": isinstance(b, torch.Tensor)}
+
+    def real_config(self) -> GPTConfig:
+        """The config with the drop rate the model's dropout modules really use (what exports record)."""
+        p = self.drop_emb.p if isinstance(self.drop_emb, nn.Dropout) else self.cfg.drop_rate
+        return replace(self.cfg, drop_rate=p)
 
     def is_derived(self, name: str) -> bool:
         """True for a state_dict entry no file needs to store: the head's weight while it is tied."""
