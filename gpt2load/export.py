@@ -7,6 +7,7 @@ import os
 import shutil
 import tempfile
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -21,6 +22,7 @@ from .stfile import current_umask
 from .tokenizer import find_tokenizer_files
 
 FORMATS = ("safetensors", "hf", "pth")
+QKV = ("query", "key", "value")
 
 
 def _params(model: GPTModel) -> dict[str, torch.Tensor]:
@@ -89,6 +91,10 @@ def export_hf(model: GPTModel, out: str | Path, tokenizer_dir: str | Path | None
         )
     params = _params(model)
     lm_head = params.pop("out_head.weight", None)
+    if not cfg.qkv_bias:  # GPT-2's c_attn always has a bias: zeros compute the same
+        zero = torch.zeros(cfg.emb_dim)
+        params.update({f"trf_blocks.{i}.att.W_{n}.bias": zero for i in range(cfg.n_layers) for n in QKV})
+        cfg = replace(cfg, qkv_bias=True)
     names = {HF_PREFIX + k: v for k, v in to_source_layout(params, HF, cfg).items()}
     if lm_head is not None:
         names["lm_head.weight"] = lm_head

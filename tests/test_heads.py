@@ -105,6 +105,9 @@ def test_the_books_chapter5_model_loads_with_config_read_off_the_tensors(tmp_pat
     opt = torch.optim.AdamW(book.parameters(), lr=1e-4)
     torch.save({"model_state_dict": state, "optimizer_state_dict": opt.state_dict()}, tmp_path / "ck.pth")
     close(logits(load_gpt2(tmp_path / "ck.pth", device="cpu")), want)
+    # transformers' GPT-2 has q/k/v biases: zeros stand in for the ones the book's config leaves out.
+    export(model, "hf", tmp_path / "hf")
+    close(GPT2LMHeadModel.from_pretrained(tmp_path / "hf").eval()(X).logits.detach(), want)
     # The book's own config dict and load_state_dict, strict: the same model.
     ours = GPTModel(BOOK_TINY)
     ours.load_state_dict(state, strict=True)
