@@ -2,21 +2,27 @@
 
 from .beam import beam_search
 from .config import GPTConfig
+from .decoding import BookModelWarning, PromptTruncatedWarning, left_pad
 from .errors import Gpt2LoadError
 from .evaluation import evaluate
 from .export import export, export_hf, export_pth, save_model
-from .generate import complete, generate, generate_stream
+from .generation import generate, generate_stream
 from .hub import download
 from .load import load_gpt2, load_tokenizer
 from .model import GPTModel, KVCache
 from .pretrain import train_on_files
+from .sampling import GenerationConfig
+from .text import complete
 from .training import TrainConfig, train
 
 __all__ = [
+    "BookModelWarning",
     "GPTConfig",
     "GPTModel",
+    "GenerationConfig",
     "Gpt2LoadError",
     "KVCache",
+    "PromptTruncatedWarning",
     "TrainConfig",
     "beam_search",
     "complete",
@@ -27,6 +33,7 @@ __all__ = [
     "export_pth",
     "generate",
     "generate_stream",
+    "left_pad",
     "load_gpt2",
     "load_tokenizer",
     "save_model",

@@ -96,18 +96,26 @@ def model_from_tensors(
     tensors: Iterable[tuple[str, torch.Tensor]],
     device: str | torch.device | None = None,
     dtype: str | torch.dtype | None = None,
+    tied: bool | None = None,
 ) -> GPTModel:
-    """A GPTModel in eval mode holding `tensors` (GPTModel names, tied head and masks not needed).
+    """A GPTModel in eval mode holding `tensors` (GPTModel names), without random initialisation.
 
-    Each tensor is moved and cast one at a time, so peak memory stays near one copy of the weights.
+    The head follows the tensors: no `out_head.weight` (or one equal to `tok_emb.weight`) gives a head tied
+    to the embedding; a different one, an untied head; another shape or an `out_head.bias`, a classifier head
+    of that shape. `tied=False` keeps a head untied even when its values equal the embedding's (a file that
+    recorded it so). Each tensor is moved and cast one at a time, so peak memory stays near one copy.
     """
     dev, dt = pick_device(device), pick_dtype(dtype)
     model = empty_model(cfg)
     state = {name: t.to(device=dev, dtype=dt) for name, t in tensors}
-    state["out_head.weight"] = state["tok_emb.weight"]
-    model.load_state_dict(state, strict=False, assign=True)
-    model.tie_weights()
-    model.reset_masks()
+    state.setdefault("out_head.weight", state["tok_emb.weight"])
+    unexpected = model.load_state_dict(state, strict=False, assign=True).unexpected_keys
+    if unexpected:  # e.g. q/k/v biases for a config without them: never dropped in silence
+        from .errors import Gpt2LoadError
+
+        raise Gpt2LoadError(f"tensors {unexpected[:3]} have no place in a GPTModel of this config")
+    if tied is False:
+        model.untie_head()
     missing = [n for n, p in model.named_parameters() if p.is_meta]
     if missing:  # convert_tensors checks coverage already; this guards other callers
         raise Gpt2LoadError(f"weights for {missing[:3]} are missing")

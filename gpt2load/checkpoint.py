@@ -131,7 +131,7 @@ def restore(
 ) -> None:
     """Put a checkpoint's weights, optimizer and schedule state back (in place: a tied head stays tied)."""
     missing, unexpected = model.load_state_dict(ck["model"], strict=False)
-    missing = [k for k in missing if not is_derived(k)]
+    missing = [k for k in missing if not is_derived(k, model)]
     if missing or unexpected:
         raise Gpt2LoadError(f"{path} does not fit this model (it differs in {(missing + unexpected)[:3]})")
     try:

@@ -84,8 +84,9 @@ def _cache(args: argparse.Namespace) -> bool | None:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from .generate import PromptTruncatedWarning, complete
+    from .decoding import PromptTruncatedWarning
     from .load import load_gpt2, load_tokenizer
+    from .text import complete
 
     quiet = args.json or args.quiet
     model = load_gpt2(

@@ -14,7 +14,7 @@ from torch import nn
 from .build import pick_dtype
 from .distributed import all_sum
 from .errors import Gpt2LoadError
-from .generate import generate
+from .generation import generate
 from .model import GPTModel
 from .tokenizer import EOT_ID, encode
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -15,10 +16,11 @@ from .convert import HF, HF_PREFIX, to_source_layout
 from .errors import Gpt2LoadError
 from .fsutil import atomic_dir, atomic_output_file, check_output, mark_file
 from .load import OWN_FORMAT, write_own
-from .model import GPTModel, stored_state
+from .model import GPTModel, causal_mask, stored_state
 from .tokenizer import find_tokenizer_files
 
 FORMATS = ("safetensors", "hf", "pth")
+QKV = ("query", "key", "value")
 
 
 def is_folder_output(to: str, out: str | Path) -> bool:
@@ -47,20 +49,22 @@ def save_model(
     protect: Sequence[Path] = (),
 ) -> Path:
     """Save in gpt2load's own form: a `.safetensors` file, or a folder with model.safetensors + config.json
-    (+ the tokenizer files when `tokenizer_dir` has them), loadable with `load_gpt2(path)`.
+    (+ the tokenizer files when `tokenizer_dir` has them), loadable with `load_gpt2(path)`. The head is kept
+    as the model has it (tied, untied, or a classifier of any shape, with or without bias) and recorded.
 
     `path` must be new (or an empty folder); `force` replaces an earlier gpt2load safetensors output there,
     and nothing else. `protect`: paths (the source) that `path` may not be or contain."""
     path = Path(path)
+    cfg, head = model.real_config(), model.head_meta()
     if path.suffix == ".safetensors":
         check_output(path, "safetensors", folder=False, force=force, protect=protect)
-        write_own(path, model.cfg, _params(model).items())
+        write_own(path, cfg, _params(model).items(), head=head)
         mark_file(path, "safetensors")
         return path
     with atomic_dir(path, "safetensors", force=force, protect=protect) as tmp:
-        write_own(tmp / "model.safetensors", model.cfg, _params(model).items())
+        write_own(tmp / "model.safetensors", cfg, _params(model).items(), head=head)
         (tmp / "config.json").write_text(
-            json.dumps({"model_type": OWN_FORMAT, "config": model.cfg.to_dict()}, indent=2) + "\n"
+            json.dumps({"model_type": OWN_FORMAT, "config": cfg.to_dict()}, indent=2) + "\n"
         )
         _copy_tokenizer(Path(tokenizer_dir) if tokenizer_dir else None, tmp, ("encoder.json", "vocab.bpe"))
     return path
@@ -74,25 +78,45 @@ def export_hf(
     force: bool = False,
     protect: Sequence[Path] = (),
 ) -> Path:
-    """A folder that transformers.GPT2LMHeadModel.from_pretrained loads (tied head, Conv1D layout).
-    `out`, `force`, `protect`: as for `save_model`."""
+    """A folder that transformers.GPT2LMHeadModel.from_pretrained loads (Conv1D layout; an untied head as
+    `lm_head.weight` with tie_word_embeddings false). A head GPT2LMHeadModel cannot hold (another shape, a
+    bias) is refused: use gpt2load's own form or pth. `out`, `force`, `protect`: as for `save_model`."""
     out = Path(out)
-    state = to_source_layout(_params(model), HF, model.cfg)
-    specs = {HF_PREFIX + k: (tuple(v.shape), torch.float32) for k, v in state.items()}
-    with atomic_dir(out, "hf", force=force, protect=protect) as tmp:
-        stfile.write_streaming(
-            tmp / "model.safetensors", specs, ((HF_PREFIX + k, v) for k, v in state.items()), {"format": "pt"}
+    head, cfg = model.head_meta(), model.real_config()
+    if head["bias"] or head["shape"] != [cfg.vocab_size, cfg.emb_dim]:
+        raise Gpt2LoadError(
+            f"the model's head is {head['shape']}{' with a bias' if head['bias'] else ''}, which transformers' "
+            f"GPT2LMHeadModel cannot hold (it needs [{cfg.vocab_size}, {cfg.emb_dim}] without bias): export with "
+            "--to safetensors or --to pth instead"
         )
-        (tmp / "config.json").write_text(json.dumps(hf_config_dict(model.cfg), indent=2) + "\n")
+    params = _params(model)
+    lm_head = params.pop("out_head.weight", None)
+    if not cfg.qkv_bias:  # GPT-2's c_attn always has a bias: zeros compute the same
+        zero = torch.zeros(cfg.emb_dim)
+        params.update({f"trf_blocks.{i}.att.W_{n}.bias": zero for i in range(cfg.n_layers) for n in QKV})
+        cfg = replace(cfg, qkv_bias=True)
+    names = {HF_PREFIX + k: v for k, v in to_source_layout(params, HF, cfg).items()}
+    if lm_head is not None:
+        names["lm_head.weight"] = lm_head
+    specs = {k: (tuple(v.shape), torch.float32) for k, v in names.items()}
+    config = {**hf_config_dict(cfg), "tie_word_embeddings": lm_head is None}
+    with atomic_dir(out, "hf", force=force, protect=protect) as tmp:
+        stfile.write_streaming(tmp / "model.safetensors", specs, iter(names.items()), {"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         _copy_tokenizer(Path(tokenizer_dir) if tokenizer_dir else None, tmp, ("vocab.json", "merges.txt"))
     return out
 
 
 def export_pth(model: GPTModel, out: str | Path, *, force: bool = False, protect: Sequence[Path] = ()) -> Path:
-    """The book's state_dict (mask buffers and out_head.weight included), for load_state_dict(strict=True).
-    `out`, `force`, `protect`: as for `save_model`."""
+    """The book's state_dict, for its GPTModel's load_state_dict(strict=True): out_head as the model has it
+    (the tied head written as a copy of tok_emb, as the book keeps it) and the book's `mask` buffers (one
+    shared tensor in the file, which gpt2load itself never builds). `out`, `force`, `protect`: as for
+    `save_model`."""
     out = Path(out)
     state = {k: v.detach().to("cpu", torch.float32).clone() for k, v in model.state_dict().items()}
+    mask = causal_mask(model.cfg.context_length)
+    for i in range(len(model.trf_blocks)):
+        state[f"trf_blocks.{i}.att.mask"] = mask
     with atomic_output_file(out, "pth", force=force, protect=protect) as tmp:
         torch.save(state, tmp)
     return out

@@ -165,10 +165,12 @@ _TORCH_DTYPES = {v: k for k, v in _ST_DTYPES.items()}
 
 
 def mmap_tensors(path: str | Path) -> dict[str, torch.Tensor]:
-    """Every tensor of a safetensors file as a zero-copy view of a private (copy-on-write) memory map.
+    """Every tensor of a safetensors file, zero-copy, in a private (copy-on-write) memory map.
 
     Nothing is read until a tensor is used, pages are shared with the OS file cache, and writing to a tensor
-    (training) copies just the touched pages: loading costs no second copy of the weights.
+    (training) copies just the touched pages: loading costs no second copy of the weights. Each tensor has its
+    own storage over its own bytes of the map, so saving some of them (`torch.save(part.state_dict())`)
+    writes only their bytes, while neighbours in the file stay neighbours in memory.
     """
     path = Path(path)
     header, _ = read_header(path)
@@ -176,7 +178,6 @@ def mmap_tensors(path: str | Path) -> dict[str, torch.Tensor]:
         (n,) = struct.unpack("<Q", f.read(8))
         mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
     base = 8 + n
-    whole = torch.frombuffer(mm, dtype=torch.uint8)  # one storage for every tensor: neighbours stay neighbours
     out = {}
     for name, e in header.items():
         dtype = _TORCH_DTYPES.get(e["dtype"])
@@ -186,9 +187,7 @@ def mmap_tensors(path: str | Path) -> dict[str, torch.Tensor]:
         count = (end - start) // dtype.itemsize
         if not count:
             t = torch.empty(0, dtype=dtype)
-        elif (base + start) % dtype.itemsize == 0:
-            t = whole[base + start : base + end].view(dtype)
-        else:  # misaligned for its dtype (not written by gpt2load or the safetensors library): its own view
+        else:
             t = torch.frombuffer(mm, dtype=dtype, count=count, offset=base + start)
         out[name] = t.view(e["shape"])
     return out

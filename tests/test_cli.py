@@ -142,8 +142,8 @@ def test_convert_all_formats_and_failure_keeps_old_output(tiny, tmp_path):
         assert proc.returncode == 0, proc.stderr
     hf = GPT2LMHeadModel.from_pretrained(tmp_path / "hf").eval()
     with torch.no_grad():
-        torch.testing.assert_close(hf(x).logits, ref(x), rtol=0, atol=0)
-        assert torch.equal(load_gpt2(tmp_path / "m.safetensors", device="cpu")(x), ref(x))
+        torch.testing.assert_close(hf(x).logits, ref(x), rtol=1e-5, atol=1e-5)  # two implementations: never atol=0
+        torch.testing.assert_close(load_gpt2(tmp_path / "m.safetensors", device="cpu")(x), ref(x), rtol=0, atol=0)
     assert (tmp_path / "hf" / "vocab.json").is_file()
     # A conversion that fails leaves an existing output as it was.
     before = (tmp_path / "m.pth").read_bytes()

@@ -281,15 +281,21 @@ def test_mmap_loaded_weights_are_writable_without_touching_the_file(tmp_path):
 
 
 def test_loaded_qkv_weights_lie_back_to_back_so_decoding_fuses_them_without_a_copy(tmp_path):
-    from gpt2load.generate import fuse_qkv
-
     _, model = pair()
     export(model, "safetensors", tmp_path / "m.safetensors")
     back = load_gpt2(tmp_path / "m.safetensors", device="cpu")
-    fused = fuse_qkv(back)
+    x = torch.randint(0, 96, (1, 5))
+    with torch.inference_mode():  # the stock attention module's fast path stacks q/k/v once
+        back(x)
+        model(x)
     att = back.trf_blocks[1].att
-    assert fused[1][0].data_ptr() == att.W_query.weight.data_ptr()  # a view, not a copy
-    assert torch.equal(fused[1][0], torch.cat([att.W_query.weight, att.W_key.weight, att.W_value.weight]))
-    assert torch.equal(fused[1][1], torch.cat([att.W_query.bias, att.W_key.bias, att.W_value.bias]))
-    copied = fuse_qkv(model)  # built in memory: separate storages, so stacked by copying
-    assert torch.equal(copied[1][0], fused[1][0])
+    fused_w, fused_b = att._qkv_weight.value, att._qkv_bias.value
+    assert fused_w.data_ptr() == att.W_query.weight.data_ptr()  # an alias of the loaded memory, not a copy
+    assert torch.equal(fused_w, torch.cat([att.W_query.weight, att.W_key.weight, att.W_value.weight]))
+    assert torch.equal(fused_b, torch.cat([att.W_query.bias, att.W_key.bias, att.W_value.bias]))
+    copied = model.trf_blocks[1].att._qkv_weight.value  # built in memory: separate storages, stacked by copying
+    assert copied.data_ptr() != model.trf_blocks[1].att.W_query.weight.data_ptr()
+    assert torch.equal(copied, fused_w)
+    with torch.no_grad():
+        back.trf_blocks[1].att.W_key.weight.add_(1.0)  # a change in place is seen by the alias
+    assert torch.equal(fused_w[32:64], att.W_key.weight)
