@@ -19,13 +19,7 @@ from .export import save_model
 from .fsutil import MARKER, RunLock, atomic_path, check_output, open_run_folder
 from .load import load_gpt2, load_tokenizer, model_folder
 from .model import GPTModel
-from .training import train
-
-
-def _check_positive(**values) -> None:
-    for name, v in values.items():
-        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
-            raise Gpt2LoadError(f"--{name.replace('_', '-')} must be a positive integer, got {v!r}")
+from .training import check_positive, train
 
 
 def _set_dropout(net: GPTModel, rate: float) -> None:
@@ -150,7 +144,7 @@ def train_on_files(
         quiet: no download/tokenizing messages.
         **options: passed to `train` (max_steps, epochs, grad_accum, lr, ..., resume, sample_prompt).
     """
-    _check_positive(batch_size=batch_size, context_length=context_length, stride=stride)
+    check_positive(batch_size=batch_size, context_length=context_length, stride=stride)
     if not 0.0 <= dropout < 1.0:
         raise Gpt2LoadError(f"--dropout must be at least 0 and below 1, got {dropout}")
     if not data:

@@ -53,6 +53,13 @@ from .model import GPTModel, stored_state
 from .optim import WarmupCosine, apply_freezing, make_optimizer
 
 
+def check_positive(**values) -> None:
+    """Each value must be None or a positive int; the error names it as the CLI flag (--batch-size)."""
+    for name, v in values.items():
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+            raise Gpt2LoadError(f"--{name.replace('_', '-')} must be a positive integer, got {v!r}")
+
+
 @dataclass
 class TrainConfig:
     """Everything `train` does besides the model and the data. See `train` for each field."""
@@ -85,10 +92,8 @@ class TrainConfig:
 
     def check(self) -> None:
         """One clear error for a value out of range (named as the CLI flag)."""
-        for name in ("max_steps", "epochs", "grad_accum", "eval_batches", "keep_checkpoints"):
-            v = getattr(self, name)
-            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
-                raise Gpt2LoadError(f"--{name.replace('_', '-')} must be a positive integer, got {v!r}")
+        names = ("max_steps", "epochs", "grad_accum", "eval_batches", "keep_checkpoints")
+        check_positive(**{name: getattr(self, name) for name in names})
         for name in ("lr", "min_lr", "warmup_steps", "weight_decay", "grad_clip", "eval_every", "save_every"):
             v = getattr(self, name)
             if v is not None and (not isinstance(v, int | float) or v < 0 or not math.isfinite(v)):
@@ -377,4 +382,4 @@ class _Run:
         return self.rows
 
 
-__all__ = ["TrainConfig", "train"]
+__all__ = ["TrainConfig", "check_positive", "train"]
