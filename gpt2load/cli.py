@@ -156,8 +156,9 @@ def cmd_info(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(data, indent=2))
     else:
+        width = max(len(key) for key in data) + 2
         for key, value in data.items():
-            print(f"{key + ':':<16}{value}")
+            print(f"{key + ':':<{width}}{value}")
     return 0
 
 

@@ -54,7 +54,7 @@ class GPTConfig:
         unknown = sorted(set(d) - known)
         if unknown:
             raise Gpt2LoadError(f"unknown GPTConfig keys {unknown}; valid keys are {sorted(known)}")
-        return config_from(d, "GPTConfig")
+        return cls(**d)
 
     @classmethod
     def from_name(cls, name: str) -> GPTConfig:
