@@ -246,10 +246,13 @@ class GPTModel(nn.Module):
 
         An `out_head.weight` equal to `tok_emb.weight` loads tied; a different one loads untied (the head
         gets its own Parameter first, so tok_emb is never overwritten); a head of another shape or with a bias
-        (a classifier) replaces `out_head` with an nn.Linear of that shape.
+        (a classifier) replaces `out_head` with an nn.Linear of that shape. A state without `out_head.weight`
+        (gpt2load's stored form of a tied model) keeps a tied head tied.
         """
         state = {k: v for k, v in state_dict.items() if not k.endswith(".att.mask")}
         head, emb = state.get("out_head.weight"), state.get("tok_emb.weight")
+        if head is None and emb is not None and self.head_tied:  # gpt2load's stored form: the tied head once
+            state["out_head.weight"] = head = emb
         tie = False
         if head is not None:
             self._fit_head(tuple(head.shape), "out_head.bias" in state)

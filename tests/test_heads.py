@@ -84,6 +84,9 @@ def test_load_state_dict_follows_the_data_and_never_overwrites_tok_emb():
     assert torch.equal(fresh.out_head.weight, untied["out_head.weight"])
     fresh.load_state_dict(model.state_dict(), strict=True)  # equal values: tied again
     assert fresh.head_tied and torch.equal(fresh.tok_emb.weight, model.tok_emb.weight)
+    stored = model.stored_state()  # a tied head is stored once
+    assert "out_head.weight" not in stored
+    GPTModel(TINY).load_state_dict(stored, strict=True)
 
 
 def book_state(**overrides):
