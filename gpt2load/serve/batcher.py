@@ -1,0 +1,403 @@
+"""Continuous batching: one thread owns the model and decodes every active sequence with one forward per step.
+
+Each sequence keeps its keys and values in one row of a shared `SlotCache`, left-aligned (its own positions
+0..n-1), so rows of different lengths decode together: the new token of row b is written at column len_b, its
+position is len_b, and the attention mask hides columns past it. A request joins at the next step (its prompt is
+encoded alone, then copied into a free row) and leaves when done, freeing the row for the next in the queue.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import tiktoken
+import torch
+
+from ..beam import beam_search
+from ..generate import _TextTracker
+from ..model import GPTModel, KVCache
+from ..sampling import apply_repetition_penalty, mask_token, sample
+
+log = logging.getLogger("gpt2load.serve")
+
+
+@dataclass
+class SamplingParams:
+    """How one request's sequences are decoded (already validated)."""
+
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float | None = None
+    top_k: int | None = None
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    min_tokens: int = 0
+    stop: list[str] = field(default_factory=list)
+    seed: int | None = None
+    logprobs: int | None = None  # top-N alternatives per token; None: no log-probabilities
+    echo: bool = False
+    num_beams: int = 1
+    length_penalty: float = 1.0
+
+
+@dataclass
+class TokenInfo:
+    """One token of a choice, for `logprobs`: its id, log-probability, the top alternatives, text offset."""
+
+    id: int
+    logprob: float | None
+    top: list[tuple[int, float]] | None
+    offset: int
+
+
+@dataclass
+class Piece:
+    """New text of choice `index` (and the tokens that make it, when log-probabilities were asked for)."""
+
+    index: int
+    text: str
+    tokens: list[TokenInfo]
+
+
+@dataclass
+class Finish:
+    """Choice `index` is complete: "stop" (EOS or a stop string) or "length"; `tokens` completion tokens."""
+
+    index: int
+    reason: str
+    tokens: int
+
+
+@dataclass
+class Failure:
+    """The worker failed on this request (a bug or out of memory); the message is for the log and the client."""
+
+    message: str
+
+
+class QueueFull(Exception):
+    """More requests are waiting than `max_queue` allows."""
+
+
+class Request:
+    """One API request: its prompts × n choices; events go to `emit` (called from the worker thread)."""
+
+    def __init__(self, prompts: list[list[int]], n: int, params: SamplingParams, emit: Callable[[object], None]):
+        self.prompts, self.n, self.params, self.emit = prompts, n, params, emit
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        """The client went away: its sequences leave at the next step."""
+        self.cancelled = True
+
+
+class Sequence:
+    """One choice being decoded: its tokens so far, text (with stop strings), penalties' state and RNG."""
+
+    def __init__(self, request: Request, index: int, prompt: list[int], enc: tiktoken.Encoding, vocab: int):
+        p = request.params
+        self.request, self.index, self.prompt, self.enc, self.params = request, index, prompt, enc, p
+        self.generator = torch.Generator()
+        if p.seed is None:
+            self.generator.seed()
+        else:  # choice 0 draws as `gpt2load generate --seed` does; the others get their own derived streams
+            self.generator.manual_seed((p.seed + index * 0x9E3779B97F4A7C15) % 2**64)
+        self.tracker = _TextTracker(enc, p.stop, self._released)
+        self.base = len(enc.decode(prompt)) if p.echo else 0  # text offsets count the echoed prompt
+        self.infos: list[TokenInfo] = []  # tokens whose text is not released yet
+        self.sent_tokens = 0
+        self.out: list[Piece] = []
+        self.generated = 0
+        self.last = prompt[-1]
+        self.seen = self.counts = None
+        if p.repetition_penalty != 1.0:
+            self.seen = torch.zeros(1, vocab, dtype=torch.bool)
+            self.seen[0, prompt] = True
+        if p.presence_penalty or p.frequency_penalty:
+            self.counts = torch.zeros(1, vocab)
+
+    def _released(self, text: str) -> None:
+        """Text the tracker has made final: send it with the tokens that start inside it."""
+        upto = self.tracker.sent + len(text)
+        n = 0
+        while n < len(self.infos) and self.infos[n].offset - self.base < upto:
+            n += 1
+        self.out.append(Piece(self.index, text, self.infos[:n]))
+        self.sent_tokens += n
+        del self.infos[:n]
+
+    def accept(self, token: int, info: TokenInfo | None, eos: int | None) -> str | None:
+        """Take the next token; the finish reason once the choice is complete, else None."""
+        self.generated += 1
+        if token == eos:
+            return self.finish("stop")
+        if info is not None:
+            info.offset = self.base + len(self.tracker.text)
+            self.infos.append(info)
+        if self.tracker.add(token):
+            return self.finish("stop")
+        if self.seen is not None:
+            self.seen[0, token] = True
+        if self.counts is not None:
+            self.counts[0, token] += 1
+        self.last = token
+        return self.finish("length") if self.generated >= self.params.max_tokens else None
+
+    def finish(self, reason: str) -> str:
+        """Flush the text, send the log-probabilities of the kept tokens not sent yet, and end the choice."""
+        if self.tracker.cut is None:
+            self.tracker.add(0, final=True)
+        kept = len(self.tracker.kept_tokens())  # tokens after a stop string's start are not part of the answer
+        if kept > self.sent_tokens and self.infos:
+            self.out.append(Piece(self.index, "", self.infos[: kept - self.sent_tokens]))
+        self.infos = []
+        self.out.append(Finish(self.index, reason, kept))
+        return reason
+
+    def flush(self) -> None:
+        """Hand the pending events to the request's consumer."""
+        for event in self.out:
+            if not isinstance(event, Piece) or event.text or event.tokens:
+                self.request.emit(event)
+        self.out = []
+
+
+class SlotCache:
+    """Keys and values of up to `rows` sequences of different lengths, one per row, each left-aligned.
+
+    It stands in for a KVCache in `model(..., cache=...)` during a decode step: `update` writes each row's one
+    new key/value at that row's length and returns the columns every row of the step may need.
+    """
+
+    def __init__(self, model: GPTModel, rows: int) -> None:
+        cfg, w = model.cfg, model.tok_emb.weight
+        self.shape = (rows, cfg.n_heads, 0, cfg.emb_dim // cfg.n_heads)
+        self.n_layers, self.limit, self.device, self.dtype = cfg.n_layers, cfg.context_length, w.device, w.dtype
+        self.k: list[torch.Tensor] = []
+        self.v: list[torch.Tensor] = []
+        self.lens = torch.zeros(rows, dtype=torch.long, device=w.device)
+        self.batch, self.width, self.pos = 0, 0, 0
+        self._grow(64)
+
+    def _grow(self, width: int) -> None:
+        """Room for `width` positions per row. Zeros, not empty: masked columns must hold finite numbers, since
+        attention multiplies their (zero) weights with them."""
+        cap = self.k[0].shape[2] if self.k else 0
+        if width <= cap:
+            return
+        new = min(self.limit, max(width, 2 * cap))
+        shape = (*self.shape[:2], new, self.shape[3])
+        for cache in (self.k, self.v):
+            for i in range(self.n_layers):
+                t = torch.zeros(shape, device=self.device, dtype=self.dtype)
+                if i < len(cache):
+                    t[:, :, :cap] = cache[i]
+                    cache[i] = t
+                else:
+                    cache.append(t)
+
+    def put(self, row: int, kv: KVCache, length: int) -> None:
+        """Copy a sequence's encoded prompt (row 0 of `kv`) into `row`."""
+        self._grow(length + 1)
+        for mine, theirs in ((self.k, kv.k), (self.v, kv.v)):
+            for i in range(self.n_layers):
+                mine[i][row, :, :length] = theirs[i][0, :, :length]
+        self.lens[row] = length
+
+    def move(self, src: int, dst: int) -> None:
+        """Row `src` takes the place of row `dst` (which has left)."""
+        width = int(self.lens[src])
+        for cache in (self.k, self.v):
+            for t in cache:
+                t[dst, :, :width] = t[src, :, :width]
+        self.lens[dst] = self.lens[src]
+
+    def begin(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prepare a step over rows [0, batch): (attn_mask [B, 1, 1, W], pos_ids [B, 1]) for the forward."""
+        lens = self.lens[:batch]
+        self.batch, self.width = batch, int(lens.max()) + 1
+        self._grow(self.width)
+        mask = torch.arange(self.width, device=self.device)[None, :] <= lens[:, None]
+        return mask[:, None, None, :], lens[:, None].clone()
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write the step's key/value [B, H, 1, hd] of each row at its length; return [B, H, W, hd] each."""
+        rows = torch.arange(self.batch, device=self.device)
+        cols = self.lens[: self.batch]
+        self.k[layer][rows, :, cols] = k[:, :, 0]
+        self.v[layer][rows, :, cols] = v[:, :, 0]
+        return self.k[layer][: self.batch, :, : self.width], self.v[layer][: self.batch, :, : self.width]
+
+    def end(self) -> None:
+        self.lens[: self.batch] += 1
+
+
+class Batcher:
+    """Runs decode steps for every active sequence in a background thread; `submit` queues requests."""
+
+    def __init__(self, model: GPTModel, enc: tiktoken.Encoding, max_batch_size: int = 8, max_queue: int = 64):
+        self.model, self.enc = model, enc
+        self.max_batch_size, self.max_queue = max_batch_size, max_queue
+        self.eos = enc.eot_token if enc.eot_token < model.cfg.vocab_size else None
+        self.cache = SlotCache(model, max_batch_size)
+        self.active: list[Sequence] = []
+        self.pending: collections.deque[Sequence | Request] = collections.deque()  # Request: a beam search
+        self.cond = threading.Condition()
+        self.closed = False
+        self.thread = threading.Thread(target=self._run, name="gpt2load-batcher", daemon=True)
+        self.thread.start()
+
+    def stats(self) -> dict[str, int]:
+        with self.cond:
+            return {"active": len(self.active), "queued": self._waiting()}
+
+    def _waiting(self) -> int:
+        return len({id(s if isinstance(s, Request) else s.request) for s in self.pending})
+
+    def submit(self, request: Request) -> None:
+        """Queue a request's choices; raises QueueFull when `max_queue` requests already wait."""
+        vocab = self.model.cfg.vocab_size
+        with self.cond:
+            if self._waiting() >= self.max_queue:
+                raise QueueFull
+            if request.params.num_beams > 1:
+                self.pending.append(request)
+            else:
+                for p, prompt in enumerate(request.prompts):
+                    for j in range(request.n):
+                        self.pending.append(Sequence(request, p * request.n + j, prompt, self.enc, vocab))
+            self.cond.notify()
+
+    def close(self) -> None:
+        with self.cond:
+            self.closed = True
+            self.cond.notify()
+        self.thread.join()
+
+    def _run(self) -> None:
+        while True:
+            with self.cond:
+                while not self.closed and not self.pending and not self.active:
+                    self.cond.wait()
+                if self.closed:
+                    return
+                joining = []
+                while self.pending and len(self.active) + len(joining) < self.max_batch_size:
+                    joining.append(self.pending.popleft())
+            for item in joining:
+                self._guarded(item, self._start)
+            self._leave([s for s in self.active if s.request.cancelled])
+            if self.active:
+                self._guarded(None, self._step)
+
+    def _guarded(self, item, fn) -> None:
+        """Run fn(item); a failure fails the sequences involved, and the server goes on."""
+        try:
+            with torch.inference_mode():
+                fn(item) if item is not None else fn()
+        except Exception as e:
+            log.exception("decoding failed")
+            failed = [item] if item is not None else list(self.active)
+            for s in failed:
+                (s if isinstance(s, Request) else s.request).emit(Failure(f"{type(e).__name__}: {e}"))
+            self._leave([s for s in failed if s in self.active])
+
+    def _start(self, item: Sequence | Request) -> None:
+        """Encode a newcomer's prompt and choose its first token; it joins the batch unless already done."""
+        if isinstance(item, Request):
+            return self._beams(item)
+        seq = item
+        if seq.request.cancelled:
+            return
+        idx = torch.tensor([seq.prompt], device=self.cache.device)
+        kv = self.model.new_cache(1, len(seq.prompt))
+        logits = self.model(idx, cache=kv)[0].float()  # [P, V]
+        p = seq.params
+        if p.echo:
+            self._echo(seq, logits)
+        if p.max_tokens == 0:
+            seq.finish("length")
+        elif self._choose(seq, logits[-1:]) is None:
+            self.cache.put(len(self.active), kv, len(seq.prompt))
+            self.active.append(seq)
+        seq.flush()
+
+    def _echo(self, seq: Sequence, logits: torch.Tensor) -> None:
+        """The prompt as the first piece of text (with its tokens' log-probabilities if asked for)."""
+        text, tokens, n = "", [], seq.params.logprobs
+        for i, t in enumerate(seq.prompt):
+            if n is not None:
+                info = self._logprob_info(logits[i - 1 : i], t, n) if i else TokenInfo(t, None, None, 0)
+                info.offset = len(text)
+                tokens.append(info)
+            text += self.enc.decode_single_token_bytes(t).decode("utf-8", errors="replace")
+        seq.out.append(Piece(seq.index, self.enc.decode(seq.prompt), tokens))
+
+    def _logprob_info(self, logits: torch.Tensor, token: int, n: int) -> TokenInfo:
+        lp = torch.log_softmax(logits[0].float(), dim=-1)
+        top = torch.topk(lp, n) if n else None
+        alts = list(zip(top.indices.tolist(), top.values.tolist(), strict=True)) if top is not None else []
+        return TokenInfo(token, float(lp[token]), alts, 0)
+
+    def _choose(self, seq: Sequence, logits: torch.Tensor) -> str | None:
+        """Penalise, sample and take one token for `seq` from its logits [1, V]; the finish reason or None."""
+        p, x = seq.params, logits
+        if seq.seen is not None:
+            x = apply_repetition_penalty(x, seq.seen, p.repetition_penalty)
+        if seq.counts is not None:  # OpenAI's rule, over the tokens generated so far
+            x = x - seq.counts * p.frequency_penalty - (seq.counts > 0).float() * p.presence_penalty
+        if self.eos is not None and seq.generated < p.min_tokens:
+            x = mask_token(x, self.eos)
+        token = int(sample(x, p.temperature, p.top_k, p.top_p, seq.generator)[0])
+        info = self._logprob_info(logits, token, p.logprobs) if p.logprobs is not None else None
+        return seq.accept(token, info, self.eos)
+
+    def _step(self) -> None:
+        """One forward for every active sequence, then one token each; finished ones leave."""
+        batch = len(self.active)
+        mask, pos = self.cache.begin(batch)
+        idx = torch.tensor([[s.last] for s in self.active], device=self.cache.device)
+        logits = self.model(idx, cache=self.cache, attn_mask=mask, pos_ids=pos)[:, -1].float()
+        self.cache.end()
+        done = []
+        for row, seq in enumerate(self.active):
+            if self._choose(seq, logits[row : row + 1]) is not None:
+                done.append(seq)
+            seq.flush()
+        self._leave(done)
+
+    def _leave(self, seqs: list[Sequence]) -> None:
+        """Free the rows of `seqs`: the last row moves into each hole, so rows [0, B) stay the active ones."""
+        for seq in seqs:
+            row, last = self.active.index(seq), len(self.active) - 1
+            if row != last:
+                self.cache.move(last, row)
+                self.active[row] = self.active[last]
+            self.active.pop()
+
+    def _beams(self, request: Request) -> None:
+        """Beam search runs alone (the batch waits): n best sequences per prompt, stop strings applied after."""
+        if request.cancelled:
+            return
+        p, vocab = request.params, self.model.cfg.vocab_size
+        for i, prompt in enumerate(request.prompts):
+            idx = torch.tensor([prompt], device=self.cache.device)
+            res = beam_search(self.model, idx, p.max_tokens, p.num_beams, p.length_penalty, False, self.eos, request.n)
+            for j in range(request.n):
+                seq = Sequence(request, i * request.n + j, prompt, self.enc, vocab)
+                new = res.sequences[j, len(prompt) : len(prompt) + int(res.lengths[j])].tolist()
+                if p.echo:
+                    seq.out.append(Piece(seq.index, self.enc.decode(prompt), []))
+                reason = None
+                for t in new:
+                    reason = seq.accept(t, None, self.eos)
+                    if reason is not None:
+                        break
+                if reason is None:
+                    seq.finish("length")
+                seq.flush()
