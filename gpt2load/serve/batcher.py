@@ -249,12 +249,13 @@ class Batcher:
         self.pending: collections.deque[Sequence | Request] = collections.deque()  # Request: a beam search
         self.cond = threading.Condition()
         self.closed = False
+        self.peak = 0  # the most sequences decoded in one step so far
         self.thread = threading.Thread(target=self._run, name="gpt2load-batcher", daemon=True)
         self.thread.start()
 
     def stats(self) -> dict[str, int]:
         with self.cond:
-            return {"active": len(self.active), "queued": self._waiting()}
+            return {"active": len(self.active), "queued": self._waiting(), "peak_batch": self.peak}
 
     def _waiting(self) -> int:
         return len({id(s if isinstance(s, Request) else s.request) for s in self.pending})
@@ -360,6 +361,7 @@ class Batcher:
     def _step(self) -> None:
         """One forward for every active sequence, then one token each; finished ones leave."""
         batch = len(self.active)
+        self.peak = max(self.peak, batch)
         mask, pos = self.cache.begin(batch)
         idx = torch.tensor([[s.last] for s in self.active], device=self.cache.device)
         logits = self.model(idx, cache=self.cache, attn_mask=mask, pos_ids=pos)[:, -1].float()
