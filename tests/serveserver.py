@@ -28,13 +28,17 @@ from gpt2load.tokenizer import EOT_ID
 def make_model(
     folder: Path, cfg: GPTConfig, seed: int = 0, eos_first: bool = False, template: str | None = None
 ) -> Path:
-    """A random model in gpt2load's folder form with the real tokenizer files.
+    """A random model in gpt2load's folder form with the real tokenizer files. Its embeddings are small, so the
+    blocks' output (which mixes the context) dominates and a batching mistake changes the text.
 
     eos_first: bias the final norm towards <|endoftext|>'s embedding, so EOS is always the most likely token.
     template: recorded as `prompt_template` in config.json (an instruction fine-tuned model's marker).
     """
     torch.manual_seed(seed)
     model = GPTModel(cfg)
+    with torch.no_grad():
+        model.tok_emb.weight.mul_(0.1)
+        model.pos_emb.weight.mul_(0.1)
     if eos_first:
         with torch.no_grad():
             e = model.tok_emb.weight[EOT_ID]

@@ -91,7 +91,8 @@ def test_stop_string_cuts_the_text(server, model, enc):
     c = client(server)
     r = c.completions.create(model="tiny", prompt=PROMPT, max_tokens=20, temperature=0, stop=[stop, "never seen"])
     assert r.choices[0].text == want and r.choices[0].finish_reason == "stop"
-    chunks = list(c.completions.create(model="tiny", prompt=PROMPT, max_tokens=20, temperature=0, stop=stop, stream=1))
+    kw = {"model": "tiny", "prompt": PROMPT, "max_tokens": 20, "temperature": 0, "stop": stop}
+    chunks = list(c.completions.create(stream=True, **kw))
     assert "".join(ch.choices[0].text for ch in chunks) == want
     assert chunks[-1].choices[0].finish_reason == "stop"
 
