@@ -52,8 +52,9 @@ def make_model(
 
 
 class ServeProcess:
-    def __init__(self, *args: str, timeout: float = 180) -> None:
-        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    def __init__(self, *args: str, timeout: float = 180, threads: int | None = 1) -> None:
+        """threads: the server's OMP_NUM_THREADS (None: torch's default, as a user would run it)."""
+        env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "gpt2load", "serve", *args, "--port", "0"],
             stderr=subprocess.PIPE,
