@@ -124,7 +124,14 @@ async def _generate(request: Request, state: ServerState, chat: bool) -> Respons
     )
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue = asyncio.Queue()
-    work = Work(job.prompts, job.n, job.params, lambda event: loop.call_soon_threadsafe(queue.put_nowait, event))
+
+    def deliver(event: object) -> None:  # called by the batcher's thread
+        try:
+            loop.call_soon_threadsafe(queue.put_nowait, event)
+        except RuntimeError:  # the server is shutting down: nobody is waiting any more
+            work.cancel()
+
+    work = Work(job.prompts, job.n, job.params, deliver)
     try:
         state.batcher.submit(work)
     except QueueFull:

@@ -295,6 +295,8 @@ class Batcher:
             self._leave([s for s in self.active if s.request.cancelled])
             if self.active:
                 self._guarded(None, self._step)
+            elif self.cache.k[0].shape[2] > 64:  # idle: give back the room a burst of long sequences took
+                self.cache = SlotCache(self.model, self.max_batch_size)
 
     def _guarded(self, item, fn) -> None:
         """Run fn(item); a failure fails the sequences involved, and the server goes on."""
