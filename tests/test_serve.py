@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 
@@ -9,6 +10,7 @@ import httpx
 import openai
 import pytest
 import torch
+from helpers import assert_clean_error, run_cli
 from serveserver import ServeProcess, make_model
 
 from gpt2load import GPTConfig, complete
@@ -348,3 +350,14 @@ def test_queue_full_and_disconnect_frees_the_slot(tmp_path):
         [gone] = [ln for ln in server.lines if "status=499" in ln]
         assert int(gone.split("completion_tokens=")[1].split()[0]) < 1000
         assert httpx.get(server.url + "/health").json()["active"] == 0
+
+
+def test_command_line_errors_are_one_line(tiny_dir):
+    assert "--max-batch-size" in run_cli("serve", "--help").stdout
+    assert_clean_error(run_cli("serve", "--model", str(tiny_dir / "missing")), "unknown model")
+    assert_clean_error(run_cli("serve", "--model", str(tiny_dir), "--max-batch-size", "0"), "--max-batch-size")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        assert_clean_error(run_cli("serve", "--model", str(tiny_dir), "--port", port), "cannot listen", port)
