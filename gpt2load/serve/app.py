@@ -131,7 +131,7 @@ async def _generate(request: Request, state: ServerState, chat: bool) -> Respons
         except RuntimeError:  # the server is shutting down: nobody is waiting any more
             work.cancel()
 
-    work = Work(job.prompts, job.n, job.params, deliver)
+    work = Work(job.prompts, job.n, job.params, deliver, job.stream)
     try:
         state.batcher.submit(work)
     except QueueFull:

@@ -87,8 +87,16 @@ class QueueFull(Exception):
 class Request:
     """One API request: its prompts × n choices; events go to `emit` (called from the worker thread)."""
 
-    def __init__(self, prompts: list[list[int]], n: int, params: SamplingParams, emit: Callable[[object], None]):
+    def __init__(
+        self,
+        prompts: list[list[int]],
+        n: int,
+        params: SamplingParams,
+        emit: Callable[[object], None],
+        stream: bool = True,
+    ) -> None:
         self.prompts, self.n, self.params, self.emit = prompts, n, params, emit
+        self.stream = stream  # False: each choice's text arrives in one Piece, just before its Finish
         self.cancelled = False
 
     def cancel(self) -> None:
@@ -160,8 +168,17 @@ class Sequence:
         return reason
 
     def flush(self) -> None:
-        """Hand the pending events to the request's consumer."""
-        for event in self.out:
+        """Hand the pending events to the request's consumer (once at the end when it does not stream: waking
+        the server's event loop for every token costs the decoding thread time)."""
+        done = bool(self.out) and isinstance(self.out[-1], Finish)
+        if not self.request.stream and not done:
+            return
+        events = self.out
+        if not self.request.stream:
+            pieces = [e for e in events if isinstance(e, Piece)]
+            text, tokens = "".join(p.text for p in pieces), [t for p in pieces for t in p.tokens]
+            events = [Piece(self.index, text, tokens), events[-1]]
+        for event in events:
             if not isinstance(event, Piece) or event.text or event.tokens:
                 self.request.emit(event)
         self.out = []
