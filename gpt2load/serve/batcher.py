@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import math
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -342,7 +343,7 @@ class Batcher:
             self._echo(seq, logits)
         if p.max_tokens == 0:
             seq.finish("length")
-        elif self._choose(seq, logits[-1:]) is None:
+        elif self._choose([seq], logits[-1:])[0] is None:
             self.cache.put(len(self.active), kv, len(seq.prompt))
             self.active.append(seq)
         seq.flush()
@@ -364,8 +365,33 @@ class Batcher:
         alts = list(zip(top.indices.tolist(), top.values.tolist(), strict=True)) if top is not None else []
         return TokenInfo(token, float(lp[token]), alts, 0)
 
-    def _choose(self, seq: Sequence, logits: torch.Tensor) -> str | None:
-        """Penalise, sample and take one token for `seq` from its logits [1, V]; the finish reason or None."""
+    def _choose(self, seqs: list[Sequence], logits: torch.Tensor) -> list[str | None]:
+        """Pick and take each row's next token from logits [B, V] under that row's settings; finish reasons.
+
+        Plain greedy rows share one argmax: per-row work over the vocabulary is what a small model's
+        step costs, and it would otherwise grow with the batch.
+        """
+        tokens = [0] * len(seqs)
+        plain = [i for i, s in enumerate(seqs) if s.params.temperature == 0 and s.seen is None and s.counts is None]
+        if plain:
+            early = [j for j, i in enumerate(plain) if seqs[i].generated < seqs[i].params.min_tokens]
+            x = logits if len(plain) == len(seqs) and not early else logits[plain]  # a copy, unless all plain
+            if self.eos is not None and early:  # min_tokens: no EOS yet (the raw logits stay for logprobs)
+                x[early, self.eos] = -math.inf
+            for i, t in zip(plain, x.argmax(-1).tolist(), strict=True):
+                tokens[i] = t
+        for i, seq in enumerate(seqs):
+            if i not in plain:
+                tokens[i] = self._sample(seq, logits[i : i + 1])
+        reasons = []
+        for i, seq in enumerate(seqs):
+            n = seq.params.logprobs
+            info = self._logprob_info(logits[i : i + 1], tokens[i], n) if n is not None else None
+            reasons.append(seq.accept(tokens[i], info, self.eos))
+        return reasons
+
+    def _sample(self, seq: Sequence, logits: torch.Tensor) -> int:
+        """Penalise and sample one row [1, V] with its own settings and random stream."""
         p, x = seq.params, logits
         if seq.seen is not None:
             x = apply_repetition_penalty(x, seq.seen, p.repetition_penalty)
@@ -373,9 +399,7 @@ class Batcher:
             x = x - seq.counts * p.frequency_penalty - (seq.counts > 0).float() * p.presence_penalty
         if self.eos is not None and seq.generated < p.min_tokens:
             x = mask_token(x, self.eos)
-        token = int(sample(x, p.temperature, p.top_k, p.top_p, seq.generator)[0])
-        info = self._logprob_info(logits, token, p.logprobs) if p.logprobs is not None else None
-        return seq.accept(token, info, self.eos)
+        return int(sample(x, p.temperature, p.top_k, p.top_p, seq.generator)[0])
 
     def _step(self) -> None:
         """One forward for every active sequence, then one token each; finished ones leave."""
@@ -385,12 +409,10 @@ class Batcher:
         idx = torch.tensor([[s.last] for s in self.active], device=self.cache.device)
         logits = self.model(idx, cache=self.cache, attn_mask=mask, pos_ids=pos)[:, -1].float()
         self.cache.end()
-        done = []
-        for row, seq in enumerate(self.active):
-            if self._choose(seq, logits[row : row + 1]) is not None:
-                done.append(seq)
+        reasons = self._choose(self.active, logits)
+        for seq in self.active:
             seq.flush()
-        self._leave(done)
+        self._leave([s for s, r in zip(self.active, reasons, strict=True) if r is not None])
 
     def _leave(self, seqs: list[Sequence]) -> None:
         """Free the rows of `seqs`: the last row moves into each hole, so rows [0, B) stay the active ones."""
