@@ -9,7 +9,8 @@ import torch
 from helpers import TOKENIZER_DIR
 
 from gpt2load import GPTConfig, GPTModel
-from gpt2load.serve.batcher import Batcher, Failure, Finish, Piece, Request, SamplingParams
+from gpt2load.serve.batcher import Batcher
+from gpt2load.serve.sequence import Failure, Finish, Piece, Request, SamplingParams
 from gpt2load.tokenizer import EOT_ID, tokenizer_from_folder
 
 TINY = GPTConfig(vocab_size=50257, context_length=64, emb_dim=32, n_heads=2, n_layers=2)

@@ -17,10 +17,11 @@ from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
-from .batcher import Batcher, Failure, Finish, Piece, QueueFull
-from .batcher import Request as Work
+from .batcher import Batcher, QueueFull
 from .protocol import APIError, Limits, chat_job, completion_job, parse_body
 from .responses import Answer
+from .sequence import Failure, Finish, Piece
+from .sequence import Request as Work
 
 log = logging.getLogger("gpt2load.serve")
 

@@ -14,7 +14,7 @@ import tiktoken
 
 from ..templates import format_instruction
 from ..tokenizer import encode
-from .batcher import SamplingParams
+from .sequence import SamplingParams
 
 MAX_LOGPROBS = 20
 MAX_N = 128

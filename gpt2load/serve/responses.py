@@ -6,8 +6,8 @@ import time
 
 import tiktoken
 
-from .batcher import Finish, Piece, TokenInfo
 from .protocol import Job
+from .sequence import Finish, Piece, TokenInfo
 
 
 class Answer:
