@@ -72,6 +72,10 @@ def test_greedy_equals_generate_stream_and_not(server, model, enc):
     assert "".join(c.choices[0].text for c in chunks) == want["text"]
     assert chunks[-1].choices[0].finish_reason == choice.finish_reason
     assert len(chunks) > 2  # streamed piece by piece, not in one go
+    with_usage = list(
+        client(server).completions.create(stream=True, stream_options={"include_usage": True}, **greedy_12)
+    )
+    assert with_usage[-1].choices == [] and with_usage[-1].usage.completion_tokens == r.usage.completion_tokens
 
 
 def test_seeded_sampling_is_reproducible_and_matches_generate(server, model, enc):
@@ -291,6 +295,12 @@ def test_chat_with_the_template_stream_and_not(chat_server, chat_dir):
     assert "".join(ch.choices[0].delta.content or "" for ch in chunks) == want["text"]
     assert chunks[-1].choices[0].finish_reason == "stop"
     assert "Say hi" in chat_server.log()  # --log-prompts
+    r = c.chat.completions.create(
+        model="instruct", messages=messages, temperature=0, logprobs=True, top_logprobs=2, extra_body={"min_tokens": 3}
+    )
+    content = r.choices[0].logprobs.content
+    assert "".join(t.token for t in content) == r.choices[0].message.content and len(content) == 3
+    assert all(len(t.top_logprobs) == 2 and t.logprob <= 0 and t.bytes for t in content)
 
 
 def test_chat_refuses_system_messages_and_limits(chat_server):
