@@ -130,9 +130,10 @@ class Batcher:
             if request.params.num_beams > 1:
                 self.pending.append(request)
             else:
+                device = self.cache.device
                 for p, prompt in enumerate(request.prompts):
                     for j in range(request.n):
-                        self.pending.append(Sequence(request, p * request.n + j, prompt, self.enc, vocab))
+                        self.pending.append(Sequence(request, p * request.n + j, prompt, self.enc, vocab, device))
             self.cond.notify()
 
     def close(self) -> None:
@@ -275,7 +276,7 @@ class Batcher:
             idx = torch.tensor([prompt], device=self.cache.device)
             res = beam_search(self.model, idx, p.max_tokens, p.num_beams, p.length_penalty, False, self.eos, request.n)
             for j in range(request.n):
-                seq = Sequence(request, i * request.n + j, prompt, self.enc, vocab)
+                seq = Sequence(request, i * request.n + j, prompt, self.enc, vocab, self.cache.device)
                 new = res.sequences[j, len(prompt) : len(prompt) + int(res.lengths[j])].tolist()
                 if p.echo:
                     seq.out.append(Piece(seq.index, self.enc.decode(prompt), []))

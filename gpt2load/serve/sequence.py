@@ -93,10 +93,12 @@ class Request:
 class Sequence:
     """One choice being decoded: its tokens so far, text (with stop strings), penalties' state and RNG."""
 
-    def __init__(self, request: Request, index: int, prompt: list[int], enc: tiktoken.Encoding, vocab: int):
+    def __init__(
+        self, request: Request, index: int, prompt: list[int], enc: tiktoken.Encoding, vocab: int, device=None
+    ) -> None:
         p = request.params
         self.request, self.index, self.prompt, self.enc, self.params = request, index, prompt, enc, p
-        self.generator = torch.Generator()
+        self.generator = torch.Generator(device=device)  # on the logits' device, as sampling needs
         if p.seed is None:
             self.generator.seed()
         else:  # choice 0 draws as `gpt2load generate --seed` does; the others get their own derived streams
@@ -110,10 +112,10 @@ class Sequence:
         self.last = prompt[-1]
         self.seen = self.counts = None
         if p.repetition_penalty != 1.0:
-            self.seen = torch.zeros(1, vocab, dtype=torch.bool)
+            self.seen = torch.zeros(1, vocab, dtype=torch.bool, device=device)
             self.seen[0, prompt] = True
         if p.presence_penalty or p.frequency_penalty:
-            self.counts = torch.zeros(1, vocab)
+            self.counts = torch.zeros(1, vocab, device=device)
 
     def _released(self, text: str) -> None:
         """Text the tracker has made final: send it with the tokens that start inside it."""
