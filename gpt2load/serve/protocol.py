@@ -137,7 +137,7 @@ def _check_model(body: dict, limits: Limits) -> None:
 def _stop(body: dict) -> list[str]:
     stop = body.get("stop")
     stops = [] if stop is None else [stop] if isinstance(stop, str) else stop
-    if not isinstance(stops, list) or not 0 < len(stops) <= 4 and stop is not None:
+    if not isinstance(stops, list) or (stop is not None and not 0 < len(stops) <= 4):
         raise invalid("stop", f"expected a string or a list of up to 4 strings, got {stop!r}")
     if any(not isinstance(s, str) or not s for s in stops):
         raise invalid("stop", f"stop strings must be non-empty strings, got {stop!r}")
