@@ -170,6 +170,26 @@ def cmd_download(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .serve import serve
+
+    serve(
+        args.model,
+        args.source,
+        args.weights_dir,
+        host=args.host,
+        port=args.port,
+        api_key=args.api_key,
+        device=args.device,
+        dtype=args.dtype,
+        max_batch_size=args.max_batch_size,
+        max_queue=args.max_queue,
+        max_tokens_limit=args.max_tokens_limit,
+        log_prompts=args.log_prompts,
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="gpt2load",
@@ -218,6 +238,24 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--revision", default="main", help="Hugging Face revision (default main)")
     d.add_argument("--quiet", action="store_true")
     d.set_defaults(func=cmd_download)
+
+    s = sub.add_parser(
+        "serve",
+        help="serve a model over HTTP: OpenAI's API, batching across requests, a page at /",
+        description="Serve a model with OpenAI's completions and chat API (any openai client works) and a page "
+        "to try it at /. Needs the serve extra: pip install 'gpt2load[serve]'.",
+    )
+    _model_args(s)
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    s.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
+    s.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 requests")
+    s.add_argument("--dtype", choices=("float32", "bfloat16"), default=None)
+    s.add_argument("--device", default=None, help="cpu, cuda, mps (default: cuda, then mps, then cpu)")
+    s.add_argument("--max-batch-size", type=int, default=8, help="sequences decoded together (default 8)")
+    s.add_argument("--max-queue", type=int, default=64, help="requests waiting for a slot before 503 (default 64)")
+    s.add_argument("--max-tokens-limit", type=int, default=None, help="most tokens a request may ask for")
+    s.add_argument("--log-prompts", action="store_true", help="also log prompt text (never logged otherwise)")
+    s.set_defaults(func=cmd_serve)
 
     _add_optional_commands(sub)
     return parser
