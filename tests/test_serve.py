@@ -364,7 +364,7 @@ def test_queue_full_and_disconnect_frees_the_slot(tmp_path):
 
 def test_command_line_errors_are_one_line(tiny_dir):
     assert "--max-batch-size" in run_cli("serve", "--help").stdout
-    assert_clean_error(run_cli("serve", "--model", str(tiny_dir / "missing")), "unknown model")
+    assert_clean_error(run_cli("serve", "--model", str(tiny_dir / "missing")), "does not exist")
     assert_clean_error(run_cli("serve", "--model", str(tiny_dir), "--max-batch-size", "0"), "--max-batch-size")
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
