@@ -93,11 +93,17 @@ def model_from_tensors(
 ) -> GPTModel:
     """A GPTModel in eval mode holding `tensors` (GPTModel names, tied head and masks not needed).
 
-    Each tensor is moved and cast one at a time, so peak memory stays near one copy of the weights.
+    Each tensor is moved and cast one at a time, so peak memory stays near one copy of the weights. Without
+    `dtype`, the model takes the floating dtype of the first tensor (float32 if that is not a float type).
     """
-    dev, dt = pick_device(device), pick_dtype(dtype)
+    dev = pick_device(device)
+    dt = pick_dtype(dtype) if dtype is not None else None
     model = empty_model(cfg)
-    state = {name: t.to(device=dev, dtype=dt) for name, t in tensors}
+    state = {}
+    for name, t in tensors:
+        if dt is None:
+            dt = t.dtype if t.dtype in DTYPES.values() else torch.float32
+        state[name] = t.to(device=dev, dtype=dt)
     state["out_head.weight"] = state["tok_emb.weight"]
     model.load_state_dict(state, strict=False, assign=True)
     model.tie_weights()

@@ -142,6 +142,23 @@ def _torch_load(p: Path) -> dict[str, torch.Tensor]:
     return state
 
 
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_ST_FLOATS = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+
+
+def source_dtype(src: Source) -> torch.dtype:
+    """The floating dtype a source stores its weights in (that of its largest tensor), read from headers."""
+    if src.kind == "openai":
+        sizes = [(e.size, e.torch_dtype) for e in TFCheckpoint(src.path).entries.values()]
+    elif src.path.suffix == ".safetensors":
+        header, _ = stfile.read_header(src.path)
+        sizes = [(e["data_offsets"][1] - e["data_offsets"][0], _ST_FLOATS.get(e["dtype"])) for e in header.values()]
+    else:
+        sizes = [(t.nbytes, t.dtype) for t in _torch_load(src.path).values() if isinstance(t, torch.Tensor)]
+    floats = [(n, d) for n, d in sizes if d in FLOAT_DTYPES]
+    return max(floats, key=lambda nd: nd[0])[1] if floats else torch.float32
+
+
 def source_tensors(src: Source) -> Iterator[tuple[str, torch.Tensor]]:
     """The model's tensors in GPTModel names, one at a time, with coverage and shape checks."""
     where = str(src.path)
@@ -193,10 +210,19 @@ def _own_items(items, cfg: GPTConfig, where: str):
         raise Gpt2LoadError(f"{where} lacks {missing[:3]}{' and more' if len(missing) > 3 else ''}: it is incomplete")
 
 
-def write_own(path: Path, cfg: GPTConfig, tensors, extra_meta: dict[str, str] | None = None, progress=None) -> None:
-    """Write GPTModel tensors as gpt2load's own safetensors file (float32, tied head stored once)."""
-    specs = {k: (s, torch.float32) for k, s in expected_shapes(cfg).items()}
-    meta = {"format": OWN_FORMAT, "config": json.dumps(cfg.to_dict()), **(extra_meta or {})}
+def write_own(
+    path: Path,
+    cfg: GPTConfig,
+    tensors,
+    extra_meta: dict[str, str] | None = None,
+    progress=None,
+    dtype: torch.dtype = torch.float32,
+) -> None:
+    """Write GPTModel tensors as gpt2load's own safetensors file (tied head stored once), each cast to `dtype`
+    as it is written."""
+    specs = {k: (s, dtype) for k, s in expected_shapes(cfg).items()}
+    meta = {"format": OWN_FORMAT, "config": json.dumps(cfg.to_dict()), "dtype": str(dtype).removeprefix("torch.")}
+    meta.update(extra_meta or {})
     stfile.write_streaming(path, specs, tensors, meta, progress)
 
 
@@ -217,9 +243,9 @@ def cached_source(src: Source, quiet: bool = True) -> Source:
         return src  # read-only folder: convert in memory on every load
     bar = _progress_bar(src.cfg.n_params * 4, f"converting {src.folder.name}", quiet)
     try:
-        write_own(
-            cache, src.cfg, source_tensors(src), {"source": stamp, "source_kind": src.kind}, bar.update if bar else None
-        )
+        meta = {"source": stamp, "source_kind": src.kind}
+        # The cache keeps the source's dtype: a bfloat16 checkpoint loads as bfloat16 unless dtype= says otherwise.
+        write_own(cache, src.cfg, source_tensors(src), meta, bar.update if bar else None, source_dtype(src))
     except OSError as e:  # disk full, quota, read-only mount: the cache is an optimisation, the load goes on
         warnings.warn(
             f"could not cache the conversion in {cache} ({e.strerror or e}); converting in memory", stacklevel=2
@@ -271,7 +297,8 @@ def load_gpt2(
         source: where to download sizes from: "hf" (default) or "openai".
         weights_dir: the download folder (default $GPT2LOAD_WEIGHTS_DIR or ./weights).
         device: cpu, cuda, mps; default the first available of cuda, mps, cpu.
-        dtype: float32 (default), bfloat16 or float16.
+        dtype: float32, bfloat16 or float16; default the dtype the weights are stored in (float32 for
+            OpenAI's and most checkpoints; a bfloat16 or float16 file stays so).
         quiet: no progress bars.
     """
     src = cached_source(inspect_path(model_folder(model, source, weights_dir, quiet)), quiet)
