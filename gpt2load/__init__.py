@@ -6,8 +6,10 @@ from .download import download
 from .errors import Gpt2LoadError
 from .export import export, export_hf, export_pth, save_model
 from .generate import complete, generate, generate_stream
+from .gguf import export_gguf
 from .load import load_gpt2, load_tokenizer
 from .model import GPTModel, KVCache
+from .tensors import iter_tensors
 from .train import train, train_on_files
 
 __all__ = [
@@ -19,10 +21,12 @@ __all__ = [
     "complete",
     "download",
     "export",
+    "export_gguf",
     "export_hf",
     "export_pth",
     "generate",
     "generate_stream",
+    "iter_tensors",
     "load_gpt2",
     "load_tokenizer",
     "save_model",
