@@ -15,7 +15,7 @@ from torch import nn
 
 from gpt2load.config import GPTConfig
 from gpt2load.errors import Gpt2LoadError
-from gpt2load.export import export, save_model
+from gpt2load.export import export
 from gpt2load.generate import generate
 from gpt2load.gguf import export_gguf, gguf_names
 from gpt2load.tokenizer import encode, tokenizer_from_folder
@@ -127,12 +127,16 @@ def test_classifier_and_unsuitable_models_are_refused(lm, tmp_path):
     assert not list(tmp_path.glob("*.gguf*"))  # nothing half-written
 
 
-def test_convert_cli_to_gguf(lm, tmp_path):
-    add_tokenizer(save_model(lm, tmp_path / "m"))
+def test_convert_cli_to_gguf_from_a_transformers_folder(lm, tmp_path):
+    hf_model(LM, seed=1).save_pretrained(tmp_path / "m")  # the weights `lm` holds, as transformers saves them
+    add_tokenizer(tmp_path / "m", ("vocab.json", "merges.txt"))
     out = tmp_path / "m-q8.gguf"
     proc = run_cli("convert", "--model", str(tmp_path / "m"), "--to", "gguf", "--dtype", "q8_0", "--out", str(out))
     assert proc.returncode == 0, proc.stderr
-    assert _field(gguf.GGUFReader(out), "general.file_type") == 7
+    r = gguf.GGUFReader(out)
+    assert _field(r, "general.file_type") == 7
+    pos = {t.name: t for t in r.tensors}["position_embd.weight"].data.reshape(96, 64)
+    assert np.array_equal(pos, lm.pos_emb.weight.detach().numpy())  # kept f32
     proc = run_cli("convert", "--model", str(tmp_path / "m"), "--to", "pth", "--dtype", "q8_0", "--out", "x.pth")
     assert_clean_error(proc, "q8_0", "--to gguf")
 
