@@ -10,15 +10,17 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 
 from .config import GPTConfig, resolve_size
-from .convert import HF, HF_PREFIX, OPENAI, NameMap, expected_shapes, from_model_layout
+from .convert import CONV1D, CONV1D_3D, HF, HF_PREFIX, OPENAI, NameMap, Rule, expected_shapes, from_model_layout
 from .download import model_dir
 from .errors import Gpt2LoadError
 from .load import Source, inspect_path, model_folder, source_dtype, source_tensors
 
+T = TypeVar("T")
 LAYOUTS: dict[str, tuple[NameMap | None, str]] = {"book": (None, ""), "hf": (HF, HF_PREFIX), "openai": (OPENAI, "")}
 
 
@@ -28,24 +30,29 @@ def _layout(layout: str) -> tuple[NameMap | None, str]:
     return LAYOUTS[layout]
 
 
-def to_layout(
-    book: Iterable[tuple[str, torch.Tensor]], cfg: GPTConfig, layout: str
-) -> Iterator[tuple[str, torch.Tensor]]:
-    """GPTModel-named tensors re-expressed in `layout`, each yielded as soon as its parts have arrived.
+def _regroup(items: Iterable[tuple[str, T]], cfg: GPTConfig, layout: str, combine) -> Iterator[tuple[str, T]]:
+    """(layout name, combine(parts, rule)) for GPTModel-named items, each as soon as all its parts have arrived.
 
     The fused q/k/v projection needs three GPTModel tensors; they are held only until the third arrives.
     """
     name_map, prefix = _layout(layout)
     if name_map is None:
-        yield from book
+        yield from items
         return
     owner = {t: (src, rule, targets) for src, rule, targets in name_map.inverse(cfg) for t in targets}
-    held: dict[str, torch.Tensor] = {}
-    for name, t in book:
+    held: dict[str, T] = {}
+    for name, item in items:
         src, rule, targets = owner[name]
-        held[name] = t
+        held[name] = item
         if all(x in held for x in targets):
-            yield prefix + src, from_model_layout([held.pop(x) for x in targets], rule)
+            yield prefix + src, combine([held.pop(x) for x in targets], rule)
+
+
+def to_layout(
+    book: Iterable[tuple[str, torch.Tensor]], cfg: GPTConfig, layout: str
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """GPTModel-named tensors re-expressed in `layout`, one tensor (or one fused q/k/v) at a time."""
+    return _regroup(book, cfg, layout, from_model_layout)
 
 
 def iter_tensors(
@@ -69,10 +76,20 @@ def iter_tensors(
     yield from to_layout(source_tensors(src), src.cfg, layout)
 
 
+def _source_shape(parts: list[tuple[int, ...]], rule: Rule) -> tuple[int, ...]:
+    """The shape from_model_layout gives for parts of these shapes, by arithmetic alone."""
+    shape = (sum(p[0] for p in parts), *parts[0][1:])
+    if rule.layout in (CONV1D, CONV1D_3D):
+        shape = shape[::-1]
+    return (1, *shape) if rule.layout == CONV1D_3D else shape
+
+
 def layout_specs(cfg: GPTConfig, layout: str, dtype: torch.dtype = torch.float32) -> list[tuple[str, tuple, str]]:
-    """(name, shape, dtype name) of every tensor of a model of `cfg` in `layout`, from shapes alone."""
-    book = ((k, torch.empty(s, dtype=dtype, device="meta")) for k, s in expected_shapes(cfg).items())
-    return [(k, tuple(t.shape), str(t.dtype).removeprefix("torch.")) for k, t in to_layout(book, cfg, layout)]
+    """(name, shape, dtype name) of every tensor of a model of `cfg` in `layout`, in the order `to_layout`
+    yields them from GPTModel's order, by arithmetic on shapes (nothing allocated)."""
+    name = str(dtype).removeprefix("torch.")
+    specs = _regroup(expected_shapes(cfg).items(), cfg, layout, _source_shape)
+    return [(k, tuple(s), name) for k, s in specs]
 
 
 def tensor_table(

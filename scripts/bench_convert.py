@@ -3,8 +3,8 @@ format, beside transformers' own `save_pretrained` of the same weights. Random w
 
     python scripts/bench.py convert [--sizes 124M,1558M] [--formats hf,safetensors,...] [--workdir DIR]
 
-MB/s is the output written per second of export (the load is timed apart); "peak / weights" is the process's
-peak RSS over the model's float32 bytes: about 1.0 plus the interpreter means the export streams.
+MB/s is the output written per second of export (the load is not timed). "peak - loaded" is how far the
+process's RSS rose above the loaded model during the export: about one tensor means the export streams.
 """
 
 from __future__ import annotations
@@ -23,25 +23,32 @@ from gpt2load.config import GPTConfig
 from gpt2load.convert import expected_shapes
 from gpt2load.load import write_own
 
+# One job in a fresh process. After loading, every weight is read once (a memory-mapped model's pages then
+# count in its RSS), and the peak-RSS mark is reset (clear_refs 5), so the peak is the export's own.
 CHILD = """
 import json, re, sys, time
+import torch
 import gpt2load
 from gpt2load.export import export, load_dtype
 src, to, dtype, out, tok = sys.argv[1:6]
 dtype = None if dtype == "-" else dtype
-t0 = time.perf_counter()
+def status(key):
+    return int(re.search(key + r":\\s+(\\d+)", open("/proc/self/status").read()).group(1)) * 1024
 if to == "transformers":
     from transformers import GPT2LMHeadModel
     m = GPT2LMHeadModel.from_pretrained(src)
-    t1 = time.perf_counter()
-    m.save_pretrained(out)
+    save = lambda: m.save_pretrained(out)
 else:
     m = gpt2load.load_gpt2(src, device="cpu", dtype=load_dtype(to, dtype), quiet=True)
-    t1 = time.perf_counter()
-    export(m, to, out, tokenizer_dir=tok, dtype=dtype)
-t2 = time.perf_counter()
-hwm = int(re.search(r"VmHWM:\\s+(\\d+)", open("/proc/self/status").read()).group(1)) * 1024
-print(json.dumps({"load": t1 - t0, "export": t2 - t1, "peak": hwm}))
+    save = lambda: export(m, to, out, tokenizer_dir=tok, dtype=dtype)
+with torch.no_grad():
+    for p in m.parameters():
+        p.sum()
+open("/proc/self/clear_refs", "w").write("5")
+loaded = status("VmRSS")
+t = time.perf_counter()
+save()
+print(json.dumps({"export": time.perf_counter() - t, "loaded": loaded, "peak": status("VmHWM")}))
 """
 
 # name -> (gpt2load format or "transformers", dtype, output name)
@@ -118,13 +125,14 @@ def main(argv: list[str]) -> None:
         weights = 4 * cfg.n_params
         took = time.perf_counter() - t
         print(f"\n{size}: {weights / 1e6:,.0f} MB of float32 weights (source written in {took:.0f} s)")
-        print("| format | output MB | load s | export s | MB/s | peak RSS MB | peak / weights |")
+        print("| format | output MB | export s | MB/s | RSS loaded MB | peak in export MB | peak - loaded MB |")
         print("|---|---:|---:|---:|---:|---:|---:|")
         for job in jobs:
             r = run_job(src, job, workdir)
+            mb = {k: r[k] / 1e6 for k in ("bytes", "loaded", "peak")}
             print(
-                f"| {job} | {r['bytes'] / 1e6:,.0f} | {r['load']:.1f} | {r['export']:.1f} | "
-                f"{r['bytes'] / 1e6 / r['export']:,.0f} | {r['peak'] / 1e6:,.0f} | {r['peak'] / weights:.2f} |",
+                f"| {job} | {mb['bytes']:,.0f} | {r['export']:.1f} | {mb['bytes'] / r['export']:,.0f} | "
+                f"{mb['loaded']:,.0f} | {mb['peak']:,.0f} | {mb['peak'] - mb['loaded']:,.0f} |",
                 flush=True,
             )
         shutil.rmtree(workdir, ignore_errors=True)
