@@ -183,9 +183,10 @@ def test_llama_cpp_f32_greedy_continuation_equals_gpt2load(files, lm, llama_cpp)
     assert theirs == ours
 
 
-# Largest |llama.cpp logit - gpt2load logit| measured on this model (logits span about ±20): f32 2e-4,
-# f16 6e-3, bf16 4e-2, q8_0 3e-2. The tolerances leave room for other CPUs' kernels.
-TOLERANCE = {"f32": 2e-3, "f16": 3e-2, "bf16": 0.15, "q8_0": 0.15}
+# Largest |llama.cpp logit - gpt2load logit| measured on this model, whose logits reach ±36 (llama.cpp 0.3.36
+# built with GGML_NATIVE=OFF, one thread): f32 4e-4, f16 8e-3, bf16 6e-2, q8_0 0.20 (llama.cpp also rounds the
+# activations to the weights' type for its matrix products). The tolerances are about 3x, for other CPUs' kernels.
+TOLERANCE = {"f32": 2e-3, "f16": 3e-2, "bf16": 0.2, "q8_0": 0.6}
 
 
 @needs_llama
