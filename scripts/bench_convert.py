@@ -94,6 +94,10 @@ def run_job(src: Path, job: str, workdir: Path) -> dict:
         raise SystemExit(f"{job} failed:\n{proc.stderr[-2000:]}")
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     result["bytes"] = _size(out)
+    if job != "hf" and out.is_dir():  # the transformers job reads the hf output; the others go now (1558M is big)
+        shutil.rmtree(out)
+    elif job != "hf":
+        out.unlink()
     return result
 
 
