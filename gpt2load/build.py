@@ -51,6 +51,11 @@ DTYPES = {
 }
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    """'bfloat16' for torch.bfloat16: the name configs record and pick_dtype reads back."""
+    return str(dtype).removeprefix("torch.")
+
+
 def pick_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
     from .errors import Gpt2LoadError
 

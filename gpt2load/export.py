@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from . import stfile
-from .build import pick_dtype
+from .build import dtype_name, pick_dtype
 from .config import hf_config_dict
 from .errors import Gpt2LoadError
 from .gguf import GGUF_DTYPES, export_gguf, gguf_dtype
@@ -49,10 +49,6 @@ def load_dtype(to: str, dtype: str | None) -> torch.dtype | None:
     float type (so nothing detours through float32), else None, the stored dtype (GGUF keeps 1-D tensors in
     f32 and quantizes from the stored values)."""
     return None if to == "gguf" or dtype is None else float_dtype(dtype)
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
 
 
 def _stored_tensors(model: GPTModel, dtype: torch.dtype):
@@ -104,7 +100,7 @@ def save_model(
         return path
     with _atomic_dir(path) as tmp:
         write_own(tmp / "model.safetensors", model.cfg, _stored_tensors(model, dt), dtype=dt)
-        own = {"model_type": OWN_FORMAT, "config": model.cfg.to_dict(), "torch_dtype": _dtype_name(dt)}
+        own = {"model_type": OWN_FORMAT, "config": model.cfg.to_dict(), "torch_dtype": dtype_name(dt)}
         (tmp / "config.json").write_text(json.dumps(own, indent=2) + "\n")
         _copy_tokenizer(Path(tokenizer_dir) if tokenizer_dir else None, tmp, ("encoder.json", "vocab.bpe"))
     return path
@@ -120,7 +116,7 @@ def export_hf(
     tensors = to_layout(_stored_tensors(model, dt), model.cfg, "hf")  # transposed one tensor at a time
     with _atomic_dir(out) as tmp:
         stfile.write_streaming(tmp / "model.safetensors", specs, tensors, {"format": "pt"})
-        config = {**hf_config_dict(model.cfg), "torch_dtype": _dtype_name(dt)}
+        config = {**hf_config_dict(model.cfg), "torch_dtype": dtype_name(dt)}
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         _copy_tokenizer(Path(tokenizer_dir) if tokenizer_dir else None, tmp, ("vocab.json", "merges.txt"))
     return out

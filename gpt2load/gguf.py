@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .build import dtype_name
 from .errors import Gpt2LoadError
 from .model import GPTModel
 from .stfile import atomic_path
@@ -80,7 +81,7 @@ def gguf_dtype(dtype: str | torch.dtype | None) -> str:
     """A GGUF file type name (f32, f16, bf16, q8_0) from it or a torch dtype name; default f16."""
     if dtype is None:
         return "f16"
-    name = str(dtype).removeprefix("torch.").lower()
+    name = (dtype_name(dtype) if isinstance(dtype, torch.dtype) else dtype).lower()
     name = _ALIASES.get(name, name)
     if name not in KINDS:
         raise Gpt2LoadError(f"unknown GGUF dtype {dtype!r}: use one of {', '.join(GGUF_DTYPES)}")

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from . import stfile
-from .build import model_from_tensors
+from .build import dtype_name, model_from_tensors
 from .config import PRESETS, GPTConfig, read_hf_config, read_hparams, resolve_size
 from .convert import HF, OPENAI, convert_tensors, expected_shapes, strip_hf_prefix
 from .errors import Gpt2LoadError
@@ -221,7 +221,7 @@ def write_own(
     """Write GPTModel tensors as gpt2load's own safetensors file (tied head stored once), each cast to `dtype`
     as it is written."""
     specs = {k: (s, dtype) for k, s in expected_shapes(cfg).items()}
-    meta = {"format": OWN_FORMAT, "config": json.dumps(cfg.to_dict()), "dtype": str(dtype).removeprefix("torch.")}
+    meta = {"format": OWN_FORMAT, "config": json.dumps(cfg.to_dict()), "dtype": dtype_name(dtype)}
     meta.update(extra_meta or {})
     stfile.write_streaming(path, specs, tensors, meta, progress)
 

@@ -14,6 +14,7 @@ from typing import TypeVar
 
 import torch
 
+from .build import dtype_name
 from .config import GPTConfig, resolve_size
 from .convert import CONV1D, CONV1D_3D, HF, HF_PREFIX, OPENAI, NameMap, Rule, expected_shapes, from_model_layout
 from .download import model_dir
@@ -87,7 +88,7 @@ def _source_shape(parts: list[tuple[int, ...]], rule: Rule) -> tuple[int, ...]:
 def layout_specs(cfg: GPTConfig, layout: str, dtype: torch.dtype = torch.float32) -> list[tuple[str, tuple, str]]:
     """(name, shape, dtype name) of every tensor of a model of `cfg` in `layout`, in the order `to_layout`
     yields them from GPTModel's order, by arithmetic on shapes (nothing allocated)."""
-    name = str(dtype).removeprefix("torch.")
+    name = dtype_name(dtype)
     specs = _regroup(expected_shapes(cfg).items(), cfg, layout, _source_shape)
     return [(k, tuple(s), name) for k, s in specs]
 

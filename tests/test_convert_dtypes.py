@@ -14,6 +14,7 @@ from safetensors import safe_open
 from transformers import GPT2LMHeadModel
 
 from gpt2load import iter_tensors
+from gpt2load.build import dtype_name
 from gpt2load.errors import Gpt2LoadError
 from gpt2load.export import export
 from gpt2load.load import load_gpt2
@@ -38,14 +39,14 @@ def _logits(m):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("to, name", [("safetensors", "own"), ("safetensors", "m.safetensors"), ("hf", "hf")])
 def test_export_dtype_is_recorded_and_kept_on_load(model, tmp_path, to, name, dtype):
-    out = export(model, to, tmp_path / name, dtype=str(dtype).removeprefix("torch."))
+    out = export(model, to, tmp_path / name, dtype=dtype_name(dtype))
     weights = out if out.suffix == ".safetensors" else out / "model.safetensors"
     header, meta = read_header(weights)
     assert {e["dtype"] for e in header.values()} == {"BF16" if dtype == torch.bfloat16 else "F16"}
     if out.is_dir():
-        assert json.loads((out / "config.json").read_text())["torch_dtype"] == str(dtype).removeprefix("torch.")
+        assert json.loads((out / "config.json").read_text())["torch_dtype"] == dtype_name(dtype)
     else:
-        assert meta["dtype"] == str(dtype).removeprefix("torch.")
+        assert meta["dtype"] == dtype_name(dtype)
     back = load_gpt2(out, device="cpu")
     assert back.tok_emb.weight.dtype == dtype and back.out_head.weight is back.tok_emb.weight
     # The same weights and computation as casting the model itself: equal logits.
