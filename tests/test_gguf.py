@@ -1,10 +1,12 @@
 """GGUF export, checked by the file's own reader (the gguf package) and by llama.cpp itself (llama-cpp-python).
 
 The model is tiny but has GPT-2's real 50257-token vocabulary, so llama.cpp runs it with the tokenizer the file
-embeds. The llama.cpp checks skip, with the reason, where the `gguf-check` extra is not installed.
+embeds. The llama.cpp checks skip, with the reason, where the `gguf-check` extra is not installed (unless
+GPT2LOAD_REQUIRE_LLAMA is set, as in CI).
 """
 
 import importlib.util
+import os
 
 import numpy as np
 import pytest
@@ -33,8 +35,9 @@ TEXTS = [
     "before<|endoftext|>after <|endoftext|> again",
     "we'll they're I'M 12345 3.14159 $100",
 ]
+# CI sets GPT2LOAD_REQUIRE_LLAMA=1 so that a missing llama-cpp-python fails these tests instead of skipping them.
 needs_llama = pytest.mark.skipif(
-    importlib.util.find_spec("llama_cpp") is None,
+    importlib.util.find_spec("llama_cpp") is None and not os.environ.get("GPT2LOAD_REQUIRE_LLAMA"),
     reason="llama-cpp-python is not installed: pip install '.[gguf-check]' to check files with llama.cpp",
 )
 
