@@ -110,10 +110,21 @@ def gguf_names(n_layers: int) -> Iterator[tuple[str, list[str]]]:
 def gguf_tensor_parts(model: GPTModel) -> Iterator[tuple[str, list[torch.Tensor]]]:
     """(GGUF name, the GPTModel tensors it concatenates) in file order, without copying anything."""
     state = dict(model.named_parameters(remove_duplicate=False))
-    # A model without q/k/v biases (qkv_bias=False) still needs the fused bias llama.cpp loads: zeros.
-    zeros = torch.zeros(model.cfg.emb_dim, dtype=model.tok_emb.weight.dtype)
+    w = model.tok_emb.weight
+    if not model.cfg.qkv_bias:  # llama.cpp's gpt2 loads a fused q/k/v bias: zeros stand for the absent ones
+        zeros = torch.zeros(model.cfg.emb_dim, dtype=w.dtype, device=w.device)
+        for _, names in gguf_names(model.cfg.n_layers):
+            for n in names:
+                if ".att.W_" in n and n.endswith(".bias"):
+                    state.setdefault(n, zeros)
     for gname, names in gguf_names(model.cfg.n_layers):
-        yield gname, [state[n].detach() if n in state else zeros for n in names]
+        missing = [n for n in names if n not in state]
+        if missing:
+            raise Gpt2LoadError(
+                f"the model has no parameter {missing[0]} (adapters or wrapped layers?): merge or unwrap them "
+                "into a plain GPTModel before exporting GGUF"
+            )
+        yield gname, [state[n].detach() for n in names]
     if model.out_head.weight is not model.tok_emb.weight:
         name, (part,) = UNTIED_HEAD
         yield name, [state[part].detach()]

@@ -20,6 +20,7 @@ from gpt2load.errors import Gpt2LoadError
 from gpt2load.export import export
 from gpt2load.generate import generate
 from gpt2load.gguf import export_gguf, gguf_names
+from gpt2load.model import GPTModel
 from gpt2load.tokenizer import encode, tokenizer_from_folder
 
 gguf = pytest.importorskip("gguf", reason="the gguf package is not installed: pip install '.[gguf]'")
@@ -128,6 +129,20 @@ def test_classifier_and_unsuitable_models_are_refused(lm, tmp_path):
     with pytest.raises(Gpt2LoadError, match="unknown GGUF dtype"):
         export(lm, "gguf", tmp_path / "c.gguf", TOKENIZER_DIR, dtype="q4_k")
     assert not list(tmp_path.glob("*.gguf*"))  # nothing half-written
+
+
+def test_no_qkv_bias_gets_zero_biases_and_wrapped_layers_are_refused(tmp_path):
+    cfg = GPTConfig(vocab_size=50257, context_length=16, emb_dim=32, n_heads=2, n_layers=1, qkv_bias=False)
+    torch.manual_seed(0)
+    m = GPTModel(cfg).eval()
+    t = {t.name: t for t in gguf.GGUFReader(export_gguf(m, tmp_path / "nb.gguf", TOKENIZER_DIR, "f32")).tensors}
+    att = m.trf_blocks[0].att
+    qkv = torch.cat([att.W_query.weight, att.W_key.weight, att.W_value.weight]).detach().numpy()
+    assert np.array_equal(t["blk.0.attn_qkv.weight"].data.reshape(96, 32), qkv)
+    assert not t["blk.0.attn_qkv.bias"].data.any()
+    att.W_query = nn.Sequential(att.W_query)  # e.g. an adapter wrapped around the layer
+    with pytest.raises(Gpt2LoadError, match="W_query.weight"):
+        export_gguf(m, tmp_path / "w.gguf", TOKENIZER_DIR)
 
 
 def test_convert_cli_to_gguf_from_a_transformers_folder(lm, tmp_path):
