@@ -7,11 +7,13 @@ from .errors import Gpt2LoadError
 from .evaluation import evaluate
 from .export import export, export_hf, export_pth, save_model
 from .generation import generate, generate_stream
+from .gguf import export_gguf
 from .hub import download
 from .load import load_gpt2, load_tokenizer
 from .model import GPTModel, KVCache
 from .pretrain import train_on_files
 from .sampling import GenerationConfig
+from .tensors import iter_tensors
 from .text import complete
 from .training import TrainConfig, train
 
@@ -29,10 +31,12 @@ __all__ = [
     "download",
     "evaluate",
     "export",
+    "export_gguf",
     "export_hf",
     "export_pth",
     "generate",
     "generate_stream",
+    "iter_tensors",
     "left_pad",
     "load_gpt2",
     "load_tokenizer",
