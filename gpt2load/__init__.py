@@ -5,7 +5,7 @@ from .config import GPTConfig
 from .decoding import BookModelWarning, PromptTruncatedWarning, left_pad
 from .errors import Gpt2LoadError
 from .evaluation import evaluate
-from .export import export, export_hf, export_pth, save_model
+from .exports import export, export_hf, export_pth, save_model
 from .generation import generate, generate_stream
 from .gguf import export_gguf
 from .hub import download

@@ -12,6 +12,7 @@ from collections.abc import Callable
 
 from .errors import Gpt2LoadError
 from .fsutil import check_output
+from .train_cli import add_train_parser
 
 MAX_NEW_TOKENS = 1_000_000  # hours of decoding even for 124M: anything larger is a typo
 MAX_SEED = 2**64 - 1  # torch.manual_seed's range
@@ -136,7 +137,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from .export import export, is_folder_output, load_dtype
+    from .exports import export, is_folder_output, load_dtype
     from .load import load_gpt2, model_folder
 
     # the output is checked before the (slow) load, and again by the writer
@@ -289,17 +290,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--log-prompts", action="store_true", help="also log prompt text (never logged otherwise)")
     s.set_defaults(func=cmd_serve)
 
-    _add_optional_commands(sub)
+    add_train_parser(sub)  # training's many flags live beside it, in train_cli.py
     return parser
-
-
-def _add_optional_commands(sub) -> None:
-    """Subcommands whose parsers live beside their modules (training has many flags)."""
-    try:
-        from .train_cli import add_train_parser
-    except ImportError:
-        return
-    add_train_parser(sub)
 
 
 def main(argv: list[str] | None = None) -> int:

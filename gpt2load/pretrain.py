@@ -15,7 +15,7 @@ from torch import nn
 from .data import TokenWindows, WindowLoader, split_tokens, tokenize_files
 from .distributed import init_distributed, rank0_first, shutdown
 from .errors import Gpt2LoadError
-from .export import save_model
+from .exports import save_model
 from .fsutil import MARKER, RunLock, atomic_path, check_output, open_run_folder
 from .load import load_gpt2, load_tokenizer, model_folder
 from .model import GPTModel

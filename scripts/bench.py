@@ -32,14 +32,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     name = COMMANDS[argv[0]]
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    try:
-        module = importlib.import_module(name)
-    except ModuleNotFoundError as e:
-        if e.name != name:
-            raise
-        print(f"bench {argv[0]}: scripts/{name}.py does not exist yet", file=sys.stderr)
-        return 1
-    return module.main(argv[1:]) or 0
+    return importlib.import_module(name).main(argv[1:]) or 0
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ CHILD = """
 import json, re, sys, time
 import torch
 import gpt2load
-from gpt2load.export import export, load_dtype
+from gpt2load.exports import export, load_dtype
 src, to, dtype, out, tok = sys.argv[1:6]
 dtype = None if dtype == "-" else dtype
 def status(key):

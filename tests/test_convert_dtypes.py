@@ -16,7 +16,7 @@ from transformers import GPT2LMHeadModel
 from gpt2load import iter_tensors
 from gpt2load.build import dtype_name
 from gpt2load.errors import Gpt2LoadError
-from gpt2load.export import export
+from gpt2load.exports import export
 from gpt2load.load import load_gpt2
 from gpt2load.model import GPTModel, stored_state
 from gpt2load.stfile import read_header
@@ -135,7 +135,7 @@ STREAMING = textwrap.dedent(
     """
     import resource, sys, torch
     from gpt2load.config import GPTConfig
-    from gpt2load.export import export
+    from gpt2load.exports import export
     from gpt2load.model import GPTModel
     torch.set_num_threads(1)
     tok, fmt, dtype, out = sys.argv[1:5]

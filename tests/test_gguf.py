@@ -17,7 +17,7 @@ from torch import nn
 
 from gpt2load.config import GPTConfig
 from gpt2load.errors import Gpt2LoadError
-from gpt2load.export import export
+from gpt2load.exports import export
 from gpt2load.generation import generate
 from gpt2load.gguf import export_gguf, gguf_names
 from gpt2load.model import GPTModel
