@@ -31,6 +31,7 @@ FORMATS = ("safetensors", "hf", "pth", "gguf")
 _SHORT_NAMES = {"f32": "float32", "f16": "float16", "bf16": "bfloat16"}  # GGUF's names, accepted everywhere
 QUANTIZED = tuple(d for d in GGUF_DTYPES if d not in _SHORT_NAMES)
 QKV = ("query", "key", "value")
+MAX_PTH_CONTEXT = 8192  # the book's mask buffer is 4 * n * n bytes: 256 MiB at 8192
 
 
 def is_folder_output(to: str, out: str | Path) -> bool:
@@ -180,6 +181,12 @@ def export_pth(
     (a tied head shares tok_emb's storage, as a tied book model saves) and the book's `mask` buffers, in `dtype`
     (default the model's). `out`, `force`, `protect`: as for `save_model`."""
     out = Path(out)
+    n = model.cfg.context_length
+    if n > MAX_PTH_CONTEXT:  # the book's model carries a dense n x n mask: refuse before allocating it
+        raise Gpt2LoadError(
+            f"the book's .pth layout stores a {n}x{n} attention mask ({4 * n * n / 2**30:.1f} GiB) for a context of "
+            f"{n}; export a context over {MAX_PTH_CONTEXT} with --to safetensors or --to hf instead"
+        )
     state = _pth_state(model, export_dtype(model, dtype))
     with atomic_output_file(out, "pth", force=force, protect=protect) as tmp:
         torch.save(state, tmp)

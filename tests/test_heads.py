@@ -11,6 +11,7 @@ from torch import nn
 from transformers import GPT2LMHeadModel
 
 from gpt2load import Gpt2LoadError, GPTModel, export, load_gpt2, save_model
+from gpt2load.config import GPTConfig
 from gpt2load.model import config_from_book_dict
 
 X = torch.tensor([[3, 1, 4, 1, 5, 9, 2, 6]])
@@ -170,3 +171,11 @@ def test_exports_write_the_models_real_drop_rate(tmp_path):
     export(model, "hf", tmp_path / "hf")
     assert json.loads((tmp_path / "hf" / "config.json").read_text())["resid_pdrop"] == 0.1
     assert load_gpt2(tmp_path / "m.safetensors", device="cpu").drop_emb.p == 0.0
+
+
+def test_pth_export_refuses_a_context_whose_book_mask_would_be_huge(tmp_path):
+    """The book's layout carries a dense context x context mask: a 30000-token context would write 3.4 GiB."""
+    model = GPTModel(GPTConfig(vocab_size=64, context_length=30000, emb_dim=8, n_heads=2, n_layers=1))
+    with pytest.raises(Gpt2LoadError, match="30000x30000"):
+        export(model, "pth", tmp_path / "big.pth")
+    assert not (tmp_path / "big.pth").exists()
