@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 
@@ -69,4 +71,33 @@ def classify(
     return results
 
 
-__all__ = ["classify"]
+def classify_texts(
+    model: str | Path,
+    texts: Sequence[str],
+    *,
+    source: str = "hf",
+    weights_dir: str | Path | None = None,
+    device: str | None = None,
+    dtype: str | None = None,
+) -> dict:
+    """Load a fine-tuned classifier (its labels, pool and max_length from the file's metadata) and classify
+    `texts`: `{"results": [{"label": ..., "probs": {label: p}}]}` (what `gpt2load classify` prints)."""
+    from .load import load_gpt2, load_tokenizer, model_metadata
+
+    raw = model_metadata(model, source, weights_dir).get("classifier")
+    if raw is None:
+        raise Gpt2LoadError(
+            f"{model} is not a fine-tuned classifier (its metadata has no labels): make one with "
+            "gpt2load finetune classify"
+        )
+    try:
+        info = json.loads(raw)
+        labels, pool, max_length = info["labels"], info["pool"], info["max_length"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        raise Gpt2LoadError(f"{model}: the classifier metadata is damaged: fine-tune it again") from None
+    net = load_gpt2(model, source, weights_dir, device=device, dtype=dtype, quiet=True)
+    enc = load_tokenizer(model, source, weights_dir)
+    return {"results": classify(net, enc, texts, labels, pool=pool, max_length=max_length)}
+
+
+__all__ = ["classify", "classify_texts"]

@@ -57,15 +57,18 @@ def _copy_tokenizer(tokenizer_dir: Path | None, out: Path, names: tuple[str, str
             shutil.copyfile(src, out / name)
 
 
-def save_model(model: GPTModel, path: str | Path, tokenizer_dir: str | Path | None = None) -> Path:
+def save_model(
+    model: GPTModel, path: str | Path, tokenizer_dir: str | Path | None = None, metadata: dict[str, str] | None = None
+) -> Path:
     """Save in gpt2load's own form: a `.safetensors` file, or a folder with model.safetensors + config.json
-    (+ the tokenizer files when `tokenizer_dir` has them), loadable with `load_gpt2(path)`."""
+    (+ the tokenizer files when `tokenizer_dir` has them), loadable with `load_gpt2(path)`. `metadata` joins
+    the file's header metadata (e.g. a classifier's labels, an instruction model's prompt_template)."""
     path = Path(path)
     if path.suffix == ".safetensors":
-        write_own(path, model.cfg, _params(model).items())
+        write_own(path, model.cfg, _params(model).items(), metadata)
         return path
     with _atomic_dir(path) as tmp:
-        write_own(tmp / "model.safetensors", model.cfg, _params(model).items())
+        write_own(tmp / "model.safetensors", model.cfg, _params(model).items(), metadata)
         (tmp / "config.json").write_text(
             json.dumps({"model_type": OWN_FORMAT, "config": model.cfg.to_dict()}, indent=2) + "\n"
         )

@@ -284,3 +284,12 @@ def load_tokenizer(model: str | Path = "124M", source: str = "hf", weights_dir: 
 
     where = model_folder(model, source, weights_dir, quiet=True)
     return tokenizer_from_folder(where if where.is_dir() else where.parent)
+
+
+def model_metadata(model: str | Path, source: str = "hf", weights_dir: str | Path | None = None) -> dict[str, str]:
+    """The header metadata of a model saved in gpt2load's own form ({} for other forms): where fine-tuning
+    records what using the model needs (`classifier`, `prompt_template`)."""
+    src = inspect_path(model_folder(model, source, weights_dir, quiet=True))
+    if src.kind != "own" or src.path.suffix != ".safetensors":
+        return {}
+    return stfile.read_header(src.path)[1]

@@ -200,7 +200,8 @@ def is_derived(name: str) -> bool:
 
 def stored_state(model: GPTModel) -> dict[str, torch.Tensor]:
     """The model's state_dict without the derived entries: what gpt2load's files and checkpoints hold."""
-    return {k: v for k, v in model.state_dict().items() if not is_derived(k)}
+    tied = model.out_head.weight is model.tok_emb.weight
+    return {k: v for k, v in model.state_dict().items() if not is_derived(k) or (k == "out_head.weight" and not tied)}
 
 
 def causal_mask(n: int, device=None) -> torch.Tensor:

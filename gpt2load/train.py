@@ -132,7 +132,8 @@ def apply_freezing(model: GPTModel, spec: str = "all") -> list[nn.Parameter]:
     for p in model.parameters():
         p.requires_grad_(n is None)
     if n is not None:
-        for module in [*model.trf_blocks[-n:], model.final_norm]:
+        untied = [model.out_head] if model.out_head.weight is not model.tok_emb.weight else []
+        for module in [*model.trf_blocks[-n:], model.final_norm, *untied]:  # a new head always learns
             for p in module.parameters():
                 p.requires_grad_(True)
     return list({id(p): p for p in model.parameters() if p.requires_grad}.values())
@@ -429,11 +430,13 @@ def _find_resume_checkpoint(ck_dir: Path, device: torch.device, warn) -> tuple[P
 
 
 def _restore(path: Path, ck: dict, base: GPTModel, optimizer, schedule, train_layers: str) -> None:
+    tied = base.out_head.weight is base.tok_emb.weight
     missing, unexpected = base.load_state_dict(ck["model"], strict=False)
-    missing = [k for k in missing if not is_derived(k)]
+    missing = [k for k in missing if not (is_derived(k) and (tied or k != "out_head.weight"))]
     if missing or unexpected:
         raise Gpt2LoadError(f"{path} does not fit this model (it differs in {(missing + unexpected)[:3]})")
-    base.tie_weights()
+    if tied:
+        base.tie_weights()
     try:
         optimizer.load_state_dict(ck["optimizer"])
     except ValueError:
@@ -471,6 +474,7 @@ def train(
     progress: bool | None = None,
     log: Callable[[str], None] | None = None,
     run_info: dict | None = None,
+    metrics_fn: Callable[[nn.Module], dict] | None = None,
 ) -> list[dict]:
     """Train `model` in place on batches of (input ids, target ids) and return the metric rows.
 
@@ -498,6 +502,7 @@ def train(
         progress: a tqdm bar (default: only when stderr is a terminal).
         log: where progress lines go (default print on rank 0).
         run_info: extra settings stored in checkpoints and compared on resume (e.g. the data and batch size).
+        metrics_fn: called with the model at every evaluation; its dict joins the metrics row (e.g. accuracies).
     """
     from .build import pick_dtype
 
@@ -534,7 +539,10 @@ def train(
         if rank == 0:
             print(f"gpt2load: warning: {msg}", file=sys.stderr, flush=True)
 
-    trainable = apply_freezing(base, train_layers)
+    if train_layers is None:  # the caller chose (e.g. LoRA adapters and a new head)
+        trainable = list({id(p): p for p in base.parameters() if p.requires_grad}.values())
+    else:
+        trainable = apply_freezing(base, train_layers)
     total = _total_steps(max_steps, epochs, train_loader, grad_accum)
     warmup = round(0.05 * total) if warmup_steps is None else warmup_steps
     min_lr = lr / 10 if min_lr is None else min_lr
@@ -613,6 +621,7 @@ def train(
         with torch.random.fork_rng(devices=[]):  # opening a shuffling loader draws from the training RNG
             train_loss = evaluate(base, _eval_batches(train_loader, eval_batches), amp_dtype)
             val_loss = evaluate(base, _eval_batches(val_loader, eval_batches), amp_dtype) if val_loader else None
+            extra = metrics_fn(base) if metrics_fn else {}
         tps = timer["tokens"] / timer["train_s"] if timer["train_s"] > 0 else None
         timer.update(train_s=0.0, tokens=0)
         row = {
@@ -625,6 +634,7 @@ def train(
             "val_loss": val_loss,
             "val_ppl": _ppl(val_loss),
             "tokens_per_s": tps,
+            **extra,
         }
         rows.append(row)
         if rank != 0:
