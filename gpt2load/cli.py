@@ -104,8 +104,9 @@ def instruction_prompt(args: argparse.Namespace) -> str:
 def cmd_convert(args: argparse.Namespace) -> int:
     from .export import export
     from .load import load_gpt2, model_folder
+    from .lora import merge_lora
 
-    model = load_gpt2(args.model, args.source, args.weights_dir, device="cpu", quiet=args.quiet)
+    model = merge_lora(load_gpt2(args.model, args.source, args.weights_dir, device="cpu", quiet=args.quiet))
     where = model_folder(args.model, args.source, args.weights_dir, quiet=True)
     out = export(model, args.to, args.out, tokenizer_dir=where if where.is_dir() else where.parent)
     print(f"wrote {out}")

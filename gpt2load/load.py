@@ -17,11 +17,13 @@ from .build import model_from_tensors
 from .config import PRESETS, GPTConfig, read_hf_config, read_hparams, resolve_size
 from .convert import HF, OPENAI, convert_tensors, expected_shapes, strip_hf_prefix
 from .errors import Gpt2LoadError
+from .lora import load_adapters
 from .model import GPTModel, is_derived
 from .tfcheckpoint import TFCheckpoint
 
 CACHE_NAME = "gpt2load.safetensors"  # converted weights, beside the files they came from
 OWN_FORMAT = "gpt2load"
+ADAPTERS_KEY = "lora_adapters"  # metadata: the adapters file beside a model saved with --no-merge
 
 
 @dataclass
@@ -275,7 +277,22 @@ def load_gpt2(
         quiet: no progress bars.
     """
     src = cached_source(inspect_path(model_folder(model, source, weights_dir, quiet)), quiet)
-    return model_from_tensors(src.cfg, source_tensors(src), device=device, dtype=dtype)
+    return _with_adapters(model_from_tensors(src.cfg, source_tensors(src), device=device, dtype=dtype), src)
+
+
+def _with_adapters(model: GPTModel, src: Source) -> GPTModel:
+    """A model saved with unmerged LoRA adapters (fine-tuning's --no-merge) comes back with them on."""
+    if src.kind != "own" or src.path.suffix != ".safetensors":
+        return model
+    name = stfile.read_header(src.path)[1].get(ADAPTERS_KEY)
+    if name is None:
+        return model
+    path = src.path.parent / name
+    if not path.is_file():
+        raise Gpt2LoadError(
+            f"{src.path} was saved with its LoRA adapters in {path}, which is missing: put it back or fine-tune again"
+        )
+    return load_adapters(model, path)
 
 
 def load_tokenizer(model: str | Path = "124M", source: str = "hf", weights_dir: str | Path | None = None):

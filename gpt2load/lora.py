@@ -8,10 +8,15 @@ book (not the LoRA paper's alpha / rank), so the book's settings carry over unch
 
 from __future__ import annotations
 
+import json
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 from torch import nn
 
 from .errors import Gpt2LoadError
@@ -29,6 +34,8 @@ TARGET_MODULES: dict[str, tuple[str, ...]] = {
 }
 DEFAULT_TARGETS = ("attn", "ff")
 DEFAULT_ALPHA = 16.0  # the book's appendix-E setting
+ADAPTERS_NAME = "adapters.safetensors"  # beside model.safetensors in a model folder saved with --no-merge
+ADAPTERS_FORMAT = "gpt2load-lora"
 
 
 class LoRAAdapter(nn.Module):
@@ -109,6 +116,27 @@ def _set_module(model: nn.Module, path: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, leaf, module)
 
 
+def _wrap(model: nn.Module, paths: Sequence[str], rank: int, alpha: float) -> list[nn.Parameter]:
+    """Wrap the Linears at `paths` (all checked first), freeze the rest; the trainable parameters."""
+    if any(isinstance(m, LinearWithLoRA) for m in model.modules()):
+        raise Gpt2LoadError("the model already has LoRA adapters: merge them (merge_lora) before adding new ones")
+    for path in paths:
+        try:
+            linear = model.get_submodule(path)
+        except AttributeError:
+            raise Gpt2LoadError(f"the model has no module {path} to put a LoRA adapter on") from None
+        if not isinstance(linear, nn.Linear):
+            raise Gpt2LoadError(f"{path} is a {type(linear).__name__}, not an nn.Linear: LoRA cannot wrap it")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for path in paths:
+        _set_module(model, path, LinearWithLoRA(model.get_submodule(path), rank, alpha))
+    if model.out_head.weight is not model.tok_emb.weight:
+        for p in model.out_head.parameters():
+            p.requires_grad_(True)
+    return [p for p in model.parameters() if p.requires_grad]
+
+
 def add_lora(
     model: nn.Module, rank: int, alpha: float = DEFAULT_ALPHA, targets: str | Sequence[str] = DEFAULT_TARGETS
 ) -> list[nn.Parameter]:
@@ -124,20 +152,7 @@ def add_lora(
         targets: names from TARGET_MODULES ("attn", "ff", "query", "key", "value", "out", "head").
     """
     check_lora_settings(rank, alpha)
-    paths = _target_paths(model, parse_targets(targets))
-    if any(isinstance(m, LinearWithLoRA) for m in model.modules()):
-        raise Gpt2LoadError("the model already has LoRA adapters: merge them (merge_lora) before adding new ones")
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for path in paths:
-        linear = model.get_submodule(path)
-        if not isinstance(linear, nn.Linear):
-            raise Gpt2LoadError(f"{path} is a {type(linear).__name__}, not an nn.Linear: LoRA cannot wrap it")
-        _set_module(model, path, LinearWithLoRA(linear, rank, alpha))
-    if model.out_head.weight is not model.tok_emb.weight:
-        for p in model.out_head.parameters():
-            p.requires_grad_(True)
-    return [p for p in model.parameters() if p.requires_grad]
+    return _wrap(model, _target_paths(model, parse_targets(targets)), rank, alpha)
 
 
 def lora_modules(model: nn.Module) -> dict[str, LinearWithLoRA]:
@@ -162,6 +177,55 @@ def merge_lora(model: nn.Module) -> nn.Module:
     return model
 
 
+@contextmanager
+def without_adapters(model: nn.Module) -> Iterator[nn.Module]:
+    """The model with its original Linears in place of the wrappers for the duration (e.g. to save the base
+    weights), wrapped again afterwards."""
+    wrapped = lora_modules(model)
+    for path, m in wrapped.items():
+        _set_module(model, path, m.linear)
+    try:
+        yield model
+    finally:
+        for path, m in wrapped.items():
+            _set_module(model, path, m)
+
+
+def save_adapters(model: nn.Module, path: str | Path) -> Path:
+    """Write the adapters (tensors in the book's names, settings in the metadata) as a safetensors file."""
+    from .stfile import atomic_path
+
+    settings = lora_settings(model)
+    if settings is None:
+        raise Gpt2LoadError("the model has no LoRA adapters to save")
+    meta = {"format": ADAPTERS_FORMAT, "lora": json.dumps(settings)}
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in lora_state(model).items()}, str(tmp), meta)
+    return path
+
+
+def load_adapters(model: nn.Module, path: str | Path) -> nn.Module:
+    """Put the adapters of `path` (written by save_adapters) on `model`, in place; returns the model."""
+    path = Path(path)
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        settings = json.loads(meta["lora"])
+        rank, alpha, targets = int(settings["rank"]), float(settings["alpha"]), list(settings["targets"])
+    except (OSError, ValueError, KeyError, TypeError, SafetensorError) as e:
+        raise Gpt2LoadError(f"{path} is not a readable LoRA adapter file ({e}): save the adapters again") from None
+    check_lora_settings(rank, alpha)
+    _wrap(model, targets, rank, alpha)
+    device = model.tok_emb.weight.device
+    own = lora_state(model)
+    if own.keys() != tensors.keys() or any(own[k].shape != t.shape for k, t in tensors.items()):
+        raise Gpt2LoadError(f"{path} does not fit this model: its adapters are for other modules or sizes")
+    model.load_state_dict({k: t.to(device, own[k].dtype) for k, t in tensors.items()}, strict=False)
+    return model
+
+
 def lora_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """The adapter tensors alone, in the book's names (`<path>.lora.A`, `<path>.lora.B`)."""
     return {k: v for k, v in model.state_dict().items() if ".lora." in k}
@@ -178,6 +242,8 @@ __all__ = [
     "add_lora",
     "base_state",
     "lora_settings",
+    "load_adapters",
     "lora_state",
     "merge_lora",
+    "save_adapters",
 ]

@@ -19,8 +19,10 @@ from helpers import TOKENIZER_DIR, assert_clean_error, run_cli
 from safetensors.torch import load_file
 
 from gpt2load.config import GPTConfig
+from gpt2load.errors import Gpt2LoadError
 from gpt2load.export import save_model
-from gpt2load.load import model_metadata
+from gpt2load.load import load_gpt2, model_metadata
+from gpt2load.lora import lora_settings
 from gpt2load.model import GPTModel
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
@@ -169,11 +171,12 @@ def test_lora_training_lowers_the_loss(instruct_model, tmp_path):
     data = tmp_path / "data.json"
     data.write_text(json.dumps(RECORDS), encoding="utf-8")
     out = tmp_path / "run"
-    proc = run_cli(
+    cmd = [
         "finetune", "instruct", "--model", str(instruct_model), "--data", str(data), "--out", str(out),
         "--lora-rank", "4", "--max-steps", "6", "--lr", "1e-2", "--eval-every", "6", "--eval-batches", "1",
-        "--device", "cpu", "--quiet", timeout=600,
-    )  # fmt: skip
+        "--device", "cpu", "--quiet",
+    ]  # fmt: skip
+    proc = run_cli(*cmd, timeout=600)
     assert proc.returncode == 0, proc.stderr
     metrics = rows(out)
     assert metrics[-1]["train_loss"] < metrics[0]["train_loss"] - 0.2
@@ -182,6 +185,21 @@ def test_lora_training_lowers_the_loss(instruct_model, tmp_path):
     assert a.keys() == b.keys()
     assert torch.equal(a["tok_emb.weight"], b["tok_emb.weight"])  # not a LoRA target: untouched
     assert not torch.equal(a["trf_blocks.0.att.W_query.weight"], b["trf_blocks.0.att.W_query.weight"])
+
+    # --no-merge: the base weights plus adapters.safetensors, which loading puts back on
+    kept = tmp_path / "kept"
+    proc = run_cli(*cmd[:7], str(kept), *cmd[8:], "--no-merge", timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert torch.equal(load_file(kept / "final" / "model.safetensors")["trf_blocks.0.att.W_query.weight"],
+                       a["trf_blocks.0.att.W_query.weight"])  # fmt: skip
+    merged, adapted = load_gpt2(out / "final", device="cpu"), load_gpt2(kept / "final", device="cpu")
+    assert lora_settings(adapted)["rank"] == 4 and lora_settings(merged) is None
+    x = torch.tensor([[50256, 464, 3797, 318, 257]])
+    with torch.no_grad():
+        torch.testing.assert_close(adapted(x), merged(x), atol=1e-5, rtol=0)
+    (kept / "final" / "adapters.safetensors").unlink()
+    with pytest.raises(Gpt2LoadError, match="adapters.safetensors, which is missing"):
+        load_gpt2(kept / "final")
 
 
 @pytest.mark.parametrize(

@@ -9,7 +9,17 @@ from torch import nn
 
 from gpt2load.config import GPTConfig
 from gpt2load.errors import Gpt2LoadError
-from gpt2load.lora import LinearWithLoRA, add_lora, base_state, lora_settings, lora_state, merge_lora
+from gpt2load.lora import (
+    LinearWithLoRA,
+    add_lora,
+    base_state,
+    load_adapters,
+    lora_settings,
+    lora_state,
+    merge_lora,
+    save_adapters,
+    without_adapters,
+)
 from gpt2load.model import GPTModel
 
 CFG = GPTConfig(vocab_size=97, context_length=16, emb_dim=16, n_heads=2, n_layers=2)
@@ -105,3 +115,26 @@ def test_adding_twice_is_refused():
     add_lora(model, 2)
     with pytest.raises(Gpt2LoadError, match="already"):
         add_lora(model, 2)
+
+
+def test_adapters_save_and_load_onto_a_fresh_model(tmp_path):
+    model = tiny()
+    train_steps(model, add_lora(model, rank=3, alpha=4, targets="attn"), steps=5)
+    path = save_adapters(model, tmp_path / "adapters.safetensors")
+    with without_adapters(model):
+        assert not lora_settings(model)
+        base = {k: v.clone() for k, v in model.state_dict().items()}
+    assert lora_settings(model)["rank"] == 3
+    fresh = tiny()
+    fresh.load_state_dict(base)
+    load_adapters(fresh, path)
+    x = batch(7)
+    with torch.no_grad():
+        assert torch.equal(fresh(x), model(x))
+    assert lora_settings(fresh) == lora_settings(model)
+    other = GPTModel(GPTConfig(vocab_size=97, context_length=16, emb_dim=8, n_heads=2, n_layers=2))
+    with pytest.raises(Gpt2LoadError, match="does not fit"):
+        load_adapters(other, path)
+    (tmp_path / "bad.safetensors").write_bytes(b"nonsense")
+    with pytest.raises(Gpt2LoadError, match="not a readable LoRA adapter file"):
+        load_adapters(tiny(), tmp_path / "bad.safetensors")
