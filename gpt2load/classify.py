@@ -10,6 +10,7 @@ import torch
 
 from .errors import Gpt2LoadError
 from .finetune_data import encode_texts, pad_rows, pool_positions
+from .load import load_gpt2, load_tokenizer, model_metadata
 
 
 @torch.no_grad()
@@ -82,8 +83,6 @@ def classify_texts(
 ) -> dict:
     """Load a fine-tuned classifier (its labels, pool and max_length from the file's metadata) and classify
     `texts`: `{"results": [{"label": ..., "probs": {label: p}}]}` (what `gpt2load classify` prints)."""
-    from .load import load_gpt2, load_tokenizer, model_metadata
-
     raw = model_metadata(model, source, weights_dir).get("classifier")
     if raw is None:
         raise Gpt2LoadError(

@@ -17,7 +17,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .build import pick_device
+from .data import WindowLoader
 from .errors import Gpt2LoadError
+from .export import save_model
 from .finetune_data import (
     IGNORE_INDEX,
     POOLS,
@@ -29,6 +32,7 @@ from .finetune_data import (
     read_instructions,
     read_table,
 )
+from .load import ADAPTERS_KEY, load_gpt2, load_tokenizer, model_folder
 from .lora import (
     ADAPTERS_NAME,
     DEFAULT_ALPHA,
@@ -97,8 +101,6 @@ def _check_lora(lora_rank: int | None, lora_alpha: float, lora_targets) -> None:
 
 def _load(model, source, weights_dir, device, quiet):
     """(model in float32, tokenizer, the folder its tokenizer files are in)."""
-    from .load import load_gpt2, load_tokenizer, model_folder
-
     net = load_gpt2(model, source, weights_dir, device=device, quiet=quiet)
     enc = load_tokenizer(model, source, weights_dir)
     where = model_folder(model, source, weights_dir, quiet=True)
@@ -115,8 +117,6 @@ def _check_length(max_length: int | None, net) -> None:
 
 
 def _loader(data, batch_size: int, shuffle: bool, seed: int, what: str):
-    from .data import WindowLoader
-
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise Gpt2LoadError(f"--batch-size must be a positive integer, got {batch_size!r}")
     loader = WindowLoader(data, batch_size, shuffle=shuffle, seed=seed)
@@ -188,9 +188,6 @@ def _run(
 def _save_final(net, out: Path, tokenizer_dir: Path, metadata: dict[str, str], merge: bool) -> Path:
     """OUT/final: the model with its adapters merged, or (merge=False) the base weights plus adapters.safetensors,
     which the metadata names so that loading puts them back on (and a copy without them fails loudly)."""
-    from .export import save_model
-    from .load import ADAPTERS_KEY
-
     final = out / "final"
     if merge or lora_settings(net) is None:
         save_model(merge_lora(net), final, tokenizer_dir=tokenizer_dir, metadata=metadata)
@@ -250,8 +247,6 @@ def finetune_classify(
         merge: fold the adapters into the saved model (False keeps them in the checkpoints only).
         **options: passed to `train` (seed, dtype, resume, save_every, keep_checkpoints, progress).
     """
-    from .build import pick_device
-
     if pool not in POOLS:
         raise Gpt2LoadError(f"--pool {pool!r} is not one of {', '.join(POOLS)}")
     _check_lora(lora_rank, lora_alpha, lora_targets)
@@ -365,8 +360,6 @@ def finetune_instruct(
         lora_rank, lora_alpha, lora_targets, merge: LoRA adapters instead of full fine-tuning.
         **options: passed to `train` (seed, dtype, resume, save_every, keep_checkpoints, progress, ...).
     """
-    from .build import pick_device
-
     _check_lora(lora_rank, lora_alpha, lora_targets)
     records = {"--data": (data_file, read_instructions(data_file, "--data"))}
     if val_file is not None:

@@ -20,6 +20,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .errors import Gpt2LoadError
+from .stfile import atomic_path
 
 # Target names users pass (`--lora-targets`), each meaning module paths relative to one transformer block.
 # "head" is the model's output head, allowed only when it is not tied to the token embedding.
@@ -193,8 +194,6 @@ def without_adapters(model: nn.Module) -> Iterator[nn.Module]:
 
 def save_adapters(model: nn.Module, path: str | Path) -> Path:
     """Write the adapters (tensors in the book's names, settings in the metadata) as a safetensors file."""
-    from .stfile import atomic_path
-
     settings = lora_settings(model)
     if settings is None:
         raise Gpt2LoadError("the model has no LoRA adapters to save")
