@@ -16,6 +16,7 @@ from .config import hf_config_dict
 from .convert import HF, HF_PREFIX, to_source_layout
 from .errors import Gpt2LoadError
 from .load import OWN_FORMAT, write_own
+from .lora import ADAPTERS_KEY, ADAPTERS_NAME, lora_settings, merge_lora, save_adapters, without_adapters
 from .model import GPTModel, stored_state
 from .stfile import current_umask
 from .tokenizer import find_tokenizer_files
@@ -74,6 +75,21 @@ def save_model(
         )
         _copy_tokenizer(Path(tokenizer_dir) if tokenizer_dir else None, tmp, ("encoder.json", "vocab.bpe"))
     return path
+
+
+def save_finetuned(
+    model: GPTModel, folder: str | Path, tokenizer_dir: str | Path | None, metadata: dict[str, str], merge: bool = True
+) -> Path:
+    """Save a trained model folder: LoRA adapters merged in (the model is changed in place), or with
+    merge=False the base weights plus adapters.safetensors, named in the metadata so that loading puts them
+    back on and a copy without them fails loudly."""
+    folder = Path(folder)
+    if merge or lora_settings(model) is None:
+        return save_model(merge_lora(model), folder, tokenizer_dir, metadata)
+    with without_adapters(model):
+        save_model(model, folder, tokenizer_dir, {**metadata, ADAPTERS_KEY: ADAPTERS_NAME})
+    save_adapters(model, folder / ADAPTERS_NAME)
+    return folder
 
 
 def export_hf(model: GPTModel, out: str | Path, tokenizer_dir: str | Path | None = None) -> Path:

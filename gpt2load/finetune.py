@@ -20,7 +20,7 @@ from torch import nn
 from .build import pick_device
 from .data import WindowLoader
 from .errors import Gpt2LoadError
-from .export import save_model
+from .export import save_finetuned
 from .finetune_data import (
     IGNORE_INDEX,
     POOLS,
@@ -32,19 +32,8 @@ from .finetune_data import (
     read_instructions,
     read_table,
 )
-from .load import ADAPTERS_KEY, load_gpt2, load_tokenizer, model_folder
-from .lora import (
-    ADAPTERS_NAME,
-    DEFAULT_ALPHA,
-    DEFAULT_TARGETS,
-    add_lora,
-    check_lora_settings,
-    lora_settings,
-    merge_lora,
-    parse_targets,
-    save_adapters,
-    without_adapters,
-)
+from .load import load_gpt2, load_tokenizer, model_folder
+from .lora import DEFAULT_ALPHA, DEFAULT_TARGETS, check_lora_settings, parse_targets, setup_lora
 from .stfile import atomic_path
 from .train import MetricsLog, train
 
@@ -150,20 +139,9 @@ def _run(
     **options,
 ) -> list[dict]:
     """Add adapters (when asked), then the training loop with the book's constant learning rate."""
-    saved = lora_settings(net)  # a model saved with --no-merge comes with its adapters
-    if saved is not None and lora_rank is None:
-        merge_lora(net)
-    elif saved is not None:
-        if saved["rank"] != lora_rank:
-            raise Gpt2LoadError(
-                f"the model comes with LoRA adapters of rank {saved['rank']}: continue them with --lora-rank "
-                f"{saved['rank']}, or leave --lora-rank out to train the merged model"
-            )
-        run_info = {**run_info, "lora": [saved["rank"], saved["alpha"], ",".join(saved["targets"])]}
-    elif lora_rank is not None:
-        torch.manual_seed(options.get("seed", 123))  # the adapters' initial A follows the seed, as training does
-        add_lora(net, lora_rank, lora_alpha, lora_targets)
-        run_info = {**run_info, "lora": [lora_rank, lora_alpha, ",".join(parse_targets(lora_targets))]}
+    lora = setup_lora(net, lora_rank, lora_alpha, lora_targets, options.get("seed", 123))
+    if lora is not None:
+        run_info = {**run_info, "lora": lora}
     if epochs is None and max_steps is None:
         epochs = BOOK_DEFAULTS[task]["epochs"]
     lr = options.pop("lr")
@@ -178,7 +156,7 @@ def _run(
         min_lr=lr,  # the book fine-tunes at a constant rate, without warmup or clipping
         warmup_steps=0,
         grad_clip=0,
-        train_layers=None if lora_rank is not None else train_layers,
+        train_layers=None if lora is not None else train_layers,
         run_info=run_info,
         metrics_fn=metrics_fn,
         **options,
@@ -186,15 +164,7 @@ def _run(
 
 
 def _save_final(net, out: Path, tokenizer_dir: Path, metadata: dict[str, str], merge: bool) -> Path:
-    """OUT/final: the model with its adapters merged, or (merge=False) the base weights plus adapters.safetensors,
-    which the metadata names so that loading puts them back on (and a copy without them fails loudly)."""
-    final = out / "final"
-    if merge or lora_settings(net) is None:
-        save_model(merge_lora(net), final, tokenizer_dir=tokenizer_dir, metadata=metadata)
-    else:
-        with without_adapters(net):
-            save_model(net, final, tokenizer_dir=tokenizer_dir, metadata={**metadata, ADAPTERS_KEY: ADAPTERS_NAME})
-        save_adapters(net, final / ADAPTERS_NAME)
+    final = save_finetuned(net, out / "final", tokenizer_dir, metadata, merge)
     print(f"gpt2load: saved the fine-tuned model in {final}", flush=True)
     return final
 

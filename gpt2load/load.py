@@ -17,13 +17,12 @@ from .build import model_from_tensors
 from .config import PRESETS, GPTConfig, read_hf_config, read_hparams, resolve_size
 from .convert import HF, OPENAI, convert_tensors, expected_shapes, strip_hf_prefix
 from .errors import Gpt2LoadError
-from .lora import load_adapters
+from .lora import ADAPTERS_KEY, load_adapters
 from .model import GPTModel, is_derived
 from .tfcheckpoint import TFCheckpoint
 
 CACHE_NAME = "gpt2load.safetensors"  # converted weights, beside the files they came from
 OWN_FORMAT = "gpt2load"
-ADAPTERS_KEY = "lora_adapters"  # metadata: the adapters file beside a model saved with --no-merge
 
 
 @dataclass

@@ -37,6 +37,7 @@ DEFAULT_TARGETS = ("attn", "ff")
 DEFAULT_ALPHA = 16.0  # the book's appendix-E setting
 ADAPTERS_NAME = "adapters.safetensors"  # beside model.safetensors in a model folder saved with --no-merge
 ADAPTERS_FORMAT = "gpt2load-lora"
+ADAPTERS_KEY = "lora_adapters"  # model file metadata: the adapters file that belongs to it
 
 
 class LoRAAdapter(nn.Module):
@@ -154,6 +155,39 @@ def add_lora(
     """
     check_lora_settings(rank, alpha)
     return _wrap(model, _target_paths(model, parse_targets(targets)), rank, alpha)
+
+
+def setup_lora(
+    model: nn.Module, rank: int | None, alpha: float, targets: str | Sequence[str], seed: int
+) -> list | None:
+    """What a training run's LoRA flags mean for `model`, applied in place; the adapters' settings for the run's
+    record, or None when the run trains without adapters.
+
+    A model that comes with adapters (saved unmerged) continues them when `rank` matches, and is merged first
+    when `rank` is None; otherwise `rank` adds fresh adapters, their random A drawn from `seed`.
+    """
+    saved = lora_settings(model)
+    if saved is not None and rank is None:
+        merge_lora(model)
+        return None
+    if saved is not None:
+        if saved["rank"] != rank:
+            raise Gpt2LoadError(
+                f"the model comes with LoRA adapters of rank {saved['rank']}: continue them with --lora-rank "
+                f"{saved['rank']}, or leave --lora-rank out to train the merged model"
+            )
+        for p in model.parameters():  # as add_lora leaves it: adapters and an untied head
+            p.requires_grad_(False)
+        for m in [*lora_modules(model).values()]:
+            m.lora.requires_grad_(True)
+        if model.out_head.weight is not model.tok_emb.weight:
+            model.out_head.requires_grad_(True)
+        return [saved["rank"], saved["alpha"], ",".join(saved["targets"])]
+    if rank is None:
+        return None
+    torch.manual_seed(seed)  # like the training loop, which seeds the same way
+    add_lora(model, rank, alpha, targets)
+    return [rank, alpha, ",".join(parse_targets(targets))]
 
 
 def lora_modules(model: nn.Module) -> dict[str, LinearWithLoRA]:

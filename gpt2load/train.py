@@ -36,6 +36,7 @@ from .checkpoint import (
     set_rng_state,
 )
 from .errors import Gpt2LoadError
+from .lora import DEFAULT_ALPHA, DEFAULT_TARGETS, check_lora_settings, parse_targets, setup_lora
 from .model import GPTModel, is_derived, stored_state
 from .stfile import atomic_path
 
@@ -724,6 +725,10 @@ def train_on_files(
     device: str | None = None,
     cache_dir: str | Path | None = None,
     quiet: bool = False,
+    lora_rank: int | None = None,
+    lora_alpha: float = DEFAULT_ALPHA,
+    lora_targets: str | Sequence[str] = DEFAULT_TARGETS,
+    merge: bool = True,
     **options,
 ) -> Path:
     """Continue pretraining `model` on text files and save the result in `out/final` (gpt2load's own form,
@@ -742,6 +747,8 @@ def train_on_files(
         device: cpu, cuda, mps (default: the best available).
         cache_dir: where token caches go (default out/tokens).
         quiet: no download/tokenizing messages.
+        lora_rank, lora_alpha, lora_targets: train LoRA adapters only (see lora.add_lora).
+        merge: save the adapters merged into the model (False: beside it, see export.save_finetuned).
         **options: passed to `train` (max_steps, epochs, grad_accum, lr, ..., resume, sample_prompt).
     """
     from .data import TokenWindows, WindowLoader, split_tokens, tokenize_files
@@ -754,6 +761,9 @@ def train_on_files(
         raise Gpt2LoadError("no training data given: pass one or more text files or folders with --data")
     if val_data is None:
         split_tokens(np.zeros(0, np.uint16), val_ratio)  # checks the ratio before anything slow
+    if lora_rank is not None:
+        check_lora_settings(lora_rank, lora_alpha)
+        parse_targets(lora_targets)
     rank, world, dev = init_distributed(device)
     try:
         out = Path(out)
@@ -800,13 +810,17 @@ def train_on_files(
             val_loader = WindowLoader(val_w, batch_size, shuffle=False, rank=rank, world_size=world)
         info = {"batch_size": batch_size, "context_length": length, "stride": stride or length, "dropout": dropout}
         info["train_tokens"], info["val_tokens"] = len(train_tokens), len(val_tokens) if val_tokens is not None else 0
+        lora = setup_lora(net, lora_rank, lora_alpha, lora_targets, seed)
+        if lora is not None:
+            info["lora"] = lora
+            options["train_layers"] = None  # the adapters alone train
         train(net, train_loader, val_loader, out_dir=out, tokenizer=enc, run_info=info, **options)
         final = out / "final"
         if rank == 0:
-            from .export import save_model
+            from .export import save_finetuned
 
             where = model_folder(model, source, weights_dir, quiet=True)
-            save_model(net, final, tokenizer_dir=where if where.is_dir() else where.parent)
+            save_finetuned(net, final, where if where.is_dir() else where.parent, {}, merge)
             print(f"gpt2load: saved the trained model in {final}", flush=True)
         return final
     finally:

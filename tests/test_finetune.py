@@ -250,3 +250,22 @@ def test_bad_instruction_data_is_one_line_and_writes_nothing(instruct_model, tmp
     )
     assert_clean_error(proc, needle, str(data))
     assert not out.exists()
+
+
+def test_train_with_lora_rank_4_lowers_the_loss(model_dir, tmp_path):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("The cat sat on the mat. The dog sat on the log.\n" * 60, encoding="utf-8")
+    out = tmp_path / "run"
+    proc = run_cli(
+        "train", "--model", str(model_dir), "--data", str(corpus), "--out", str(out), "--lora-rank", "4",
+        "--lora-alpha", "2", "--max-steps", "8", "--context-length", "16", "--lr", "1e-2", "--eval-every", "8",
+        "--eval-batches", "2", "--batch-size", "4", "--device", "cpu", "--quiet",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    metrics = rows(out)
+    assert metrics[-1]["train_loss"] < metrics[0]["train_loss"] - 0.2
+    a, b = load_file(model_dir / "model.safetensors"), load_file(out / "final" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for name in a:  # merged: only the adapted Linears' weights moved
+        adapted = name.endswith(".weight") and any(t in name for t in ("W_query", "W_key", "W_value", "out_proj", "ff"))
+        assert torch.equal(a[name], b[name]) != adapted, name
