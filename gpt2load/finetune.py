@@ -237,8 +237,9 @@ def finetune_classify(
         for flag, (p, t, lab) in sets.items()
     }
     seed = options.get("seed", 123)
-    torch.manual_seed(seed)  # the new head's initial weights follow the seed (a resumed run loads them)
-    net.out_head = nn.Linear(net.cfg.emb_dim, len(names)).to(net.tok_emb.weight.device)
+    with torch.random.fork_rng(devices=[]):  # the new head's initial weights follow the seed, nothing else
+        torch.manual_seed(seed)
+        net.out_head = nn.Linear(net.cfg.emb_dim, len(names)).to(net.tok_emb.weight.device)
     train_loader = _loader(data["--train"], batch_size, True, seed, f"--train {train_file}")
     val_loader = _loader(data["--val"], batch_size, False, seed, f"--val {val_file}")
 

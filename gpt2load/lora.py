@@ -185,8 +185,9 @@ def setup_lora(
         return [saved["rank"], saved["alpha"], ",".join(saved["targets"])]
     if rank is None:
         return None
-    torch.manual_seed(seed)  # like the training loop, which seeds the same way
-    add_lora(model, rank, alpha, targets)
+    with torch.random.fork_rng(devices=[]):  # the caller's RNG stays as it was
+        torch.manual_seed(seed)
+        add_lora(model, rank, alpha, targets)
     return [rank, alpha, ",".join(parse_targets(targets))]
 
 
