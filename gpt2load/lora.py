@@ -67,6 +67,14 @@ class LinearWithLoRA(nn.Module):
         w = linear.weight
         self.lora = LoRAAdapter(linear.in_features, linear.out_features, rank, alpha, w.device, w.dtype)
 
+    @property
+    def in_features(self) -> int:
+        return self.linear.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.linear.out_features
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.linear(x) + self.lora(x)
 
@@ -104,7 +112,7 @@ def _target_paths(model: nn.Module, names: Iterable[str]) -> list[str]:
         for name in names:
             paths += [f"trf_blocks.{i}.{p}" for p in TARGET_MODULES[name] if f"trf_blocks.{i}.{p}" not in paths]
     if "head" in names:
-        if model.out_head.weight is model.tok_emb.weight:
+        if getattr(model.out_head, "weight", None) is model.tok_emb.weight:
             raise Gpt2LoadError(
                 "--lora-targets head needs an output head of its own: this model's head is tied to the token "
                 "embedding (a classifier's new head is not)"
@@ -133,10 +141,17 @@ def _wrap(model: nn.Module, paths: Sequence[str], rank: int, alpha: float) -> li
         p.requires_grad_(False)
     for path in paths:
         _set_module(model, path, LinearWithLoRA(model.get_submodule(path), rank, alpha))
-    if model.out_head.weight is not model.tok_emb.weight:
-        for p in model.out_head.parameters():
-            p.requires_grad_(True)
+    _train_adapters_and_own_head(model)
     return [p for p in model.parameters() if p.requires_grad]
+
+
+def _train_adapters_and_own_head(model: nn.Module) -> None:
+    """Adapters train, and a head of the model's own (a new classifier) unless it has an adapter itself."""
+    for m in lora_modules(model).values():
+        m.lora.requires_grad_(True)
+    head = getattr(model.out_head, "weight", None)  # a wrapped head has none: its adapter trains instead
+    if head is not None and head is not model.tok_emb.weight:
+        model.out_head.requires_grad_(True)
 
 
 def add_lora(
@@ -176,12 +191,9 @@ def setup_lora(
                 f"the model comes with LoRA adapters of rank {saved['rank']}: continue them with --lora-rank "
                 f"{saved['rank']}, or leave --lora-rank out to train the merged model"
             )
-        for p in model.parameters():  # as add_lora leaves it: adapters and an untied head
+        for p in model.parameters():  # as add_lora leaves it
             p.requires_grad_(False)
-        for m in [*lora_modules(model).values()]:
-            m.lora.requires_grad_(True)
-        if model.out_head.weight is not model.tok_emb.weight:
-            model.out_head.requires_grad_(True)
+        _train_adapters_and_own_head(model)
         return [saved["rank"], saved["alpha"], ",".join(saved["targets"])]
     if rank is None:
         return None

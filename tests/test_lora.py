@@ -94,6 +94,20 @@ def test_new_head_trains_and_head_target_needs_an_untied_head():
     assert len(trainable) == 2 * 2 * 2 + 2
 
 
+def test_a_new_head_can_take_an_adapter_itself():
+    model = tiny()
+    model.out_head = nn.Linear(16, 3)
+    x = batch()
+    before = model(x)
+    add_lora(model, 2, 4, targets="attn,head")
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert {"out_head.lora.A", "out_head.lora.B"} <= names and "out_head.linear.weight" not in names
+    assert model.out_head.out_features == 3
+    torch.testing.assert_close(model(x), before, atol=0, rtol=0)
+    merge_lora(model)
+    assert isinstance(model.out_head, nn.Linear)
+
+
 @pytest.mark.parametrize(
     "kwargs, needle",
     [
