@@ -152,3 +152,12 @@ def test_adapters_save_and_load_onto_a_fresh_model(tmp_path):
     (tmp_path / "bad.safetensors").write_bytes(b"nonsense")
     with pytest.raises(Gpt2LoadError, match="not a readable LoRA adapter file"):
         load_adapters(tiny(), tmp_path / "bad.safetensors")
+
+
+def test_the_books_appendix_e_count():
+    """The book wraps every Linear of the 124M classifier at rank 16: 2,666,528 trainable parameters."""
+    with torch.device("meta"):
+        model = GPTModel(GPTConfig.from_name("124M"))
+        model.out_head = nn.Linear(768, 2)
+        trainable = add_lora(model, 16, 16, targets="attn,ff,head")
+    assert sum(p.numel() for p in trainable) == 2_666_528
