@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from .config import hf_config_dict
 from .convert import HF, HF_PREFIX, to_source_layout
 from .errors import Gpt2LoadError
 from .load import OWN_FORMAT, write_own
-from .lora import ADAPTERS_KEY, ADAPTERS_NAME, lora_settings, merge_lora, save_adapters, without_adapters
+from .lora import ADAPTERS_KEY, ADAPTERS_NAME, lora_settings, lora_state, merge_lora, without_adapters, write_adapters
 from .model import GPTModel, stored_state
 from .stfile import current_umask
 from .tokenizer import find_tokenizer_files
@@ -59,11 +60,16 @@ def _copy_tokenizer(tokenizer_dir: Path | None, out: Path, names: tuple[str, str
 
 
 def save_model(
-    model: GPTModel, path: str | Path, tokenizer_dir: str | Path | None = None, metadata: dict[str, str] | None = None
+    model: GPTModel,
+    path: str | Path,
+    tokenizer_dir: str | Path | None = None,
+    metadata: dict[str, str] | None = None,
+    write_extra: Callable[[Path], object] | None = None,
 ) -> Path:
     """Save in gpt2load's own form: a `.safetensors` file, or a folder with model.safetensors + config.json
     (+ the tokenizer files when `tokenizer_dir` has them), loadable with `load_gpt2(path)`. `metadata` joins
-    the file's header metadata (e.g. a classifier's labels, an instruction model's prompt_template)."""
+    the file's header metadata (e.g. a classifier's labels, an instruction model's prompt_template);
+    `write_extra(folder)` adds files to a folder before it appears (e.g. LoRA adapters)."""
     path = Path(path)
     if path.suffix == ".safetensors":
         write_own(path, model.cfg, _params(model).items(), metadata)
@@ -74,6 +80,8 @@ def save_model(
             json.dumps({"model_type": OWN_FORMAT, "config": model.cfg.to_dict()}, indent=2) + "\n"
         )
         _copy_tokenizer(Path(tokenizer_dir) if tokenizer_dir else None, tmp, ("encoder.json", "vocab.bpe"))
+        if write_extra is not None:
+            write_extra(tmp)
     return path
 
 
@@ -81,15 +89,20 @@ def save_finetuned(
     model: GPTModel, folder: str | Path, tokenizer_dir: str | Path | None, metadata: dict[str, str], merge: bool = True
 ) -> Path:
     """Save a trained model folder: LoRA adapters merged in (the model is changed in place), or with
-    merge=False the base weights plus adapters.safetensors, named in the metadata so that loading puts them
-    back on and a copy without them fails loudly."""
+    merge=False the base weights plus adapters.safetensors (one folder, written at once), named in the metadata
+    so that loading puts them back on and a copy without them fails loudly."""
     folder = Path(folder)
     if merge or lora_settings(model) is None:
         return save_model(merge_lora(model), folder, tokenizer_dir, metadata)
+    settings, tensors = lora_settings(model), lora_state(model)
     with without_adapters(model):
-        save_model(model, folder, tokenizer_dir, {**metadata, ADAPTERS_KEY: ADAPTERS_NAME})
-    save_adapters(model, folder / ADAPTERS_NAME)
-    return folder
+        return save_model(
+            model,
+            folder,
+            tokenizer_dir,
+            {**metadata, ADAPTERS_KEY: ADAPTERS_NAME},
+            lambda tmp: write_adapters(tmp / ADAPTERS_NAME, settings, tensors),
+        )
 
 
 def export_hf(model: GPTModel, out: str | Path, tokenizer_dir: str | Path | None = None) -> Path:

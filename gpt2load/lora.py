@@ -244,10 +244,15 @@ def save_adapters(model: nn.Module, path: str | Path) -> Path:
     settings = lora_settings(model)
     if settings is None:
         raise Gpt2LoadError("the model has no LoRA adapters to save")
+    return write_adapters(path, settings, lora_state(model))
+
+
+def write_adapters(path: str | Path, settings: dict, tensors: dict[str, torch.Tensor]) -> Path:
+    """save_adapters from what lora_settings and lora_state gave (e.g. before the adapters were taken off)."""
     meta = {"format": ADAPTERS_FORMAT, "lora": json.dumps(settings)}
     path = Path(path)
     with atomic_path(path) as tmp:
-        save_file({k: v.detach().cpu().contiguous() for k, v in lora_state(model).items()}, str(tmp), meta)
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), meta)
     return path
 
 
@@ -292,4 +297,5 @@ __all__ = [
     "lora_state",
     "merge_lora",
     "save_adapters",
+    "write_adapters",
 ]
