@@ -3,27 +3,37 @@
 from .beam import beam_search
 from .classify import classify
 from .config import GPTConfig
-from .download import download
+from .decoding import BookModelWarning, PromptTruncatedWarning, left_pad
 from .errors import Gpt2LoadError
+from .evaluation import evaluate
 from .export import export, export_hf, export_pth, save_model
 from .finetune import finetune_classify, finetune_instruct
-from .generate import complete, generate, generate_stream
+from .generation import generate, generate_stream
+from .hub import download
 from .load import load_gpt2, load_tokenizer
 from .lora import add_lora, merge_lora
 from .model import GPTModel, KVCache
+from .pretrain import train_on_files
+from .sampling import GenerationConfig
 from .templates import format_instruction
-from .train import train, train_on_files
+from .text import complete
+from .training import TrainConfig, train
 
 __all__ = [
+    "BookModelWarning",
     "GPTConfig",
     "GPTModel",
+    "GenerationConfig",
     "Gpt2LoadError",
     "KVCache",
+    "PromptTruncatedWarning",
+    "TrainConfig",
     "add_lora",
     "beam_search",
     "classify",
     "complete",
     "download",
+    "evaluate",
     "export",
     "export_hf",
     "export_pth",
@@ -32,6 +42,7 @@ __all__ = [
     "format_instruction",
     "generate",
     "generate_stream",
+    "left_pad",
     "load_gpt2",
     "load_tokenizer",
     "merge_lora",

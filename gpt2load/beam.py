@@ -17,10 +17,11 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
+from .decoding import check_context, check_prompt, make_decoder, model_vocab
 from .errors import Gpt2LoadError
-from .generate import Decoder, check_context, check_lengths, check_prompt
-from .model import GPTModel
+from .sampling import GenerationConfig, check_lengths
 from .tokenizer import EOT_ID
 
 _NEG = -1.0e9  # transformers' "impossible" score
@@ -57,7 +58,7 @@ def check_beam(num_beams: int, num_return_sequences: int, length_penalty: float,
 
 
 def beam_search(
-    model: GPTModel,
+    model: nn.Module,
     idx: torch.Tensor,
     max_new_tokens: int,
     num_beams: int,
@@ -71,7 +72,7 @@ def beam_search(
     """The most likely continuations of each prompt row by beam search (deterministic).
 
     Args:
-        model: a GPTModel.
+        model: a GPTModel, or any model called as `logits = model(idx)` (see `generate`).
         idx: token ids [B, T] (rows of the same length).
         max_new_tokens: the longest continuation.
         num_beams: beams kept per prompt.
@@ -90,8 +91,7 @@ def beam_search(
     check_lengths(max_new_tokens)
     check_beam(num_beams, num_return_sequences, length_penalty, early_stopping)
     check_context(model, context_size)
-    if eos_id is not None and not 0 <= eos_id < model.cfg.vocab_size:
-        raise Gpt2LoadError(f"eos_id {eos_id} is outside the model's vocabulary of {model.cfg.vocab_size} tokens")
+    GenerationConfig(max_new_tokens, eos_id=eos_id).check_vocab(model_vocab(model))
     with torch.inference_mode():
         result = _search(
             model,
@@ -112,6 +112,11 @@ def _gather(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return t[torch.arange(t.shape[0], device=t.device)[:, None], index]
 
 
+def _widen(t: torch.Tensor, cap: int, pad: int) -> torch.Tensor:
+    """t [B, K, n] padded on the right to [B, K, cap]."""
+    return torch.cat((t, t.new_full((*t.shape[:2], cap - t.shape[2]), pad)), 2)
+
+
 def _search(model, idx, L, K, lp, early_stopping, eos_id, n_return, context_size):
     B, P = idx.shape
     device = idx.device
@@ -122,7 +127,7 @@ def _search(model, idx, L, K, lp, early_stopping, eos_id, n_return, context_size
             torch.zeros(B * n_return, device=device),
             torch.zeros(B * n_return, dtype=torch.long, device=device),
         )
-    dec = Decoder(model, idx, L, context_size)
+    dec = make_decoder(model, idx, L, context_size)
     dec.reorder(torch.arange(B, device=device).repeat_interleave(K))  # K copies of each prompt's cache
     n_cand = 2 * K  # enough candidates that K of them always continue (at most K can end with EOS)
     in_top_k = torch.arange(n_cand, device=device) < K
@@ -130,15 +135,19 @@ def _search(model, idx, L, K, lp, early_stopping, eos_id, n_return, context_size
 
     run_scores = torch.zeros(B, K, device=device)
     run_scores[:, 1:] = _NEG  # the beams start identical: only the first one may expand
-    run_tokens = torch.full((B, K, L), pad, dtype=torch.long, device=device)
+    cap = min(L, 64)  # token columns held; grows with use, so a huge max_new_tokens allocates nothing up front
+    run_tokens = torch.full((B, K, cap), pad, dtype=torch.long, device=device)
     fin_scores = torch.full((B, K), _NEG, device=device)
-    fin_tokens = torch.full((B, K, L), pad, dtype=torch.long, device=device)
+    fin_tokens = torch.full((B, K, cap), pad, dtype=torch.long, device=device)
     fin_len = torch.zeros(B, K, dtype=torch.long, device=device)
     fin_done = torch.zeros(B, K, dtype=torch.bool, device=device)
     improvable = torch.ones(B, 1, dtype=torch.bool, device=device)  # may a running beam still beat the finished?
 
     logits = dec.logits
     for step in range(1, L + 1):
+        if step > cap:
+            cap = min(L, 2 * cap)
+            run_tokens, fin_tokens = (_widen(t, cap, pad) for t in (run_tokens, fin_tokens))
         logp = F.log_softmax(logits.float(), dim=-1)
         V = logp.shape[-1]
         total = (logp.view(B, K, V) + run_scores[:, :, None]).view(B, K * V)
@@ -180,7 +189,7 @@ def _search(model, idx, L, K, lp, early_stopping, eos_id, n_return, context_size
 
     scores = fin_scores[:, :n_return].reshape(-1)
     lengths = fin_len[:, :n_return].reshape(-1)
-    new = fin_tokens[:, :n_return].reshape(B * n_return, L)[:, : int(lengths.max())]
+    new = fin_tokens[:, :n_return].reshape(B * n_return, cap)[:, : int(lengths.max())]
     return torch.cat((idx.repeat_interleave(n_return, 0), new), 1), scores, lengths
 
 

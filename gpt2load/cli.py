@@ -4,12 +4,50 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import warnings
 from collections.abc import Callable
 
 from .errors import Gpt2LoadError
+from .fsutil import check_output
+
+MAX_NEW_TOKENS = 1_000_000  # hours of decoding even for 124M: anything larger is a typo
+MAX_SEED = 2**64 - 1  # torch.manual_seed's range
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage mistakes as one line and exit 1, like every other gpt2load failure."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(1, f"gpt2load: error: {message} (see `{self.prog} --help`)\n")
+
+
+def whole(lo: int, hi: int) -> Callable[[str], int]:
+    """An argparse type: a whole number from lo to hi, refused with one line before anything runs."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if not lo <= value <= hi:
+            raise argparse.ArgumentTypeError(f"{value} is out of range: use {lo} to {hi:,}")
+        return value
+
+    return parse
+
+
+def finite(text: str) -> float:
+    """An argparse type: a finite number (no nan or inf)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text} is not a finite number")
+    return value
 
 
 def _bool_or_never(text: str) -> bool | str:
@@ -32,16 +70,32 @@ def _model_args(p: argparse.ArgumentParser, positional: bool = False) -> None:
     p.add_argument("--weights-dir", default=None, help="download folder (default $GPT2LOAD_WEIGHTS_DIR or ./weights)")
 
 
+def _no_cache_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--no-cache",
+        action="store_true",
+        help="convert OpenAI/HF weights in memory instead of caching the conversion in $GPT2LOAD_CACHE_DIR "
+        "(default ~/.cache/gpt2load/converted); GPT2LOAD_NO_CACHE=1 does the same",
+    )
+
+
+def _cache(args: argparse.Namespace) -> bool | None:
+    return False if args.no_cache else None  # None: the environment decides
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
-    from .generate import PromptTruncatedWarning, complete
+    from .decoding import PromptTruncatedWarning
     from .load import load_gpt2, load_tokenizer
+    from .text import complete
 
     quiet = args.json or args.quiet
     instructed = args.instruction is not None
     if args.input is not None and not instructed:
         raise Gpt2LoadError("--input goes with --instruction (it is the instruction's input): add --instruction")
     prompt = instruction_prompt(args) if instructed else args.prompt
-    model = load_gpt2(args.model, args.source, args.weights_dir, args.device, args.dtype, quiet=quiet)
+    model = load_gpt2(
+        args.model, args.source, args.weights_dir, args.device, args.dtype, quiet=quiet, cache=_cache(args)
+    )
     enc = load_tokenizer(args.model, args.source, args.weights_dir)
     streaming = not args.json and args.num_beams == 1 and args.num_return_sequences == 1
 
@@ -102,13 +156,17 @@ def instruction_prompt(args: argparse.Namespace) -> str:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from .export import export
+    from .export import export, is_folder_output
     from .load import load_gpt2, model_folder
     from .lora import merge_lora
 
-    model = merge_lora(load_gpt2(args.model, args.source, args.weights_dir, device="cpu", quiet=args.quiet))
-    where = model_folder(args.model, args.source, args.weights_dir, quiet=True)
-    out = export(model, args.to, args.out, tokenizer_dir=where if where.is_dir() else where.parent)
+    # the output is checked before the (slow) load, and again by the writer
+    where = model_folder(args.model, args.source, args.weights_dir, quiet=args.quiet)
+    check_output(args.out, args.to, folder=is_folder_output(args.to, args.out), force=args.force, protect=[where])
+    model = load_gpt2(args.model, args.source, args.weights_dir, device="cpu", quiet=args.quiet, cache=_cache(args))
+    merge_lora(model)  # a model saved with --no-merge is exported as the one model it computes
+    folder = where if where.is_dir() else where.parent
+    out = export(model, args.to, args.out, tokenizer_dir=folder, force=args.force, protect=[where])
     print(f"wrote {out}")
     return 0
 
@@ -120,21 +178,42 @@ def cmd_info(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(data, indent=2))
     else:
+        width = max(len(key) for key in data) + 2
         for key, value in data.items():
-            print(f"{key + ':':<16}{value}")
+            print(f"{key + ':':<{width}}{value}")
     return 0
 
 
 def cmd_download(args: argparse.Namespace) -> int:
-    from .download import download
+    from .hub import download
 
     path = download(args.model, args.source, args.weights_dir, revision=args.revision, quiet=args.quiet)
     print(path)
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .serve import serve
+
+    serve(
+        args.model,
+        args.source,
+        args.weights_dir,
+        host=args.host,
+        port=args.port,
+        api_key=args.api_key,
+        device=args.device,
+        dtype=args.dtype,
+        max_batch_size=args.max_batch_size,
+        max_queue=args.max_queue,
+        max_tokens_limit=args.max_tokens_limit,
+        log_prompts=args.log_prompts,
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="gpt2load",
         description="OpenAI's GPT-2 weights in the book's GPTModel: download, convert, generate, train.",
     )
@@ -146,29 +225,32 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument("--prompt", help="the text to continue ('' starts from <|endoftext|>)")
     what.add_argument("--instruction", help="an instruction for an instruction-tuned model: prints only the response")
     g.add_argument("--input", default=None, help="the instruction's input (with --instruction)")
-    g.add_argument("--max-new-tokens", type=int, default=50)
-    g.add_argument("--min-new-tokens", type=int, default=0)
-    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    g.add_argument("--top-k", type=int, default=None)
-    g.add_argument("--top-p", type=float, default=None)
-    g.add_argument("--repetition-penalty", type=float, default=1.0)
+    g.add_argument("--max-new-tokens", type=whole(0, MAX_NEW_TOKENS), default=50)
+    g.add_argument("--min-new-tokens", type=whole(0, MAX_NEW_TOKENS), default=0)
+    g.add_argument("--temperature", type=finite, default=0.0, help="0 = greedy (default)")
+    g.add_argument("--top-k", type=whole(0, 2**31 - 1), default=None)
+    g.add_argument("--top-p", type=finite, default=None)
+    g.add_argument("--repetition-penalty", type=finite, default=1.0)
     g.add_argument("--stop", action="append", default=[], help="stop at this text (repeatable)")
-    g.add_argument("--seed", type=int, default=None)
-    g.add_argument("--num-beams", type=int, default=1)
-    g.add_argument("--length-penalty", type=float, default=1.0)
+    g.add_argument("--seed", type=whole(0, MAX_SEED), default=None)
+    g.add_argument("--num-beams", type=whole(1, 1000), default=1)
+    g.add_argument("--length-penalty", type=finite, default=1.0)
     g.add_argument("--early-stopping", type=_bool_or_never, default=False, metavar="{true,false,never}")
-    g.add_argument("--num-return-sequences", type=int, default=1)
+    g.add_argument("--num-return-sequences", type=whole(1, 1000), default=1)
     g.add_argument("--dtype", choices=("float32", "bfloat16"), default=None)
     g.add_argument("--device", default=None, help="cpu, cuda, mps (default: cuda, then mps, then cpu)")
     g.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     g.add_argument("--quiet", action="store_true", help="no progress bars")
+    _no_cache_arg(g)
     g.set_defaults(func=cmd_generate)
 
     c = sub.add_parser("convert", help="export weights as safetensors, a transformers folder or a book .pth")
     _model_args(c)
     c.add_argument("--to", required=True, choices=("safetensors", "hf", "pth"))
     c.add_argument("--out", required=True, help="output file (.safetensors, .pth) or folder (hf, safetensors)")
+    c.add_argument("--force", action="store_true", help="replace an earlier gpt2load output of this format at --out")
     c.add_argument("--quiet", action="store_true")
+    _no_cache_arg(c)
     c.set_defaults(func=cmd_convert)
 
     i = sub.add_parser("info", help="describe a model size or a local model")
@@ -181,6 +263,24 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--revision", default="main", help="Hugging Face revision (default main)")
     d.add_argument("--quiet", action="store_true")
     d.set_defaults(func=cmd_download)
+
+    s = sub.add_parser(
+        "serve",
+        help="serve a model over HTTP: OpenAI's API, batching across requests, a page at /",
+        description="Serve a model with OpenAI's completions and chat API (any openai client works) and a page "
+        "to try it at /. Needs the serve extra: pip install 'gpt2load[serve]'.",
+    )
+    _model_args(s)
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    s.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
+    s.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 requests")
+    s.add_argument("--dtype", choices=("float32", "bfloat16"), default=None)
+    s.add_argument("--device", default=None, help="cpu, cuda, mps (default: cuda, then mps, then cpu)")
+    s.add_argument("--max-batch-size", type=int, default=8, help="sequences decoded together (default 8)")
+    s.add_argument("--max-queue", type=int, default=64, help="requests waiting for a slot before 503 (default 64)")
+    s.add_argument("--max-tokens-limit", type=int, default=None, help="most tokens a request may ask for")
+    s.add_argument("--log-prompts", action="store_true", help="also log prompt text (never logged otherwise)")
+    s.set_defaults(func=cmd_serve)
 
     _add_optional_commands(sub)
     return parser
@@ -209,6 +309,11 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:  # the disk or the file system, not gpt2load: say which file and why
         where = f" {e.filename}" if e.filename else ""
         print(f"gpt2load: error: cannot access{where}: {e.strerror or e}", file=sys.stderr)
+        return 1
+    except MemoryError:  # e.g. under a ulimit: say so in one line, not a traceback from deep inside torch
+        print(
+            "gpt2load: error: out of memory: use a smaller model or --dtype bfloat16, or free memory", file=sys.stderr
+        )
         return 1
     except KeyboardInterrupt:
         print("gpt2load: interrupted", file=sys.stderr)

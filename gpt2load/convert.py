@@ -178,7 +178,8 @@ def expected_shapes(cfg: GPTConfig) -> dict[str, tuple[int, ...]]:
     # Query, key and value weights side by side (then their biases), so a file written in this order holds
     # each layer's fused [3d, d] q/k/v matrix in one piece, which decoding then uses without a copy.
     per_block.update({f"att.W_{n}.weight": (d, d) for n in ("query", "key", "value")})
-    per_block.update({f"att.W_{n}.bias": (d,) for n in ("query", "key", "value")})
+    if cfg.qkv_bias:  # the book's from-scratch configs have none
+        per_block.update({f"att.W_{n}.bias": (d,) for n in ("query", "key", "value")})
     for i in range(cfg.n_layers):
         shapes.update({f"trf_blocks.{i}.{k}": s for k, s in per_block.items()})
     return shapes

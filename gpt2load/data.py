@@ -1,4 +1,5 @@
-"""Training data: text files tokenized once into a memory-mapped uint16 cache, and sliding windows over it.
+"""Training data: text files tokenized once into a memory-mapped uint16 cache, sliding windows over it, and
+the batches of any loader as one resumable stream across epochs.
 
 The windows are the book's GPTDatasetV1 (input tokens[i:i+L], target tokens[i+1:i+L+1], i = 0, stride, ...),
 computed by index arithmetic on the memmap instead of being materialised as tensors.
@@ -15,8 +16,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .checkpoint import rng_state, set_rng_state
 from .errors import Gpt2LoadError
-from .stfile import atomic_path
+from .fsutil import atomic_path
 from .tokenizer import EOT, EOT_ID, encode
 
 CACHE_VERSION = 1
@@ -36,6 +38,8 @@ def find_text_files(paths: Sequence[str | Path]) -> list[Path]:
             files += found
         elif p.is_file():
             files.append(p)
+        elif p.exists():  # a device (/dev/zero), FIFO or socket: endless or one-shot, never a corpus
+            raise Gpt2LoadError(f"data path {p} is not a regular file or folder: point --data at text files")
         else:
             raise Gpt2LoadError(f"data path {p} does not exist: check the path given to --data")
     return files
@@ -249,4 +253,83 @@ class WindowLoader:
                 yield self.windows.gather(mine.numpy())
 
 
-__all__ = ["TokenWindows", "WindowLoader", "find_text_files", "split_tokens", "tokenize_files"]
+# ---------------------------------------------------------------- batches across epochs, for the loop
+
+
+def total_steps(max_steps: int | None, epochs: int | None, loader, grad_accum: int) -> int:
+    """Optimizer steps of a run: max_steps, or the epochs' batches over grad_accum."""
+    if max_steps is not None:
+        return max_steps
+    try:
+        per_epoch = len(loader)
+    except TypeError:
+        raise Gpt2LoadError("the training loader has no length: give max_steps instead of epochs") from None
+    total = (epochs or 1) * per_epoch // grad_accum
+    if total < 1:
+        raise Gpt2LoadError(
+            f"{epochs or 1} epoch(s) of {per_epoch} batches make no step of --grad-accum {grad_accum} batches: "
+            "lower --grad-accum or --batch-size, or give --max-steps"
+        )
+    return total
+
+
+def open_epoch(loader, epoch: int, start: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """An iterator over `loader`'s batches of `epoch`, from batch number `start` on."""
+    if hasattr(loader, "iter_epoch"):
+        return loader.iter_epoch(epoch, start)
+    for obj in (loader, getattr(loader, "sampler", None), getattr(loader, "batch_sampler", None)):
+        if hasattr(obj, "set_epoch"):
+            obj.set_epoch(epoch)
+    it = iter(loader)
+    for _ in range(start):
+        next(it)  # re-reads the batches already seen this epoch: exact when the order is reproducible
+    return it
+
+
+class BatchStream:
+    """The training batches as one stream across epochs, at a position (epoch, batches read) that checkpoints
+    save. For loaders without `iter_epoch`, the torch RNG state just before each epoch's `iter()` is kept too,
+    so that a shuffling DataLoader draws the same order again when a run resumes mid-epoch."""
+
+    def __init__(self, loader, epoch: int = 0, position: int = 0, epoch_rng: torch.Tensor | None = None) -> None:
+        self.loader, self.epoch, self.position, self.epoch_rng = loader, epoch, position, epoch_rng
+        self._resuming = position > 0 or epoch_rng is not None
+        self._it: Iterator | None = None
+
+    def _open(self) -> None:
+        if self._resuming:
+            now = rng_state(None)
+            if self.epoch_rng is not None:
+                torch.set_rng_state(self.epoch_rng.cpu())
+            self._it = open_epoch(self.loader, self.epoch, self.position)
+            set_rng_state(now)
+            self._resuming = False
+        else:
+            self.epoch_rng = torch.get_rng_state()
+            self._it = open_epoch(self.loader, self.epoch, self.position)
+
+    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
+        while True:
+            if self._it is None:
+                self._open()
+            try:
+                batch = next(self._it)
+            except StopIteration:
+                if self.position == 0:
+                    raise Gpt2LoadError("the training loader yielded no batches") from None
+                self.epoch, self.position, self._it = self.epoch + 1, 0, None
+                continue
+            self.position += 1
+            return batch
+
+
+__all__ = [
+    "BatchStream",
+    "TokenWindows",
+    "WindowLoader",
+    "find_text_files",
+    "open_epoch",
+    "split_tokens",
+    "tokenize_files",
+    "total_steps",
+]

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
-from collections.abc import Callable
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -16,40 +14,24 @@ from . import stfile
 from .config import hf_config_dict
 from .convert import HF, HF_PREFIX, to_source_layout
 from .errors import Gpt2LoadError
+from .fsutil import atomic_dir, atomic_output_file, check_output, mark_file
 from .load import OWN_FORMAT, write_own
 from .lora import ADAPTERS_KEY, ADAPTERS_NAME, lora_settings, lora_state, merge_lora, without_adapters, write_adapters
-from .model import GPTModel, stored_state
-from .stfile import current_umask
+from .model import GPTModel, causal_mask, stored_state
 from .tokenizer import find_tokenizer_files
 
 FORMATS = ("safetensors", "hf", "pth")
+QKV = ("query", "key", "value")
+
+
+def is_folder_output(to: str, out: str | Path) -> bool:
+    """Whether format `to` writes a folder at `out` (hf, safetensors without the suffix) or a file."""
+    return to == "hf" or (to == "safetensors" and Path(out).suffix != ".safetensors")
 
 
 def _params(model: GPTModel) -> dict[str, torch.Tensor]:
     """Parameters in GPTModel names, without the tied head and mask buffers, as float32 on the CPU."""
     return {k: v.detach().to("cpu", torch.float32) for k, v in stored_state(model).items()}
-
-
-@contextmanager
-def _atomic_dir(final: Path):
-    """A temporary folder beside `final` that replaces it only when the block completes."""
-    final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
-    tmp.chmod(0o777 & ~current_umask())  # mkdtemp makes 0700
-    try:
-        yield tmp
-        if final.exists():
-            if not final.is_dir():
-                raise Gpt2LoadError(f"{final} exists and is not a folder: choose another --out")
-            old = final.with_name(f".{final.name}.old-{os.getpid()}")
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _copy_tokenizer(tokenizer_dir: Path | None, out: Path, names: tuple[str, str]) -> None:
@@ -63,21 +45,31 @@ def save_model(
     model: GPTModel,
     path: str | Path,
     tokenizer_dir: str | Path | None = None,
+    *,
+    force: bool = False,
+    protect: Sequence[Path] = (),
     metadata: dict[str, str] | None = None,
     write_extra: Callable[[Path], object] | None = None,
 ) -> Path:
     """Save in gpt2load's own form: a `.safetensors` file, or a folder with model.safetensors + config.json
-    (+ the tokenizer files when `tokenizer_dir` has them), loadable with `load_gpt2(path)`. `metadata` joins
-    the file's header metadata (e.g. a classifier's labels, an instruction model's prompt_template);
-    `write_extra(folder)` adds files to a folder before it appears (e.g. LoRA adapters)."""
+    (+ the tokenizer files when `tokenizer_dir` has them), loadable with `load_gpt2(path)`. The head is kept
+    as the model has it (tied, untied, or a classifier of any shape, with or without bias) and recorded.
+
+    `path` must be new (or an empty folder); `force` replaces an earlier gpt2load safetensors output there,
+    and nothing else. `protect`: paths (the source) that `path` may not be or contain. `metadata` joins the
+    file's header metadata (a classifier's labels, an instruction model's prompt_template); `write_extra(folder)`
+    adds files to a folder before it appears (e.g. LoRA adapters)."""
     path = Path(path)
+    cfg, head = model.real_config(), model.head_meta()
     if path.suffix == ".safetensors":
-        write_own(path, model.cfg, _params(model).items(), metadata)
+        check_output(path, "safetensors", folder=False, force=force, protect=protect)
+        write_own(path, cfg, _params(model).items(), metadata, head=head)
+        mark_file(path, "safetensors")
         return path
-    with _atomic_dir(path) as tmp:
-        write_own(tmp / "model.safetensors", model.cfg, _params(model).items(), metadata)
+    with atomic_dir(path, "safetensors", force=force, protect=protect) as tmp:
+        write_own(tmp / "model.safetensors", cfg, _params(model).items(), metadata, head=head)
         (tmp / "config.json").write_text(
-            json.dumps({"model_type": OWN_FORMAT, "config": model.cfg.to_dict()}, indent=2) + "\n"
+            json.dumps({"model_type": OWN_FORMAT, "config": cfg.to_dict()}, indent=2) + "\n"
         )
         _copy_tokenizer(Path(tokenizer_dir) if tokenizer_dir else None, tmp, ("encoder.json", "vocab.bpe"))
         if write_extra is not None:
@@ -88,52 +80,96 @@ def save_model(
 def save_finetuned(
     model: GPTModel, folder: str | Path, tokenizer_dir: str | Path | None, metadata: dict[str, str], merge: bool = True
 ) -> Path:
-    """Save a trained model folder: LoRA adapters merged in (the model is changed in place), or with
-    merge=False the base weights plus adapters.safetensors (one folder, written at once), named in the metadata
-    so that loading puts them back on and a copy without them fails loudly."""
+    """Save a trained model folder (replacing an earlier gpt2load output there): LoRA adapters merged in (the
+    model is changed in place), or with merge=False the base weights plus adapters.safetensors (one folder,
+    written at once), named in the metadata so that loading puts them back on and a copy without them fails."""
     folder = Path(folder)
     if merge or lora_settings(model) is None:
-        return save_model(merge_lora(model), folder, tokenizer_dir, metadata)
+        return save_model(merge_lora(model), folder, tokenizer_dir, force=True, metadata=metadata)
     settings, tensors = lora_settings(model), lora_state(model)
     with without_adapters(model):
         return save_model(
             model,
             folder,
             tokenizer_dir,
-            {**metadata, ADAPTERS_KEY: ADAPTERS_NAME},
-            lambda tmp: write_adapters(tmp / ADAPTERS_NAME, settings, tensors),
+            force=True,
+            metadata={**metadata, ADAPTERS_KEY: ADAPTERS_NAME},
+            write_extra=lambda tmp: write_adapters(tmp / ADAPTERS_NAME, settings, tensors),
         )
 
 
-def export_hf(model: GPTModel, out: str | Path, tokenizer_dir: str | Path | None = None) -> Path:
-    """A folder that transformers.GPT2LMHeadModel.from_pretrained loads (tied head, Conv1D layout)."""
+def export_hf(
+    model: GPTModel,
+    out: str | Path,
+    tokenizer_dir: str | Path | None = None,
+    *,
+    force: bool = False,
+    protect: Sequence[Path] = (),
+) -> Path:
+    """A folder that transformers.GPT2LMHeadModel.from_pretrained loads (Conv1D layout; an untied head as
+    `lm_head.weight` with tie_word_embeddings false). A head GPT2LMHeadModel cannot hold (another shape, a
+    bias) is refused: use gpt2load's own form or pth. `out`, `force`, `protect`: as for `save_model`."""
     out = Path(out)
-    state = to_source_layout(_params(model), HF, model.cfg)
-    specs = {HF_PREFIX + k: (tuple(v.shape), torch.float32) for k, v in state.items()}
-    with _atomic_dir(out) as tmp:
-        stfile.write_streaming(
-            tmp / "model.safetensors", specs, ((HF_PREFIX + k, v) for k, v in state.items()), {"format": "pt"}
+    head, cfg = model.head_meta(), model.real_config()
+    if head["bias"] or head["shape"] != [cfg.vocab_size, cfg.emb_dim]:
+        raise Gpt2LoadError(
+            f"the model's head is {head['shape']}{' with a bias' if head['bias'] else ''}, which transformers' "
+            f"GPT2LMHeadModel cannot hold (it needs [{cfg.vocab_size}, {cfg.emb_dim}] without bias): export with "
+            "--to safetensors or --to pth instead"
         )
-        (tmp / "config.json").write_text(json.dumps(hf_config_dict(model.cfg), indent=2) + "\n")
+    params = _params(model)
+    lm_head = params.pop("out_head.weight", None)
+    if not cfg.qkv_bias:  # GPT-2's c_attn always has a bias: zeros compute the same
+        zero = torch.zeros(cfg.emb_dim)
+        params.update({f"trf_blocks.{i}.att.W_{n}.bias": zero for i in range(cfg.n_layers) for n in QKV})
+        cfg = replace(cfg, qkv_bias=True)
+    names = {HF_PREFIX + k: v for k, v in to_source_layout(params, HF, cfg).items()}
+    if lm_head is not None:
+        names["lm_head.weight"] = lm_head
+    specs = {k: (tuple(v.shape), torch.float32) for k, v in names.items()}
+    config = {**hf_config_dict(cfg), "tie_word_embeddings": lm_head is None}
+    with atomic_dir(out, "hf", force=force, protect=protect) as tmp:
+        stfile.write_streaming(tmp / "model.safetensors", specs, iter(names.items()), {"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         _copy_tokenizer(Path(tokenizer_dir) if tokenizer_dir else None, tmp, ("vocab.json", "merges.txt"))
     return out
 
 
-def export_pth(model: GPTModel, out: str | Path) -> Path:
-    """The book's state_dict (mask buffers and out_head.weight included), for load_state_dict(strict=True)."""
+def export_pth(model: GPTModel, out: str | Path, *, force: bool = False, protect: Sequence[Path] = ()) -> Path:
+    """The book's state_dict, for its GPTModel's load_state_dict(strict=True): out_head as the model has it
+    (the tied head written as a copy of tok_emb, as the book keeps it) and the book's `mask` buffers (one
+    shared tensor in the file, which gpt2load itself never builds). `out`, `force`, `protect`: as for
+    `save_model`."""
     out = Path(out)
     state = {k: v.detach().to("cpu", torch.float32).clone() for k, v in model.state_dict().items()}
-    with stfile.atomic_path(out) as tmp:
+    mask = causal_mask(model.cfg.context_length)
+    for i in range(len(model.trf_blocks)):
+        state[f"trf_blocks.{i}.att.mask"] = mask
+    with atomic_output_file(out, "pth", force=force, protect=protect) as tmp:
         torch.save(state, tmp)
     return out
 
 
-def export(model: GPTModel, to: str, out: str | Path, tokenizer_dir: str | Path | None = None) -> Path:
-    """Write `model` as `to` (safetensors, hf or pth) at `out`."""
+def export(
+    model: GPTModel,
+    to: str,
+    out: str | Path,
+    tokenizer_dir: str | Path | None = None,
+    *,
+    force: bool = False,
+    protect: Sequence[Path] = (),
+) -> Path:
+    """Write `model` as `to` (safetensors, hf or pth) at `out`.
+
+    Args:
+        out: a new path, or an empty folder; never a folder or file gpt2load did not write.
+        force: replace an earlier gpt2load output of the same format at `out` (only its own files).
+        protect: paths (e.g. the source model) that `out` may not be or contain.
+    """
     if to == "safetensors":
-        return save_model(model, out, tokenizer_dir)
+        return save_model(model, out, tokenizer_dir, force=force, protect=protect)
     if to == "hf":
-        return export_hf(model, out, tokenizer_dir)
+        return export_hf(model, out, tokenizer_dir, force=force, protect=protect)
     if to == "pth":
-        return export_pth(model, out)
+        return export_pth(model, out, force=force, protect=protect)
     raise Gpt2LoadError(f"unknown export format {to!r}: use one of {', '.join(FORMATS)}")

@@ -10,7 +10,7 @@ from .lora import DEFAULT_ALPHA, DEFAULT_TARGETS, TARGET_MODULES
 
 EPILOG = """\
 Writes OUT/metrics.jsonl, OUT/loss.png (and accuracy.png for classify; both need the plot extra),
-OUT/checkpoints/step-NNNNNN.pt and the fine-tuned model in OUT/final (use it with --model OUT/final)."""
+OUT/checkpoints/step-NNNNNN.pt and the fine-tuned model in OUT itself and OUT/final (use it with --model OUT)."""
 
 
 def add_lora_args(p: argparse.ArgumentParser) -> None:
@@ -35,28 +35,29 @@ def lora_kwargs(args: argparse.Namespace) -> dict:
     }
 
 
-def _common(args: argparse.Namespace) -> dict:
-    return {
-        "max_length": args.max_length,
-        "train_layers": args.train_layers,
-        "epochs": args.epochs,
-        "max_steps": args.max_steps,
-        "batch_size": args.batch_size,
-        "lr": args.lr,
-        "weight_decay": args.weight_decay,
-        "eval_every": args.eval_every,
-        "eval_batches": args.eval_batches,
-        "save_every": args.save_every,
-        "seed": args.seed,
-        "dtype": args.dtype,
-        "resume": args.resume,
-        "source": args.source,
-        "weights_dir": args.weights_dir,
-        "device": args.device,
-        "quiet": args.quiet,
-        "progress": False if args.quiet else None,
+def _config(args: argparse.Namespace):
+    from .finetune import FinetuneConfig
+
+    return FinetuneConfig(
+        train_layers=args.train_layers,
+        epochs=args.epochs,
+        max_steps=args.max_steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+        eval_every=args.eval_every,
+        eval_batches=args.eval_batches,
+        save_every=args.save_every,
+        seed=args.seed,
+        dtype=args.dtype,
+        resume=args.resume,
+        progress=False if args.quiet else None,
+        source=args.source,
+        weights_dir=args.weights_dir,
+        device=args.device,
+        quiet=args.quiet,
         **lora_kwargs(args),
-    }
+    )
 
 
 def cmd_finetune_classify(args: argparse.Namespace) -> int:
@@ -69,8 +70,9 @@ def cmd_finetune_classify(args: argparse.Namespace) -> int:
         args.out,
         test_file=args.test,
         num_classes=args.num_classes,
+        max_length=args.max_length,
         pool=args.pool,
-        **_common(args),
+        config=_config(args),
     )
     return 0
 
@@ -79,7 +81,13 @@ def cmd_finetune_instruct(args: argparse.Namespace) -> int:
     from .finetune import finetune_instruct
 
     finetune_instruct(
-        args.model, args.data, args.out, val_file=args.val_data, mask_prompt=args.mask_prompt, **_common(args)
+        args.model,
+        args.data,
+        args.out,
+        val_file=args.val_data,
+        mask_prompt=args.mask_prompt,
+        max_length=args.max_length,
+        config=_config(args),
     )
     return 0
 
@@ -100,6 +108,7 @@ def cmd_classify(args: argparse.Namespace) -> int:
 
 
 def _shared(p: argparse.ArgumentParser, train_layers: str, epochs: int) -> None:
+    """The flags both recipes share (FinetuneConfig's fields); defaults shown are the book's for the recipe."""
     p.add_argument("--model", default="124M", help="size or alias (124M, gpt2-medium, ...) or a local path")
     p.add_argument("--source", choices=("hf", "openai"), default="hf", help="where sizes download from")
     p.add_argument("--weights-dir", default=None, help="download folder (default $GPT2LOAD_WEIGHTS_DIR or ./weights)")
@@ -111,7 +120,7 @@ def _shared(p: argparse.ArgumentParser, train_layers: str, epochs: int) -> None:
     opt.add_argument("--batch-size", type=int, default=8, help="examples per batch (default 8)")
     opt.add_argument("--lr", type=float, default=5e-5, help="learning rate, constant (default 5e-5)")
     opt.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay (default 0.1)")
-    opt.add_argument("--train-layers", default=train_layers, help=f"all or last:N (default {train_layers})")
+    opt.add_argument("--train-layers", default=None, help=f"all or last:N (default {train_layers})")
     opt.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="bfloat16 = autocast")
     opt.add_argument("--seed", type=int, default=123)
     opt.add_argument("--device", default=None, help="cpu, cuda, mps (default: cuda, then mps, then cpu)")
@@ -163,7 +172,7 @@ def add_finetune_parsers(subparsers) -> None:
     i.set_defaults(func=cmd_finetune_instruct)
 
     k = subparsers.add_parser("classify", help="classify texts with a fine-tuned classifier")
-    k.add_argument("--model", required=True, help="a fine-tuned classifier (OUT/final of finetune classify)")
+    k.add_argument("--model", required=True, help="a fine-tuned classifier (the OUT of finetune classify)")
     k.add_argument("--source", choices=("hf", "openai"), default="hf", help=argparse.SUPPRESS)
     k.add_argument("--weights-dir", default=None, help=argparse.SUPPRESS)
     k.add_argument("--text", action="append", required=True, help="a text to classify (repeatable)")

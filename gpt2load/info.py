@@ -2,28 +2,40 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
-from .config import GPTConfig, resolve_size
+from .config import GPTConfig
+from .hub import model_dir
+from .load import inspect_path, locate
+from .tokenizer import find_tokenizer_files, id_marker, tokenizer_from_folder
+
+
+def _tokenizer_vocab(folder: Path, model_vocab: int) -> dict:
+    """The tokenizer's vocabulary size beside the model's, and what happens to ids only the model has."""
+    if not folder.is_dir() or find_tokenizer_files(folder) is None:
+        return {"tokenizer_vocab_size": "no tokenizer files"}
+    n = tokenizer_from_folder(folder).n_vocab
+    out: dict = {"tokenizer_vocab_size": n}
+    if model_vocab > n:  # e.g. nanoGPT's 50304 rows, padded for speed: the extra ids have no text
+        out["vocab_note"] = (
+            f"model ids {n}..{model_vocab - 1} have no token; they decode as {id_marker(n)}-style markers"
+        )
+    elif model_vocab < n:
+        out["vocab_note"] = f"tokenizer ids {model_vocab}..{n - 1} are outside the model"
+    return out
 
 
 def info(model: str, source: str = "hf", weights_dir: str | Path | None = None) -> dict:
-    """Architecture, parameter count and where the files are (or would go)."""
-    if os.path.exists(model) or os.path.exists(str(model) + ".index"):
-        from .load import inspect_path
-
-        src = inspect_path(model)
-        cfg, where, layout = src.cfg, str(src.path), src.kind
-        name = Path(model).name
+    """Architecture, parameter count, tokenizer size and where the files are (or would go)."""
+    path, size = locate(model)
+    if path is not None:
+        src = inspect_path(path)
+        cfg, where, layout, name = src.cfg, str(src.path), src.kind, path.name
+        folder = path if path.is_dir() else path.parent
     else:
-        name = resolve_size(model)
-        cfg = GPTConfig.from_name(name)
-        from .download import model_dir
-
-        folder = model_dir(name, source, weights_dir)
+        name, cfg, layout = size, GPTConfig.from_name(size), source
+        folder = model_dir(size, source, weights_dir)
         where = str(folder) if folder.is_dir() else f"{folder} (not downloaded)"
-        layout = source
     return {
         "model": name,
         "layout": layout,
@@ -31,4 +43,5 @@ def info(model: str, source: str = "hf", weights_dir: str | Path | None = None) 
         "parameters": f"{cfg.n_params:,}",
         "float32_bytes": f"{4 * cfg.n_params:,}",
         **cfg.to_dict(),
+        **_tokenizer_vocab(folder, cfg.vocab_size),
     }

@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .errors import Gpt2LoadError
-from .stfile import atomic_path
+from .fsutil import atomic_path
 
 # Target names users pass (`--lora-targets`), each meaning module paths relative to one transformer block.
 # "head" is the model's output head, allowed only when it is not tied to the token embedding.

@@ -1,15 +1,22 @@
 """GPTModel in the layout and names of "Build a Large Language Model (From Scratch)", with a KV cache.
 
-A state_dict of this model loads with strict=True into the book's chapter-4 GPTModel (qkv_bias=True) and back.
+`GPTModel.forward` is the one forward pass: training, evaluation and every decoder call it. Inference speed-ups
+(one fused q/k/v matmul, a faster matmul kernel, skipping positions whose output is not needed) happen inside
+the modules, only where a module is the stock one (see kernels.py): replaced modules and hooks are honoured.
+A state_dict of this model loads into the book's chapter-4 GPTModel (export_pth adds the book's mask buffers).
 """
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .config import GPTConfig
+from .errors import Gpt2LoadError
+from .kernels import Stacked, fast_enabled, is_stock, linear
 
 
 class KVCache:
@@ -69,10 +76,20 @@ class FeedForward(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.layers(x)
+        seq = self.layers
+        if fast_enabled(self) and len(seq) == 3 and is_stock(seq, (nn.Linear, GELU, nn.Linear)):
+            if is_stock((seq,), (nn.Sequential,)):  # one kernel: the first matmul and its GELU
+                return linear(linear(x, seq[0].weight, seq[0].bias, gelu=True), seq[2].weight, seq[2].bias)
+        return seq(x)
 
 
 class MultiHeadAttention(nn.Module):
+    """The book's causal multi-head attention, with a KV cache, an optional mask and positions to skip.
+
+    The book registers a dense context x context `mask` buffer; this module has none (SDPA masks causally by
+    itself), and GPTModel.load_state_dict ignores the book's `mask` entries.
+    """
+
     def __init__(
         self, d_in: int, d_out: int, context_length: int, dropout: float, num_heads: int, qkv_bias: bool = False
     ) -> None:
@@ -85,32 +102,51 @@ class MultiHeadAttention(nn.Module):
         self.W_value = nn.Linear(d_in, d_out, bias=qkv_bias)
         self.out_proj = nn.Linear(d_out, d_out)
         self.dropout = nn.Dropout(dropout)
-        # The book registers the causal mask as a persistent float buffer; we keep it so state_dicts match,
-        # but attention uses SDPA's own causal masking.
-        self.register_buffer("mask", causal_mask(context_length))
+        self._qkv_weight, self._qkv_bias = Stacked(), Stacked()  # q/k/v as one matrix, for inference
+
+    def _qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        B, T, _ = x.shape
+        lins = (self.W_query, self.W_key, self.W_value)
+        biases = [lin.bias for lin in lins] if is_stock(lins, (nn.Linear,) * 3) else None
+        if fast_enabled(self) and biases is not None and len({b is None for b in biases}) == 1:
+            # One matmul reads all three weights: for one token, as fast as reading one of them.
+            w = self._qkv_weight.get([lin.weight for lin in lins])
+            b = None if biases[0] is None else self._qkv_bias.get(biases)
+            q, k, v = linear(x, w, b).view(B, T, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+            return q, k, v
+        return tuple(lin(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2) for lin in lins)
 
     def forward(
-        self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0, attn_mask: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        cache: KVCache | None = None,
+        layer: int = 0,
+        attn_mask: torch.Tensor | None = None,
+        last_only: bool = False,
     ) -> torch.Tensor:
+        """Attention output [B, T, d_out] (or [B, 1, d_out] for the last position only, with `last_only`)."""
         B, T, _ = x.shape
-        q, k, v = (
-            w(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
-            for w in (self.W_query, self.W_key, self.W_value)
-        )
+        q, k, v = self._qkv(x)  # (B, nh, T, hs)
         if cache is not None:
             k, v = cache.update(layer, k, v)
+        if last_only and T > 1:  # the other positions are only needed for their keys and values
+            q = q[:, :, -1:]
+            attn_mask = None if attn_mask is None else attn_mask[..., -1:, :]
+        Tq, Tk = q.shape[2], k.shape[2]
         p = self.dropout.p if self.training else 0.0
         if attn_mask is not None:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=p)
-        elif T == 1:
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=p)  # one new token sees everything
-        elif k.shape[2] == T:
+        elif Tq == 1:
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=p)  # the newest position sees everything
+        elif Tk == Tq:
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
         else:  # a chunk appended after cached positions: causal with an offset
-            offset = k.shape[2] - T
-            allowed = torch.ones(T, k.shape[2], dtype=torch.bool, device=x.device).tril(offset)
+            allowed = torch.ones(Tq, Tk, dtype=torch.bool, device=x.device).tril(Tk - Tq)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=p)
-        return self.out_proj(y.transpose(1, 2).reshape(B, T, self.d_out))
+        y = y.transpose(1, 2).reshape(B, Tq, self.d_out)
+        if fast_enabled(self) and is_stock((self.out_proj,), (nn.Linear,)):
+            return linear(y, self.out_proj.weight, self.out_proj.bias)
+        return self.out_proj(y)
 
 
 class TransformerBlock(nn.Module):
@@ -125,14 +161,23 @@ class TransformerBlock(nn.Module):
         self.drop_shortcut = nn.Dropout(cfg.drop_rate)
 
     def forward(
-        self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0, attn_mask: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        cache: KVCache | None = None,
+        layer: int = 0,
+        attn_mask: torch.Tensor | None = None,
+        last_only: bool = False,
     ) -> torch.Tensor:
-        x = x + self.drop_shortcut(self.att(self.norm1(x), cache, layer, attn_mask))
+        h = self.norm1(x)
+        # last_only is passed only when used, so a user's attention module with the book's signature still works
+        h = self.att(h, cache, layer, attn_mask, last_only=True) if last_only else self.att(h, cache, layer, attn_mask)
+        x = x[:, -h.shape[1] :] + self.drop_shortcut(h)
         return x + self.drop_shortcut(self.ff(self.norm2(x)))
 
 
 class GPTModel(nn.Module):
-    """GPT-2 in the book's names; the output head shares its weight with `tok_emb` (one Parameter)."""
+    """GPT-2 in the book's names. The output head is tied to the token embedding (one Parameter) until
+    `untie_head()` or a state whose head differs; `model.out_head` may be replaced by any module."""
 
     def __init__(self, cfg: GPTConfig | dict) -> None:
         super().__init__()
@@ -145,18 +190,90 @@ class GPTModel(nn.Module):
         self.trf_blocks = nn.Sequential(*[TransformerBlock(cfg) for _ in range(cfg.n_layers)])
         self.final_norm = LayerNorm(cfg.emb_dim)
         self.out_head = nn.Linear(cfg.emb_dim, cfg.vocab_size, bias=False)
-        self.tie_weights()
+        self.tie_head()
 
-    def tie_weights(self) -> None:
-        """Make the output head use the token embedding's Parameter (again, after an assign-load)."""
+    # -- the head -------------------------------------------------------------------------------------------
+
+    @property
+    def head_tied(self) -> bool:
+        """True when the output head uses the token embedding's Parameter itself."""
+        return getattr(self.out_head, "weight", None) is self.tok_emb.weight
+
+    def tie_head(self) -> None:
+        """Make the output head use the token embedding's Parameter (one tensor, GPT-2's layout)."""
+        w = getattr(self.out_head, "weight", None)
+        if w is None or tuple(w.shape) != tuple(self.tok_emb.weight.shape):
+            got = "no weight" if w is None else f"a weight of shape {list(w.shape)}"
+            raise Gpt2LoadError(
+                f"out_head has {got}, so it cannot share tok_emb.weight {list(self.tok_emb.weight.shape)}"
+            )
         self.out_head.weight = self.tok_emb.weight
 
-    def reset_masks(self) -> None:
-        """(Re)build the causal mask buffers on the model's device, e.g. after building on 'meta'."""
-        device = self.tok_emb.weight.device
-        mask = causal_mask(self.cfg.context_length, device=device)
-        for block in self.trf_blocks:
-            block.att.mask = mask  # one tensor shared by every layer: 4 MB, not 4 MB per layer
+    tie_weights = tie_head  # the name earlier versions used
+
+    def untie_head(self) -> None:
+        """Give the output head its own copy of the token embedding (as the book's load_weights_into_gpt does)."""
+        if self.head_tied:
+            w = self.tok_emb.weight
+            self.out_head.weight = nn.Parameter(w.detach().clone(), requires_grad=w.requires_grad)
+
+    def head_meta(self) -> dict:
+        """What gpt2load's files record about the head: tied or not, its [out, in] shape, whether it has a bias."""
+        head = self.out_head
+        w, b = getattr(head, "weight", None), getattr(head, "bias", None)
+        if not isinstance(w, torch.Tensor) or w.dim() != 2:
+            raise Gpt2LoadError(
+                f"out_head is a {type(head).__name__} without a [out, in] weight: gpt2load's files hold a linear "
+                "head (merge adapters into it first)"
+            )
+        return {"tied": self.head_tied, "shape": list(w.shape), "bias": isinstance(b, torch.Tensor)}
+
+    def real_config(self) -> GPTConfig:
+        """The config with the drop rate the model's dropout modules really use (what exports record)."""
+        p = self.drop_emb.p if isinstance(self.drop_emb, nn.Dropout) else self.cfg.drop_rate
+        return replace(self.cfg, drop_rate=p)
+
+    def is_derived(self, name: str) -> bool:
+        """True for a state_dict entry no file needs to store: the head's weight while it is tied."""
+        return name == "out_head.weight" and self.head_tied
+
+    def stored_state(self) -> dict[str, torch.Tensor]:
+        """The state_dict without derived entries: what gpt2load's files and checkpoints hold."""
+        return {k: v for k, v in self.state_dict().items() if not self.is_derived(k)}
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """torch's load_state_dict, where the head follows the data and the book's `mask` entries are ignored.
+
+        An `out_head.weight` equal to `tok_emb.weight` loads tied; a different one loads untied (the head
+        gets its own Parameter first, so tok_emb is never overwritten); a head of another shape or with a bias
+        (a classifier) replaces `out_head` with an nn.Linear of that shape. A state without `out_head.weight`
+        (gpt2load's stored form of a tied model) keeps a tied head tied.
+        """
+        state = {k: v for k, v in state_dict.items() if not k.endswith(".att.mask")}
+        head, emb = state.get("out_head.weight"), state.get("tok_emb.weight")
+        if head is None and emb is not None and self.head_tied:  # gpt2load's stored form: the tied head once
+            state["out_head.weight"] = head = emb
+        tie = False
+        if head is not None:
+            self._fit_head(tuple(head.shape), "out_head.bias" in state)
+            tie = emb is not None and head.shape == emb.shape and (head is emb or torch.equal(head, emb))
+            if not tie:
+                self.untie_head()
+        result = super().load_state_dict(state, strict=strict, assign=assign)
+        if tie or (head is None and self.head_tied):
+            self.tie_head()  # assign=True puts new Parameters in: share the embedding's again
+        return result
+
+    def _fit_head(self, shape: tuple[int, ...], bias: bool) -> None:
+        cur = self.out_head
+        if type(cur) is nn.Linear and tuple(cur.weight.shape) == shape and (cur.bias is not None) == bias:
+            return
+        if len(shape) != 2:
+            raise Gpt2LoadError(f"out_head.weight has shape {list(shape)}: a linear head needs [out, in]")
+        w = self.tok_emb.weight
+        self.out_head = nn.Linear(shape[1], shape[0], bias=bias, device=w.device, dtype=w.dtype)
+
+    # -- the forward pass -----------------------------------------------------------------------------------
 
     def forward(
         self,
@@ -164,52 +281,59 @@ class GPTModel(nn.Module):
         cache: KVCache | None = None,
         attn_mask: torch.Tensor | None = None,
         pos_ids: torch.Tensor | None = None,
+        last_only: bool = False,
     ) -> torch.Tensor:
-        """Logits [B, T, vocab] for token ids [B, T].
+        """Logits [B, T, vocab] for token ids [B, T]: the only forward pass (training and every decoder).
 
         Args:
             in_idx: token ids.
             cache: a KVCache; the new tokens are appended after `cache.pos` positions.
             attn_mask: bool [B, 1, T, T_total], True where attention is allowed (left-padded batches).
             pos_ids: positions [B, T]; default `cache.pos + arange(T)`.
+            last_only: logits of the last position only, [B, 1, vocab] (the last block skips the others).
         """
         B, T = in_idx.shape
         start = cache.pos if cache is not None else 0
         if pos_ids is None:
             if start + T > self.cfg.context_length:
                 raise ValueError(f"{start + T} positions exceed the context length {self.cfg.context_length}")
-            pos = self.pos_emb.weight[start : start + T]
-        else:
-            pos = self.pos_emb(pos_ids)
-        x = self.drop_emb(self.tok_emb(in_idx) + pos)
+            pos_ids = torch.arange(start, start + T, device=in_idx.device)
+        x = self.drop_emb(self.tok_emb(in_idx) + self.pos_emb(pos_ids))
+        last = len(self.trf_blocks) - 1
         for i, block in enumerate(self.trf_blocks):
-            x = block(x, cache, i, attn_mask)
+            if last_only and i == last:
+                x = block(x, cache, i, attn_mask, last_only=True)
+            else:
+                x = block(x, cache, i, attn_mask)
         if cache is not None:
             cache.pos = start + T
-        return self.out_head(self.final_norm(x))
+        x = self.final_norm(x[:, -1:] if last_only else x)
+        head = self.out_head
+        if fast_enabled(self) and is_stock((head,), (nn.Linear,)):
+            return linear(x, head.weight, head.bias)
+        return head(x)
 
     def new_cache(self, batch: int, max_len: int | None = None) -> KVCache:
         w = self.tok_emb.weight
         return KVCache(self.cfg, batch, max_len or self.cfg.context_length, device=w.device, dtype=w.dtype)
 
 
-def is_derived(name: str) -> bool:
-    """State_dict entries no file needs to store: the tied head (it is tok_emb) and the rebuilt masks."""
-    return name == "out_head.weight" or name.endswith(".att.mask")
+def is_derived(name: str, model: GPTModel | None = None) -> bool:
+    """State_dict entries no file needs: the tied head (when `model` is given, only if it is tied) and the
+    book's mask buffers."""
+    if name.endswith(".att.mask"):
+        return True
+    return model.is_derived(name) if model is not None else name == "out_head.weight"
 
 
 def stored_state(model: GPTModel) -> dict[str, torch.Tensor]:
     """The model's state_dict without the derived entries: what gpt2load's files and checkpoints hold."""
-    tied = model.out_head.weight is model.tok_emb.weight
-    return {k: v for k, v in model.state_dict().items() if not is_derived(k) or (k == "out_head.weight" and not tied)}
+    return model.stored_state()
 
 
 def causal_mask(n: int, device=None) -> torch.Tensor:
-    """The book's mask: 1.0 above the diagonal (positions to hide), 0.0 elsewhere."""
-    ones = torch.ones(n, n, device=device)
-    if ones.is_meta:  # triu on 'meta' costs a second of one-time setup; reset_masks() fills it in later
-        return ones
-    return torch.triu(ones, diagonal=1)
+    """The book's mask: 1.0 above the diagonal (positions to hide), 0.0 elsewhere (for book-layout files)."""
+    return torch.triu(torch.ones(n, n, device=device), diagonal=1)
 
 
 _BOOK_KEYS = {
@@ -234,4 +358,4 @@ def param_count(model: nn.Module) -> int:
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
 
 
-__all__ = ["GPTModel", "KVCache", "causal_mask", "param_count"]
+__all__ = ["GPTModel", "KVCache", "causal_mask", "is_derived", "param_count", "stored_state"]

@@ -7,6 +7,7 @@ then temperature, top-k and top-p (nucleus). Temperature 0 means greedy (argmax)
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -101,8 +102,47 @@ def check_sampling(temperature: float, top_k: int | None, top_p: float | None, r
         raise Gpt2LoadError(f"repetition_penalty must be > 0 (1.0 = none), got {repetition_penalty!r}")
 
 
+def _whole(name: str, n: object, low: int) -> None:
+    if isinstance(n, bool) or not isinstance(n, int) or n < low:
+        raise Gpt2LoadError(f"{name} must be a whole number >= {low}, got {n!r}")
+
+
+def check_lengths(max_new_tokens: int, min_new_tokens: int = 0) -> None:
+    """Raise a Gpt2LoadError unless 0 <= min_new_tokens <= max_new_tokens, both whole numbers."""
+    _whole("max_new_tokens", max_new_tokens, 0)
+    _whole("min_new_tokens", min_new_tokens, 0)
+    if min_new_tokens > max_new_tokens:
+        raise Gpt2LoadError(f"min_new_tokens ({min_new_tokens}) is larger than max_new_tokens ({max_new_tokens})")
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    """How to choose tokens, validated on construction (see `generate` for the meaning of each field)."""
+
+    max_new_tokens: int
+    temperature: float = 0.0
+    top_k: int | None = None
+    top_p: float | None = None
+    repetition_penalty: float = 1.0
+    min_new_tokens: int = 0
+    eos_id: int | None = None
+
+    def __post_init__(self) -> None:
+        check_lengths(self.max_new_tokens, self.min_new_tokens)
+        check_sampling(self.temperature, self.top_k, self.top_p, self.repetition_penalty)
+        if self.eos_id is not None:
+            _whole("eos_id", self.eos_id, 0)
+
+    def check_vocab(self, vocab_size: int | None) -> None:
+        """Raise unless eos_id is a token of a vocabulary of `vocab_size` (None: unknown, not checked)."""
+        if self.eos_id is not None and vocab_size is not None and self.eos_id >= vocab_size:
+            raise Gpt2LoadError(f"eos_id {self.eos_id} is outside the model's vocabulary of {vocab_size} tokens")
+
+
 __all__ = [
+    "GenerationConfig",
     "apply_repetition_penalty",
+    "check_lengths",
     "apply_temperature",
     "check_sampling",
     "mask_token",

@@ -8,17 +8,17 @@ written, so tensors may arrive in any order.
 from __future__ import annotations
 
 import json
+import math
 import mmap
 import os
 import struct
-import tempfile
 from collections.abc import Iterable
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
 from .errors import Gpt2LoadError
+from .fsutil import atomic_path
 
 _ST_DTYPES: dict[torch.dtype, str] = {
     torch.float32: "F32",
@@ -30,28 +30,6 @@ _ST_DTYPES: dict[torch.dtype, str] = {
     torch.uint8: "U8",
     torch.bool: "BOOL",
 }
-
-
-def current_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-@contextmanager
-def atomic_path(final: Path, suffix: str = ""):
-    """A temporary path beside `final`, renamed onto it only if the block finishes without an error."""
-    final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=suffix + ".tmp", dir=final.parent)
-    os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp makes 0600; the result should look like any new file
-    os.close(fd)
-    tmp_path = Path(tmp)
-    try:
-        yield tmp_path
-        os.replace(tmp_path, final)
-    finally:
-        tmp_path.unlink(missing_ok=True)
 
 
 def write_streaming(
@@ -106,32 +84,80 @@ def write_streaming(
             os.fsync(f.fileno())
 
 
+# Every dtype the safetensors format defines, with its size in bytes, to check offsets against shapes.
+ST_ITEMSIZE: dict[str, int] = {
+    "BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1,
+    "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+    "I32": 4, "U32": 4, "F32": 4,
+    "I64": 8, "U64": 8, "F64": 8,
+}  # fmt: skip
+MAX_HEADER_BYTES = 100_000_000  # the safetensors library's own limit
+MAX_DIMS = 8
+
+
+def _is_count(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def _check_entry(name: str, e: object, data_size: int) -> str | None:
+    """What is wrong with one header entry (None if nothing): every field is checked before any is used."""
+    if not isinstance(e, dict):
+        return f"is a JSON {type(e).__name__}, not an object"
+    dtype, shape, offsets = e.get("dtype"), e.get("shape"), e.get("data_offsets")
+    if dtype not in ST_ITEMSIZE:
+        return f"has unknown dtype {dtype!r}"
+    if not isinstance(shape, list) or len(shape) > MAX_DIMS or not all(_is_count(n) for n in shape):
+        return f"has shape {shape!r}, not a list of up to {MAX_DIMS} non-negative whole numbers"
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(n) for n in offsets)):
+        return f"has data_offsets {offsets!r}, not two non-negative whole numbers"
+    start, end = offsets
+    if not start <= end <= data_size:
+        return f"has data_offsets {offsets} outside the file's {data_size:,} data bytes (truncated?)"
+    numel = math.prod(shape)
+    if (end - start) != numel * ST_ITEMSIZE[dtype]:
+        return f"has {end - start:,} bytes for {dtype} shape {shape}"
+    return None
+
+
 def read_header(path: str | Path) -> tuple[dict[str, dict], dict[str, str]]:
-    """(tensor entries, metadata) of a safetensors file, reading only its header."""
+    """(tensor entries, metadata) of a safetensors file, reading only its header.
+
+    Every field is validated (types, dtypes, shapes, offsets against the file's length) before it is returned,
+    so callers may index entries and allocate by their shapes without further checks.
+    """
     path = Path(path)
+    redo = "delete it and convert or download again"
     try:
         with open(path, "rb") as f:
             head = f.read(8)
             if len(head) < 8:
                 raise ValueError("shorter than 8 bytes")
             (n,) = struct.unpack("<Q", head)
-            if n > 100_000_000:
-                raise ValueError("header length is implausible")
-            header = json.loads(f.read(n))
+            if n > MAX_HEADER_BYTES:
+                raise ValueError(f"header length {n:,} is implausible")
+            raw = f.read(n)
+            if len(raw) < n:
+                raise ValueError(f"header needs {n:,} bytes, the file ends before")
+            if not raw.startswith(b"{"):
+                raise ValueError("header is not a JSON object")
+            header = json.loads(raw)  # a deeply nested value raises RecursionError, caught below
             size = os.fstat(f.fileno()).st_size
     except FileNotFoundError:
         raise Gpt2LoadError(f"{path} is missing") from None
-    except (ValueError, UnicodeDecodeError) as e:
-        raise Gpt2LoadError(
-            f"{path} is not a safetensors file ({e}): delete it and convert or download again"
-        ) from None
+    except IsADirectoryError:
+        raise Gpt2LoadError(f"{path} is a folder, not a safetensors file") from None
+    except (ValueError, RecursionError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise Gpt2LoadError(f"{path} is not a safetensors file ({e}): {redo}") from None
+    if not isinstance(header, dict):
+        raise Gpt2LoadError(f"{path}: the safetensors header is not a JSON object: {redo}")
     meta = header.pop("__metadata__", None) or {}
-    end = max((e["data_offsets"][1] for e in header.values()), default=0)
-    if 8 + n + end > size:
-        raise Gpt2LoadError(
-            f"{path} is truncated ({size:,} bytes, its header needs {8 + n + end:,}): delete it "
-            "and convert or download again"
-        )
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise Gpt2LoadError(f"{path}: the safetensors __metadata__ is not a string-to-string map: {redo}")
+    data_size = size - 8 - n
+    for name, e in header.items():
+        problem = _check_entry(name, e, data_size)
+        if problem:
+            raise Gpt2LoadError(f"tensor {name!r} in {path} {problem}: the file is corrupt; {redo}")
     return header, meta
 
 
@@ -139,10 +165,12 @@ _TORCH_DTYPES = {v: k for k, v in _ST_DTYPES.items()}
 
 
 def mmap_tensors(path: str | Path) -> dict[str, torch.Tensor]:
-    """Every tensor of a safetensors file as a zero-copy view of a private (copy-on-write) memory map.
+    """Every tensor of a safetensors file, zero-copy, in a private (copy-on-write) memory map.
 
     Nothing is read until a tensor is used, pages are shared with the OS file cache, and writing to a tensor
-    (training) copies just the touched pages: loading costs no second copy of the weights.
+    (training) copies just the touched pages: loading costs no second copy of the weights. Each tensor has its
+    own storage over its own bytes of the map, so saving some of them (`torch.save(part.state_dict())`)
+    writes only their bytes, while neighbours in the file stay neighbours in memory.
     """
     path = Path(path)
     header, _ = read_header(path)
@@ -150,21 +178,16 @@ def mmap_tensors(path: str | Path) -> dict[str, torch.Tensor]:
         (n,) = struct.unpack("<Q", f.read(8))
         mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
     base = 8 + n
-    whole = torch.frombuffer(mm, dtype=torch.uint8)  # one storage for every tensor: neighbours stay neighbours
     out = {}
     for name, e in header.items():
         dtype = _TORCH_DTYPES.get(e["dtype"])
         if dtype is None:
             raise Gpt2LoadError(f"tensor {name} in {path} has dtype {e['dtype']}, which gpt2load does not load")
-        start, end = e["data_offsets"]
+        start, end = e["data_offsets"]  # checked against the shape and the file length by read_header
         count = (end - start) // dtype.itemsize
-        if count != torch.Size(e["shape"]).numel():
-            raise Gpt2LoadError(f"tensor {name} in {path} has {end - start} bytes for shape {e['shape']}: corrupt")
         if not count:
             t = torch.empty(0, dtype=dtype)
-        elif (base + start) % dtype.itemsize == 0:
-            t = whole[base + start : base + end].view(dtype)
-        else:  # misaligned for its dtype (not written by gpt2load or the safetensors library): its own view
+        else:
             t = torch.frombuffer(mm, dtype=dtype, count=count, offset=base + start)
         out[name] = t.view(e["shape"])
     return out

@@ -37,6 +37,8 @@ _DTYPES: dict[int, torch.dtype] = {
     14: torch.bfloat16,
     19: torch.float16,
 }
+_MAX_DIMS = 8
+_MAX_SHARDS = 100_000  # the file names hold five digits
 _DTYPE_NAMES = {7: "string", 8: "complex64", 18: "complex128", 20: "resource", 21: "variant"}
 
 
@@ -109,9 +111,13 @@ def _parse_shape(buf: bytes) -> tuple[int, ...]:
     for num, _, val in _fields(buf):
         if num == 2:
             size = next((v for n, _, v in _fields(val) if n == 1), 0)
-            dims.append(size if size < 1 << 63 else size - (1 << 64))  # int64 two's complement
+            if not isinstance(size, int) or size >= 1 << 63:  # int64 two's complement: a negative (unknown) size
+                raise ValueError("a tensor has a negative or unknown dimension")
+            dims.append(size)
         elif num == 3 and val:
             raise ValueError("shape of unknown rank")
+    if len(dims) > _MAX_DIMS:
+        raise ValueError(f"a tensor has {len(dims)} dimensions")
     return tuple(dims)
 
 
@@ -205,10 +211,20 @@ def read_index(path: str | Path) -> tuple[dict, dict[str, TensorEntry]]:
                 else:
                     name = key.decode("utf-8")
                     entries[name] = _parse_entry(name, value)
-    except (ValueError, struct.error, IndexError) as e:
+    except (ValueError, TypeError, struct.error, IndexError) as e:
         raise Gpt2LoadError(f"{path} is malformed ({e}): download it again") from None
     if header.get(2, 0) != 0:
         raise Gpt2LoadError(f"{path} holds big-endian tensors, which gpt2load does not read")
+    shards = header.get(1, 1)
+    if not isinstance(shards, int) or not 1 <= shards <= _MAX_SHARDS:
+        raise Gpt2LoadError(f"{path} is malformed (it says {shards!r} data shards): download it again")
+    for e in entries.values():
+        if not isinstance(e.shard_id, int) or e.shard_id >= shards:
+            raise Gpt2LoadError(
+                f"{path} is malformed (tensor {e.name} is in shard {e.shard_id!r} of {shards}): download it again"
+            )
+        if not all(isinstance(v, int) for v in (e.dtype, e.offset, e.size)):
+            raise Gpt2LoadError(f"{path} is malformed (tensor {e.name} has a non-integer field): download it again")
     return header, entries
 
 
@@ -334,8 +350,15 @@ def resolve_prefix(p: Path) -> Path:
     if p.is_dir():
         state = p / "checkpoint"
         name = "model.ckpt"
-        if state.exists():
-            for line in state.read_text(encoding="utf-8").splitlines():
+        if state.is_file():
+            try:
+                text = state.read_text(encoding="utf-8")
+            except UnicodeDecodeError:
+                raise Gpt2LoadError(
+                    f"{state} is not a text file (not UTF-8): delete it (gpt2load then uses model.ckpt) "
+                    "or download again"
+                ) from None
+            for line in text.splitlines():
                 if line.startswith("model_checkpoint_path:"):
                     name = line.split(":", 1)[1].strip().strip('"')
         return p / name

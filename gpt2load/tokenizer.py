@@ -15,17 +15,13 @@ from pathlib import Path
 import tiktoken
 
 from .errors import Gpt2LoadError
+from .sources import OPENAI_SHA256 as KNOWN_SHA256  # pinned hashes of OpenAI's released files
 
 EOT = "<|endoftext|>"
 EOT_ID = 50256
 # GPT-2's pre-tokenizer regex (the same split as OpenAI's original, in possessive form).
 PAT_STR = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
 
-# Pinned hashes of OpenAI's released files (identical for all four sizes).
-KNOWN_SHA256 = {
-    "encoder.json": "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783",
-    "vocab.bpe": "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5",
-}
 # (vocabulary file, merges file), in the order they are looked for.
 FILE_PAIRS = (("encoder.json", "vocab.bpe"), ("vocab.json", "merges.txt"))
 
@@ -56,34 +52,71 @@ def _check_hash(path: Path, data: bytes) -> None:
         raise Gpt2LoadError(f"{path} does not match the sha256 of OpenAI's GPT-2 file: delete it and download again")
 
 
+def _read_vocab(path: Path, raw: bytes, alphabet: dict[str, int]) -> dict[bytes, int]:
+    """Token bytes -> id from encoder.json / vocab.json (without <|endoftext|>), every entry checked."""
+    try:
+        encoder = json.loads(raw.decode("utf-8"))
+    except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise Gpt2LoadError(f"{path} is not valid JSON ({e}): delete it and download again") from None
+    if not isinstance(encoder, dict):
+        raise Gpt2LoadError(f"{path} is not a JSON object of token -> id: delete it and download again")
+    ranks: dict[bytes, int] = {}
+    for tok, i in encoder.items():
+        if isinstance(i, bool) or not isinstance(i, int):
+            raise Gpt2LoadError(f"{path}: token {tok!r} has id {i!r}, not a whole number: download it again")
+        if tok == EOT:
+            continue
+        try:
+            ranks[bytes(alphabet[c] for c in tok)] = i
+        except KeyError:
+            raise Gpt2LoadError(f"{path}: token {tok!r} is not GPT-2 byte-level text: download it again") from None
+    return ranks
+
+
+def _ranks_from_merges(path: Path, raw: bytes, alphabet: dict[str, int]) -> dict[bytes, int]:
+    """The ranks the merges imply: the 256 single bytes in GPT-2's order, then one new token per merge line."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise Gpt2LoadError(f"{path} is not UTF-8 text ({e}): delete it and download again") from None
+    ranks = {bytes([b]): i for i, b in enumerate(alphabet.values())}
+    lines = [ln for ln in text.split("\n") if ln and not ln.startswith("#version")]
+    for number, line in enumerate(lines, start=1):
+        parts = line.split(" ")
+        try:
+            if len(parts) != 2 or not all(parts):
+                raise KeyError
+            token = bytes(alphabet[c] for c in parts[0] + parts[1])
+        except KeyError:
+            raise Gpt2LoadError(
+                f"{path} line {number} ({line[:40]!r}) is not a merge of two GPT-2 tokens: download it again"
+            ) from None
+        if token in ranks:
+            raise Gpt2LoadError(f"{path} line {number} repeats the merge {line!r}: download it again")
+        ranks[token] = len(ranks)
+    return ranks
+
+
 def read_ranks(vocab_path: str | Path, merges_path: str | Path) -> dict[bytes, int]:
-    """Mergeable ranks (token bytes -> id) from a GPT-2 vocabulary + merges pair, checked for consistency."""
+    """Mergeable ranks (token bytes -> id) from a GPT-2 vocabulary + merges pair.
+
+    GPT-2's ids are its merge ranks, so the whole vocabulary must equal what the merges imply, token for token
+    (the check tiktoken makes when it loads these files).
+    """
     vocab_path, merges_path = Path(vocab_path), Path(merges_path)
     raw_vocab, raw_merges = vocab_path.read_bytes(), merges_path.read_bytes()
     _check_hash(vocab_path, raw_vocab)
     _check_hash(merges_path, raw_merges)
-    try:
-        encoder: dict[str, int] = json.loads(raw_vocab)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise Gpt2LoadError(f"{vocab_path} is not valid JSON ({e}): delete it and download again") from None
     alphabet = _byte_alphabet()
-    try:
-        ranks = {bytes(alphabet[c] for c in tok): i for tok, i in encoder.items() if tok != EOT}
-    except KeyError:
-        raise Gpt2LoadError(f"{vocab_path} is not a GPT-2 byte-level vocabulary") from None
-    # Single bytes first, then one token per merge line, in order: ids must equal merge ranks.
-    lines = [ln for ln in raw_merges.decode("utf-8").split("\n") if ln and not ln.startswith("#version")]
-    if len(ranks) != 256 + len(lines):
-        raise Gpt2LoadError(
-            f"{vocab_path} has {len(ranks)} tokens but {merges_path} has {len(lines)} merges "
-            "(expected 256 more tokens than merges): the files do not belong together"
-        )
-    for rank, line in enumerate(lines[:50], start=256):  # a cheap spot check of the ordering
-        a, b = line.split(" ")
-        if ranks.get(bytes(alphabet[c] for c in a + b)) != rank:
-            raise Gpt2LoadError(
-                f"{merges_path} line {rank - 255} disagrees with {vocab_path}: the files do not belong together"
-            )
+    ranks = _read_vocab(vocab_path, raw_vocab, alphabet)
+    implied = _ranks_from_merges(merges_path, raw_merges, alphabet)
+    if ranks != implied:
+        if len(ranks) != len(implied):
+            why = f"{len(ranks)} tokens, the merges make {len(implied)}"
+        else:
+            tok = next(t for t, i in implied.items() if ranks.get(t) != i)
+            why = f"token {tok!r} has id {ranks.get(tok)}, the merges give it {implied[tok]}"
+        raise Gpt2LoadError(f"{vocab_path} and {merges_path} do not belong together ({why}): download both again")
     return ranks
 
 
@@ -100,6 +133,29 @@ def tokenizer_from_folder(folder: str | Path) -> tiktoken.Encoding:
         names = " or ".join(" + ".join(p) for p in FILE_PAIRS)
         raise Gpt2LoadError(f"no tokenizer files in {folder}: it needs {names}")
     return _encoding(str(found[0].resolve()), str(found[1].resolve()))
+
+
+def id_marker(token_id: int) -> str:
+    """The visible stand-in for an id the tokenizer has no token for (a model with a padded vocabulary)."""
+    return f"<|id:{token_id}|>"
+
+
+def token_bytes(enc: tiktoken.Encoding, token_id: int) -> bytes:
+    """The bytes of one token; an id outside the tokenizer (e.g. 50300 from a 50304-row model) gives
+    `id_marker(id)` instead of raising, so generating from a padded-vocabulary model never crashes."""
+    token_id = int(token_id)
+    if 0 <= token_id < enc.n_vocab:
+        try:
+            return enc.decode_single_token_bytes(token_id)
+        except KeyError:  # a gap in the id space
+            pass
+    return id_marker(token_id).encode()
+
+
+def decode_ids(enc: tiktoken.Encoding, ids) -> str:
+    """Text of a sequence of ids, as `enc.decode` gives it (invalid UTF-8 becomes U+FFFD), but with ids the
+    tokenizer does not know shown as `<|id:N|>` markers instead of raising KeyError."""
+    return b"".join(token_bytes(enc, i) for i in ids).decode("utf-8", errors="replace")
 
 
 def encode(enc: tiktoken.Encoding, text: str) -> list[int]:

@@ -1,4 +1,4 @@
-"""`gpt2load train`: argument parsing only; the work is `gpt2load.train.train_on_files`."""
+"""`gpt2load train`: argument parsing only; the work is `gpt2load.pretrain.train_on_files`."""
 
 from __future__ import annotations
 
@@ -7,13 +7,13 @@ import argparse
 from .finetune_cli import add_lora_args, lora_kwargs
 
 EPILOG = """\
-Writes OUT/metrics.jsonl, OUT/loss.png, OUT/checkpoints/step-NNNNNN.pt and the trained model in OUT/final
-(use it with: gpt2load generate --model OUT/final). Multi-process: torchrun --nproc_per_node N -m gpt2load train
-... (--batch-size is per process)."""
+Writes OUT/metrics.jsonl, OUT/loss.png, OUT/checkpoints/step-NNNNNN.pt and the trained model in OUT itself
+(and OUT/final): gpt2load generate --model OUT. One run per OUT at a time. Multi-process:
+torchrun --nproc_per_node N -m gpt2load train ... (--batch-size is per process)."""
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .train import train_on_files
+    from .pretrain import train_on_files
 
     train_on_files(
         args.model,

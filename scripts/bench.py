@@ -3,6 +3,7 @@
     python scripts/bench.py generate [options]   # decoding speed vs transformers (scripts/bench_generate.py)
     python scripts/bench.py load [options]       # scripts/bench_load.py
     python scripts/bench.py train [options]      # scripts/bench_train.py
+    python scripts/bench.py serve [options]      # server throughput at 1/4/8 clients (scripts/bench_serve.py)
 
 Each subcommand lives in scripts/bench_<name>.py, imported only when asked for, and exposes
 `main(argv: list[str]) -> int | None`; `python scripts/bench.py NAME --help` shows its options.
@@ -14,7 +15,7 @@ import importlib
 import sys
 from pathlib import Path
 
-COMMANDS = {"generate": "bench_generate", "load": "bench_load", "train": "bench_train"}
+COMMANDS = {"generate": "bench_generate", "load": "bench_load", "train": "bench_train", "serve": "bench_serve"}
 
 
 def main(argv: list[str] | None = None) -> int:

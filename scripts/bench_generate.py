@@ -23,9 +23,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the or
 
 from oracle import pair  # noqa: E402
 
+from gpt2load import generate  # noqa: E402
 from gpt2load.beam import beam_search  # noqa: E402
 from gpt2load.config import GPTConfig  # noqa: E402
-from gpt2load.generate import generate  # noqa: E402
 from gpt2load.model import param_count  # noqa: E402
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import statistics
 import subprocess
@@ -22,7 +23,7 @@ from tfwrite import write_checkpoint  # noqa: E402
 
 from gpt2load.config import GPTConfig  # noqa: E402
 from gpt2load.convert import OPENAI, expected_shapes, to_source_layout  # noqa: E402
-from gpt2load.load import CACHE_NAME  # noqa: E402
+from gpt2load.load import cache_file, inspect_path  # noqa: E402
 
 # Peak RSS of this process since exec (VmHWM; ru_maxrss would include the parent's peak before exec).
 RSS = (
@@ -87,11 +88,12 @@ def bench_size(name: str, workdir: Path, repeats: int, import_rss: int) -> list[
     cfg = GPTConfig.from_name(name)
     model_bytes = 4 * cfg.n_params
     openai_dir, hf_dir = make_weights(cfg, workdir / name)
+    os.environ["GPT2LOAD_CACHE_DIR"] = str(workdir / "cache")  # the children's conversion cache, not ~/.cache
     conv = []
     for _ in range(repeats):
-        (openai_dir / CACHE_NAME).unlink(missing_ok=True)
+        cache_file(inspect_path(openai_dir)).unlink(missing_ok=True)
         conv.append(run_child("convert", openai_dir))
-    (hf_dir / CACHE_NAME).unlink(missing_ok=True)
+    cache_file(inspect_path(hf_dir)).unlink(missing_ok=True)
     run_child("convert", hf_dir)  # gpt2load's one-time cache of the HF files, not timed here
     ours = [run_child("gpt2load", hf_dir) for _ in range(repeats)]
     theirs = [run_child("transformers", hf_dir) for _ in range(repeats)]

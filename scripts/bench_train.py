@@ -62,7 +62,7 @@ def bench_transformers(hf, batches, warmup: int, lr: float) -> list[float]:
 
 def bench_gpt2load(model, batches, warmup: int, lr: float, dtype: str) -> list[float]:
     """gpt2load.train itself, evaluating after every step (one batch, not timed) to read per-step tokens/s."""
-    from gpt2load.train import train
+    from gpt2load.training import train
 
     rows = train(
         model,

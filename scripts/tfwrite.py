@@ -37,7 +37,7 @@ def _ld(num: int, data: bytes) -> bytes:  # a length-delimited field
     return _field(num, 2, _varint(len(data)) + data)
 
 
-def _entry(shape: tuple[int, ...], offset: int, size: int, crc: int) -> bytes:
+def tensor_entry(shape: tuple[int, ...], offset: int, size: int, crc: int) -> bytes:
     dims = b"".join(_ld(2, _field(1, 0, _varint(d))) for d in shape)
     return (
         _field(1, 0, _varint(_DT_FLOAT))
@@ -70,8 +70,19 @@ def write_checkpoint(folder: Path, tensors, hparams: dict) -> None:
         for name in sorted(tensors):
             raw = tensors[name].detach().to(torch.float32).contiguous().numpy().tobytes()
             data.write(raw)
-            entries.append((name.encode(), _entry(tuple(tensors[name].shape), offset, len(raw), masked_crc32c(raw))))
+            entries.append(
+                (name.encode(), tensor_entry(tuple(tensors[name].shape), offset, len(raw), masked_crc32c(raw)))
+            )
             offset += len(raw)
+    write_index(folder, entries)
+    (folder / "checkpoint").write_text(
+        'model_checkpoint_path: "model.ckpt"\nall_model_checkpoint_paths: "model.ckpt"\n'
+    )
+    (folder / "hparams.json").write_text(json.dumps(hparams, indent=2))
+
+
+def write_index(folder: Path, entries: list[tuple[bytes, bytes]]) -> None:
+    """folder/model.ckpt.index holding (name, BundleEntryProto bytes) pairs, in the order given."""
     header = _field(1, 0, _varint(1)) + _ld(3, _field(1, 0, _varint(1)))  # num_shards 1, version{producer 1}
     out = bytearray()
     data_handle = _with_trailer(out, _block([(b"", header), *entries]))
@@ -80,7 +91,3 @@ def write_checkpoint(folder: Path, tensors, hparams: dict) -> None:
     footer = meta_handle + index_handle
     out += footer + b"\x00" * (40 - len(footer)) + struct.pack("<Q", _MAGIC)
     (folder / "model.ckpt.index").write_bytes(bytes(out))
-    (folder / "checkpoint").write_text(
-        'model_checkpoint_path: "model.ckpt"\nall_model_checkpoint_paths: "model.ckpt"\n'
-    )
-    (folder / "hparams.json").write_text(json.dumps(hparams, indent=2))

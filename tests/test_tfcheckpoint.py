@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 import torch
-from helpers import FIXTURES, OPENAI_TINY, SHARED_INDEX, copy_fixture
+from helpers import FIXTURES, OPENAI_124M_INDEX, OPENAI_TINY, copy_fixture
 
 from gpt2load.config import GPTConfig
 from gpt2load.convert import OPENAI, convert_tensors
@@ -28,10 +28,19 @@ def test_prefix_index_path_and_folder_resolve_alike():
     assert TFCheckpoint(OPENAI_TINY / "model.ckpt.index").entries == a
 
 
-def test_masked_crc32c_known_value():
-    # LevelDB's published test vector: crc32c("123456789") = 0xE3069283, then masked.
-    crc = 0xE3069283
-    assert masked_crc32c(b"123456789") == (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+@pytest.mark.parametrize(
+    ("data", "masked"),
+    [
+        # CRC32C check value crc32c("123456789") = 0xE3069283 (RFC 3720 / iSCSI); rotated right by 15 bits
+        # that is 0x2507C60D, plus LevelDB's mask delta 0xA282EAD8 gives 0xC78AB0E5 (worked by hand).
+        (b"123456789", 0xC78AB0E5),
+        # RFC 3720 B.4: 32 zero bytes -> 0x8A9136AA; rotated 0x6D551522, + 0xA282EAD8 = 0x1_0FD7_FFFA, kept to 32 bits.
+        (bytes(32), 0x0FD7FFFA),
+        (b"", 0xA282EAD8),  # crc32c of nothing is 0: only the delta remains
+    ],
+)
+def test_masked_crc32c_known_values(data, masked):
+    assert masked_crc32c(data) == masked
 
 
 def test_flipped_byte_in_data_is_caught_and_named(tmp_path):
@@ -88,9 +97,8 @@ def test_other_dtypes_read_as_tensorflow_wrote_them():
     assert torch.equal(ck.read("model/bf16").float(), torch.from_numpy(oracle["model/bf16"]).float())
 
 
-@pytest.mark.skipif(not SHARED_INDEX.exists(), reason="../shared fixtures are not present")
 def test_openai_124m_real_index():
-    header, entries = read_index(SHARED_INDEX / "model.ckpt.index")
+    header, entries = read_index(OPENAI_124M_INDEX / "model.ckpt.index")
     assert header.get(1, 1) == 1  # one shard
     assert len(entries) == 148
     assert all(e.dtype == 1 and e.crc32c is not None and not e.sliced for e in entries.values())
@@ -101,9 +109,8 @@ def test_openai_124m_real_index():
     assert max(e.offset + e.size for e in entries.values()) == 497_759_232
 
 
-@pytest.mark.skipif(not SHARED_INDEX.exists(), reason="../shared fixtures are not present")
 def test_openai_124m_names_and_shapes_map_onto_the_124m_model():
-    _, entries = read_index(SHARED_INDEX / "model.ckpt.index")
+    _, entries = read_index(OPENAI_124M_INDEX / "model.ckpt.index")
     items = ((name, torch.empty(e.shape, device="meta")) for name, e in entries.items())
     out = dict(convert_tensors(items, OPENAI, GPTConfig.from_name("124M"), "124M index"))
     assert len(out) == 2 + 12 * 16 + 2  # every GPTModel parameter but the tied head

@@ -8,7 +8,7 @@ from helpers import TOKENIZER_DIR, add_tokenizer
 from transformers import GPT2Tokenizer
 
 from gpt2load.errors import Gpt2LoadError
-from gpt2load.tokenizer import EOT_ID, encode, tokenizer_from_folder
+from gpt2load.tokenizer import EOT_ID, decode_ids, encode, token_bytes, tokenizer_from_folder
 
 TEXTS = [
     "Hello world",
@@ -67,4 +67,30 @@ def test_mismatched_pair_is_refused(tmp_path):
 
 def test_missing_files(tmp_path):
     with pytest.raises(Gpt2LoadError, match=r"no tokenizer files.*encoder.json \+ vocab.bpe"):
+        tokenizer_from_folder(tmp_path)
+
+
+def test_ids_outside_the_tokenizer_decode_as_visible_markers(enc):
+    """A padded-vocabulary model (nanoGPT's 50304 rows) can emit ids the tokenizer has no token for."""
+    with pytest.raises(KeyError):
+        enc.decode([50300])  # what tiktoken itself does: the crash decode_ids exists to avoid
+    assert decode_ids(enc, [15496, 50300, 995]) == "Hello<|id:50300|> world"
+    assert decode_ids(enc, [50303, -1]) == "<|id:50303|><|id:-1|>"
+    assert token_bytes(enc, 50257) == b"<|id:50257|>" and token_bytes(enc, 50256) == b"<|endoftext|>"
+    # A character split over two tokens still joins when it is whole, as with enc.decode.
+    smile = encode(enc, "🙂")
+    assert len(smile) == 2 and decode_ids(enc, smile) == enc.decode(smile) == "🙂"
+    broken = decode_ids(enc, [smile[0], 50299, smile[1]])  # a marker between the halves: U+FFFD, as enc.decode
+    assert broken.startswith("\ufffd<|id:50299|>\ufffd") and set(broken) - set("<|id:50299>") == {"\ufffd"}
+
+
+def test_the_whole_vocabulary_is_checked_against_the_merges(tmp_path):
+    """Two merges swapped far past the start: every pair is compared, not a prefix."""
+    shutil.copyfile(TOKENIZER_DIR / "encoder.json", tmp_path / "vocab.json")
+    lines = (TOKENIZER_DIR / "vocab.bpe").read_text(encoding="utf-8").split("\n")
+    lines[40000], lines[40001] = lines[40001], lines[40000]
+    (tmp_path / "merges.txt").write_text("\n".join(lines), encoding="utf-8")
+    with pytest.raises(
+        Gpt2LoadError, match=r"do not belong together \(token .* has id 4025\d, the merges give it 4025\d"
+    ):
         tokenizer_from_folder(tmp_path)

@@ -18,19 +18,22 @@ import torch
 from helpers import TOKENIZER_DIR, assert_clean_error
 from safetensors.torch import load_file
 
+from gpt2load import evaluate  # the public API
 from gpt2load.cli import main
 from gpt2load.config import GPTConfig
 from gpt2load.data import TokenWindows, WindowLoader
 from gpt2load.errors import Gpt2LoadError
 from gpt2load.export import save_model
 from gpt2load.load import load_gpt2
+from gpt2load.metrics import plot_losses
 from gpt2load.model import GPTModel
+from gpt2load.optim import WarmupCosine, make_optimizer
 from gpt2load.tokenizer import encode, tokenizer_from_folder
-from gpt2load.train import WarmupCosine, make_optimizer, plot_losses, train
+from gpt2load.training import TrainConfig, train
 
 CFG = GPTConfig(vocab_size=50257, context_length=32, emb_dim=16, n_heads=2, n_layers=2)
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-COMMON = ["--context-length", "16", "--eval-batches", "2", "--lr", "3e-3", "--quiet"]
+COMMON = ["--context-length", "16", "--eval-batches", "2", "--lr", "3e-3", "--quiet", "--device", "cpu"]
 
 
 @pytest.fixture(scope="module")
@@ -174,6 +177,70 @@ def test_freezing_leaves_frozen_weights_bit_identical(model_dir, corpus):
         train(model, train_loader, max_steps=1, train_layers="first:1")
 
 
+def test_freezing_never_freezes_a_head_of_its_own(model_dir, corpus):
+    """A head that is not the token embedding's Parameter (untied copy, chapter 6's classifier) trains."""
+    model = load_gpt2(model_dir, device="cpu")
+    model.out_head.weight = torch.nn.Parameter(model.tok_emb.weight.detach().clone())  # same values, untied
+    head, emb = model.out_head.weight.detach().clone(), model.tok_emb.weight.detach().clone()
+    train_loader, _, _ = loaders(corpus)
+    train(model, train_loader, max_steps=2, eval_every=0, train_layers="last:1", lr=1e-2)
+    assert not torch.equal(model.out_head.weight, head)
+    assert torch.equal(model.tok_emb.weight, emb)
+
+
+def test_evaluate_ignores_minus_100_targets_token_weighted():
+    torch.manual_seed(0)
+    model = GPTModel(CFG).eval()
+    xs = torch.randint(0, CFG.vocab_size, (3, 2, 8))
+    ys = torch.randint(0, CFG.vocab_size, (3, 2, 8))
+    ys[0, :, 4:] = -100  # half of the first batch's targets
+    ys[1, 1, :] = -100
+    ys[2, :, :6] = -100  # batches with different numbers of counted targets: the mean weights targets
+    with torch.no_grad():
+        logits = torch.cat([model(x) for x in xs])
+    want = torch.nn.functional.cross_entropy(logits.flatten(0, 1), ys.flatten(0, 1).flatten(), ignore_index=-100)
+    got = evaluate(model, list(zip(xs, ys, strict=True)))
+    assert got == pytest.approx(want.item(), rel=1e-5)
+    assert evaluate(model, list(zip(xs, ys, strict=True)), max_batches=1) == pytest.approx(
+        torch.nn.functional.cross_entropy(logits[:2].flatten(0, 1), ys[0].flatten(), ignore_index=-100).item(),
+        rel=1e-5,
+    )
+    with pytest.raises(Gpt2LoadError, match="no targets"):
+        evaluate(model, [(xs[0], torch.full_like(ys[0], -100))])
+
+
+def test_train_leaves_the_callers_rng_states_alone(model_dir, corpus):
+    model = load_gpt2(model_dir, device="cpu")
+    train_loader, _, _ = loaders(corpus)
+    torch.manual_seed(11)
+    random.seed(11)
+    np.random.seed(11)
+    want = (torch.rand(3), random.random(), np.random.rand())
+    torch.manual_seed(11)
+    random.seed(11)
+    np.random.seed(11)
+    train(model, train_loader, max_steps=2, eval_every=0, seed=5)
+    got = (torch.rand(3), random.random(), np.random.rand())
+    assert torch.equal(got[0], want[0]) and got[1:] == want[1:]
+
+
+def test_a_loss_hook_plugs_another_objective_into_the_loop(model_dir, corpus):
+    """TrainConfig.loss_fn: here only the last position counts, as in a classification recipe."""
+    calls = []
+
+    def last_token(model, x, y):
+        calls.append(x.shape)
+        logits = model(x)[:, -1, :]
+        return torch.nn.functional.cross_entropy(logits, y[:, -1], reduction="sum"), y.shape[0]
+
+    model = load_gpt2(model_dir, device="cpu")
+    train_loader, val_loader, _ = loaders(corpus)
+    config = TrainConfig(max_steps=6, eval_every=6, eval_batches=2, lr=3e-3, loss_fn=last_token, count_fn=len)
+    rows = train(model, train_loader, val_loader, config)
+    assert len(calls) == 6 + 2 * 2 * 2  # 6 steps, and 2 evaluations of 2 batches of each loader
+    assert rows[-1]["train_loss"] < rows[0]["train_loss"]
+
+
 def test_weight_decay_spares_biases_norms_embeddings_and_the_tied_head_once():
     model = GPTModel(CFG)
     opt = make_optimizer(model, 1e-3, 0.1)
@@ -223,8 +290,12 @@ def test_loss_png_is_skipped_without_matplotlib(monkeypatch, tmp_path):
 
 def test_exact_resume_after_kill_9(model_dir, corpus, tmp_path):
     """Uninterrupted run vs a run killed twice (once as soon as a checkpoint is being written or has been
-    written) and resumed: the same final weights and the same metrics rows, none duplicated."""
-    flags = ["--max-steps", "36", "--save-every", "4", "--eval-every", "4", "--keep-checkpoints", "2"]
+    written) and resumed: the same final weights and the same metrics rows, none duplicated.
+
+    The run is long (96 steps, a checkpoint every 4) so that the kill lands seconds before its end: each kill
+    is asserted to have happened, and to have left the run unfinished."""
+    total = 96
+    flags = ["--max-steps", str(total), "--save-every", "4", "--eval-every", "16", "--keep-checkpoints", "2"]
     flags += ["--dropout", "0.1", "--batch-size", "2", "--seed", "7"]
     whole, killed = tmp_path / "whole", tmp_path / "killed"
     assert main(train_cmd(model_dir, corpus, whole, *flags)) == 0  # in this process, one thread like the others
@@ -248,17 +319,18 @@ def test_exact_resume_after_kill_9(model_dir, corpus, tmp_path):
             time.sleep(0.002)
         p.send_signal(signal.SIGKILL)
         assert p.wait() == -signal.SIGKILL, "the run finished before it could be killed"
+        done = [int(f.name[5:11]) for f in ck.glob("step-*.pt")]
+        assert done and max(done) < total, done  # killed mid-run, with a checkpoint to resume from
 
     kill_when(0)  # after its first checkpoint
     first = max(int(p.name[5:11]) for p in (killed / "checkpoints").glob("step-*.pt"))
-    assert first < 36
     kill_when(first)  # while writing or just after writing a later checkpoint
     proc = run(*train_cmd(model_dir, corpus, killed, *flags, "--resume"))
     assert proc.returncode == 0, proc.stderr
     assert "resuming from" in proc.stdout
     assert max_diff(whole, killed) <= 1e-6
     assert metrics(killed) == metrics(whole)
-    assert [r["step"] for r in metrics(whole)] == list(range(0, 37, 4))
+    assert [r["step"] for r in metrics(whole)] == list(range(0, total + 1, 16))
     assert len(list((killed / "checkpoints").glob("step-*.pt"))) == 2
     assert not list((killed / "checkpoints").glob(".*tmp"))
 
@@ -272,6 +344,10 @@ def test_corrupt_checkpoint_falls_back_to_the_previous_one(model_dir, corpus, tm
     assert [p.name for p in ckpts] == ["step-000002.pt", "step-000004.pt", "step-000006.pt"]
     data = ckpts[-1].read_bytes()
     ckpts[-1].write_bytes(data[: len(data) // 2])  # truncated, as by a full disk
+    stale = [out / ".final.4194305.abcdef12.tmp", out / "checkpoints" / ".step-000008.pt.k3j_x9ab.tmp"]
+    stale[0].mkdir()  # left by kill -9 while saving the final model / writing a checkpoint
+    (stale[0] / "model.safetensors").write_bytes(b"partial")
+    stale[1].write_bytes(b"partial")
     capsys.readouterr()
     assert main(train_cmd(model_dir, corpus, out, *flags, "--resume")) == 0
     captured = capsys.readouterr()
@@ -283,6 +359,7 @@ def test_corrupt_checkpoint_falls_back_to_the_previous_one(model_dir, corpus, tm
     assert all(torch.equal(got[k], want[k]) for k in want)
     assert (out / "checkpoints" / "step-000006.pt").is_file()  # written again
     assert (out / "checkpoints" / "step-000006.pt.corrupt").is_file()
+    assert not any(p.exists() for p in stale)
 
 
 def test_final_model_generates_and_exports_to_transformers(model_dir, corpus, tmp_path, capsys):
@@ -304,9 +381,8 @@ def test_final_model_generates_and_exports_to_transformers(model_dir, corpus, tm
     with torch.no_grad():
         torch.testing.assert_close(hf(ids).logits, ours(ids), atol=1e-4, rtol=1e-4)
 
-    if not (Path(__import__("gpt2load").__file__).parent / "generate.py").is_file():
-        pytest.skip("gpt2load.generate is not there yet: cannot test `gpt2load generate`")
-    proc = run("generate", "--model", str(out / "final"), "--prompt", "The cat", "--max-new-tokens", "5", "--json")
+    gen = ["--prompt", "The cat", "--max-new-tokens", "5", "--json", "--device", "cpu"]
+    proc = run("generate", "--model", str(out), *gen)  # the run folder itself is a model folder
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)
 
@@ -362,7 +438,7 @@ def test_bad_inputs_give_one_clear_line(model_dir, corpus, tmp_path, capsys):
     ]
     for i, (args, needle) in enumerate(cases):
         argv = ["train", "--model", str(model_dir), "--out", str(tmp_path / f"o{i}"), "--max-steps", "1", "--quiet"]
-        assert main(argv + COMMON[:2] + args) == 1, args
+        assert main(argv + COMMON[:2] + ["--device", "cpu"] + args) == 1, args
         err = capsys.readouterr().err
         lines = [ln for ln in err.splitlines() if ln.strip()]
         assert len(lines) == 1 and lines[0].startswith("gpt2load: error:") and needle in lines[0], (args, err)

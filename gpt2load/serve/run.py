@@ -1,0 +1,136 @@
+"""`gpt2load serve`: check the model folder, listen, load the model in the background, run uvicorn."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import sys
+import threading
+from pathlib import Path
+
+import uvicorn
+
+from .. import stfile
+from ..errors import Gpt2LoadError
+from ..load import inspect_path, load_gpt2, model_folder
+from ..templates import TEMPLATES
+from ..tokenizer import tokenizer_from_folder
+from .app import ServerState, create_app
+from .batcher import Batcher
+from .protocol import Limits
+
+log = logging.getLogger("gpt2load.serve")
+
+
+def read_prompt_template(where: Path) -> str | None:
+    """The prompt template a model records (`prompt_template` in its folder's config.json or in a gpt2load
+    safetensors file's metadata), or None for a plain language model."""
+    value = None
+    if where.is_dir() and (where / "config.json").is_file():
+        try:
+            raw = json.loads((where / "config.json").read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise Gpt2LoadError(f"{where / 'config.json'} is not valid JSON: fix or replace it") from None
+        value = raw.get("prompt_template") if isinstance(raw, dict) else None
+    weights = where if where.suffix == ".safetensors" else where / "model.safetensors"
+    if value is None and weights.is_file():
+        value = stfile.read_header(weights)[1].get("prompt_template")
+    if value is not None and value not in TEMPLATES:
+        raise Gpt2LoadError(
+            f"{where} records prompt_template {value!r}, which gpt2load does not know (known: {', '.join(TEMPLATES)})"
+        )
+    return value
+
+
+def _check_flags(port: int, max_batch_size: int, max_queue: int, max_tokens_limit: int | None) -> None:
+    for name, value, low in (
+        ("--max-batch-size", max_batch_size, 1),
+        ("--max-queue", max_queue, 1),
+        ("--port", port, 0),
+    ):
+        if value < low:
+            raise Gpt2LoadError(f"{name} must be >= {low}, got {value}")
+    if port > 65535:
+        raise Gpt2LoadError(f"--port must be <= 65535, got {port}")
+    if max_tokens_limit is not None and max_tokens_limit < 1:
+        raise Gpt2LoadError(f"--max-tokens-limit must be >= 1, got {max_tokens_limit}")
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """Bind before loading, so a taken port is a one-line error right away."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise Gpt2LoadError(
+            f"cannot listen on {host}:{port} ({e.strerror or e}): choose another --host/--port"
+        ) from None
+    return sock
+
+
+def serve(
+    model: str = "124M",
+    source: str = "hf",
+    weights_dir: str | None = None,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    api_key: str | None = None,
+    device: str | None = None,
+    dtype: str | None = None,
+    max_batch_size: int = 8,
+    max_queue: int = 64,
+    max_tokens_limit: int | None = None,
+    log_prompts: bool = False,
+) -> None:
+    """Serve a model over HTTP with OpenAI's API and a page at `/`, until interrupted.
+
+    Args:
+        model: a size or alias, or a local model folder/file (as `load_gpt2`).
+        api_key: when set, /v1 requests must send `Authorization: Bearer KEY`.
+        max_batch_size: sequences decoded together in one step.
+        max_queue: requests that may wait for a free row; past that, 503 with Retry-After.
+        max_tokens_limit: the most tokens one completion may ask for (default: the context window).
+        log_prompts: also log prompt text (never logged otherwise).
+    """
+    _check_flags(port, max_batch_size, max_queue, max_tokens_limit)
+    if not log.handlers:  # our own logger only: one line per request on stderr
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s gpt2load serve: %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        log.propagate = False
+    where = model_folder(model, source, weights_dir)
+    src = inspect_path(where)  # an unknown or broken folder fails now, with its one-line error
+    enc = tokenizer_from_folder(where if where.is_dir() else where.parent)
+    model_id = where.resolve().name if os.path.exists(str(model)) else str(model)
+    limits = Limits(model_id, src.cfg.vocab_size, src.cfg.context_length, max_tokens_limit, read_prompt_template(where))
+    sock = _listen(host, port)
+    state = ServerState(limits, enc, api_key, log_prompts)
+    server = uvicorn.Server(uvicorn.Config(create_app(state), log_level="warning", access_log=False))
+    failure: list[BaseException] = []
+
+    def load() -> None:
+        try:
+            gpt = load_gpt2(where, device=device, dtype=dtype, quiet=True)
+            state.batcher = Batcher(gpt, enc, max_batch_size, max_queue)
+            log.info(f"ready: {model_id} ({src.cfg.n_params / 1e6:.0f}M parameters), batches of {max_batch_size}")
+        except BaseException as e:  # the server stops and the error is reported as the command's own
+            failure.append(e)
+            server.should_exit = True
+
+    bound = sock.getsockname()
+    log.info(f"listening on http://{host}:{bound[1]} (model {model_id} loading)")
+    threading.Thread(target=load, name="gpt2load-load", daemon=True).start()
+    try:
+        server.run(sockets=[sock])
+    finally:
+        sock.close()
+        if state.batcher is not None:
+            state.batcher.close()
+    if failure:
+        raise failure[0]
