@@ -37,7 +37,7 @@ from .load import load_gpt2, load_tokenizer, model_folder
 from .lora import DEFAULT_ALPHA, DEFAULT_TARGETS, check_lora_settings, parse_targets, setup_lora
 from .metrics import MetricsLog, plot_curves
 from .pretrain import open_run, save_final
-from .training import train
+from .training import check_positive, train
 
 CLASSIFIER_KEY = "classifier"  # metadata: {"labels": [...], "pool": ..., "max_length": N}
 TEMPLATE_KEY = "prompt_template"  # metadata: the name of the template in templates.TEMPLATES
@@ -82,8 +82,7 @@ class FinetuneConfig:
 
     def check(self) -> None:
         """The settings that can be checked before any loading, as one clear error each."""
-        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
-            raise Gpt2LoadError(f"--batch-size must be a positive integer, got {self.batch_size!r}")
+        check_positive(batch_size=self.batch_size)
         if self.lora_rank is not None:
             check_lora_settings(self.lora_rank, self.lora_alpha)
             parse_targets(self.lora_targets)
@@ -123,8 +122,7 @@ def _load(cfg: FinetuneConfig, model):
 
 
 def _check_length(max_length: int | None, net) -> None:
-    if max_length is not None and (isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1):
-        raise Gpt2LoadError(f"--max-length must be a positive integer, got {max_length!r}")
+    check_positive(max_length=max_length)
     if max_length is not None and max_length > net.cfg.context_length:
         raise Gpt2LoadError(
             f"--max-length {max_length} exceeds the model's context length {net.cfg.context_length}: lower it"
