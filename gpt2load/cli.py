@@ -11,6 +11,7 @@ import warnings
 from collections.abc import Callable
 
 from .errors import Gpt2LoadError
+from .finetune_cli import add_finetune_parsers
 from .fsutil import check_output
 from .train_cli import add_train_parser
 
@@ -90,6 +91,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from .text import complete
 
     quiet = args.json or args.quiet
+    instructed = args.instruction is not None
+    if args.input is not None and not instructed:
+        raise Gpt2LoadError("--input goes with --instruction (it is the instruction's input): add --instruction")
+    prompt = instruction_prompt(args) if instructed else args.prompt
     model = load_gpt2(
         args.model, args.source, args.weights_dir, args.device, args.dtype, quiet=quiet, cache=_cache(args)
     )
@@ -100,14 +105,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
         sys.stdout.write(piece)
         sys.stdout.flush()
 
-    if streaming:
-        on_text(args.prompt)
+    if streaming and not instructed:  # an instruction prints only the response
+        on_text(prompt)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", PromptTruncatedWarning)
         result = complete(
             model,
             enc,
-            args.prompt,
+            prompt,
             max_new_tokens=args.max_new_tokens,
             min_new_tokens=args.min_new_tokens,
             temperature=args.temperature,
@@ -132,13 +137,30 @@ def cmd_generate(args: argparse.Namespace) -> int:
     else:
         for i, c in enumerate(result["completions"]):
             score = f" (score {c['score']:.4f})" if c["score"] is not None else ""
-            print(f"--- {i + 1}{score}\n{args.prompt}{c['text']}")
+            print(f"--- {i + 1}{score}\n{'' if instructed else prompt}{c['text']}")
     return 0
+
+
+def instruction_prompt(args: argparse.Namespace) -> str:
+    """--instruction/--input wrapped in the template the model records (Alpaca when it records none)."""
+    from .load import model_metadata
+    from .templates import TEMPLATES, format_instruction
+
+    template = model_metadata(args.model, args.source, args.weights_dir).get("prompt_template")
+    if template is None:
+        print("gpt2load: notice: the model records no prompt template; using the Alpaca template", file=sys.stderr)
+    elif template not in TEMPLATES:
+        raise Gpt2LoadError(
+            f"{args.model} records the prompt template {template!r}, which this gpt2load does not know "
+            f"({', '.join(TEMPLATES)}): upgrade gpt2load or use --prompt"
+        )
+    return format_instruction(args.instruction, args.input or "")
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
     from .exports import export, is_folder_output, load_dtype
     from .load import load_gpt2, model_folder
+    from .lora import merge_lora
 
     # the output is checked before the (slow) load, and again by the writer
     where = model_folder(args.model, args.source, args.weights_dir, quiet=args.quiet)
@@ -147,6 +169,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     model = load_gpt2(
         args.model, args.source, args.weights_dir, device="cpu", dtype=dtype, quiet=args.quiet, cache=_cache(args)
     )
+    merge_lora(model)  # a model saved with --no-merge is exported as the one model it computes
     folder = where if where.is_dir() else where.parent
     out = export(model, args.to, args.out, tokenizer_dir=folder, dtype=args.dtype, force=args.force, protect=[where])
     print(f"wrote {out}")
@@ -220,7 +243,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("generate", help="generate text from a prompt", description="Generate text from a prompt.")
     _model_args(g)
-    g.add_argument("--prompt", required=True, help="the text to continue ('' starts from <|endoftext|>)")
+    what = g.add_mutually_exclusive_group(required=True)
+    what.add_argument("--prompt", help="the text to continue ('' starts from <|endoftext|>)")
+    what.add_argument("--instruction", help="an instruction for an instruction-tuned model: prints only the response")
+    g.add_argument("--input", default=None, help="the instruction's input (with --instruction)")
     g.add_argument("--max-new-tokens", type=whole(0, MAX_NEW_TOKENS), default=50)
     g.add_argument("--min-new-tokens", type=whole(0, MAX_NEW_TOKENS), default=0)
     g.add_argument("--temperature", type=finite, default=0.0, help="0 = greedy (default)")
@@ -290,7 +316,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--log-prompts", action="store_true", help="also log prompt text (never logged otherwise)")
     s.set_defaults(func=cmd_serve)
 
-    add_train_parser(sub)  # training's many flags live beside it, in train_cli.py
+    add_train_parser(sub)  # training's and fine-tuning's many flags live beside them
+    add_finetune_parsers(sub)
     return parser
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -23,6 +23,7 @@ from .errors import Gpt2LoadError
 from .fsutil import atomic_dir, atomic_output_file, check_output, mark_file
 from .gguf import GGUF_DTYPES, export_gguf, gguf_dtype
 from .load import OWN_FORMAT, write_own
+from .lora import ADAPTERS_KEY, ADAPTERS_NAME, lora_settings, lora_state, merge_lora, without_adapters, write_adapters
 from .model import GPTModel, causal_mask, stored_state
 from .tensors import layout_specs, to_layout
 from .tokenizer import find_tokenizer_files
@@ -79,6 +80,8 @@ def save_model(
     *,
     force: bool = False,
     protect: Sequence[Path] = (),
+    metadata: dict[str, str] | None = None,
+    write_extra: Callable[[Path], object] | None = None,
 ) -> Path:
     """Save in gpt2load's own form: a `.safetensors` file, or a folder with model.safetensors + config.json
     (+ the tokenizer files when `tokenizer_dir` has them), loadable with `load_gpt2(path)`. The head is kept
@@ -87,20 +90,44 @@ def save_model(
     `dtype` (float32, bfloat16, float16; default the model's) is recorded in the file and config.json, and
     `load_gpt2` keeps it unless told otherwise. `path` must be new (or an empty folder); `force` replaces an
     earlier gpt2load safetensors output there, and nothing else. `protect`: paths (the source) that `path` may
-    not be or contain."""
+    not be or contain. `metadata` joins the file's header metadata (a classifier's labels, an instruction model's
+    prompt_template); `write_extra(folder)` adds files to a folder before it appears (e.g. LoRA adapters)."""
     path, dt = Path(path), export_dtype(model, dtype)
     cfg, head = model.real_config(), model.head_meta()
     if path.suffix == ".safetensors":
         check_output(path, "safetensors", folder=False, force=force, protect=protect)
-        write_own(path, cfg, _stored_tensors(model, dt), head=head, dtype=dt)
+        write_own(path, cfg, _stored_tensors(model, dt), metadata, head=head, dtype=dt)
         mark_file(path, "safetensors")
         return path
     with atomic_dir(path, "safetensors", force=force, protect=protect) as tmp:
-        write_own(tmp / "model.safetensors", cfg, _stored_tensors(model, dt), head=head, dtype=dt)
+        write_own(tmp / "model.safetensors", cfg, _stored_tensors(model, dt), metadata, head=head, dtype=dt)
         own = {"model_type": OWN_FORMAT, "config": cfg.to_dict(), "torch_dtype": dtype_name(dt)}
         (tmp / "config.json").write_text(json.dumps(own, indent=2) + "\n")
         _copy_tokenizer(Path(tokenizer_dir) if tokenizer_dir else None, tmp, ("encoder.json", "vocab.bpe"))
+        if write_extra is not None:
+            write_extra(tmp)
     return path
+
+
+def save_finetuned(
+    model: GPTModel, folder: str | Path, tokenizer_dir: str | Path | None, metadata: dict[str, str], merge: bool = True
+) -> Path:
+    """Save a trained model folder (replacing an earlier gpt2load output there): LoRA adapters merged in (the
+    model is changed in place), or with merge=False the base weights plus adapters.safetensors (one folder,
+    written at once), named in the metadata so that loading puts them back on and a copy without them fails."""
+    folder = Path(folder)
+    if merge or lora_settings(model) is None:
+        return save_model(merge_lora(model), folder, tokenizer_dir, force=True, metadata=metadata)
+    settings, tensors = lora_settings(model), lora_state(model)
+    with without_adapters(model):
+        return save_model(
+            model,
+            folder,
+            tokenizer_dir,
+            force=True,
+            metadata={**metadata, ADAPTERS_KEY: ADAPTERS_NAME},
+            write_extra=lambda tmp: write_adapters(tmp / ADAPTERS_NAME, settings, tensors),
+        )
 
 
 def export_hf(

@@ -20,6 +20,7 @@ from .config import PRESETS, GPTConfig, read_hf_config, read_hparams, read_json_
 from .convert import HF, OPENAI, convert_tensors, expected_shapes, strip_hf_prefix
 from .env import env_flag, env_path
 from .errors import Gpt2LoadError
+from .lora import ADAPTERS_KEY, load_adapters
 from .model import GPTModel
 from .tfcheckpoint import TFCheckpoint, resolve_prefix
 
@@ -464,7 +465,23 @@ def load_gpt2(
         raise Gpt2LoadError(f"dropout must be a number in [0, 1), got {dropout!r}")
     src = cached_source(inspect_path(model_folder(model, source, weights_dir, quiet), n_heads), quiet, cache)
     cfg = replace(src.cfg, drop_rate=float(rate))
-    return model_from_tensors(cfg, source_tensors(src), device=device, dtype=dtype, tied=_recorded_tie(src))
+    net = model_from_tensors(cfg, source_tensors(src), device=device, dtype=dtype, tied=_recorded_tie(src))
+    return _with_adapters(net, src)
+
+
+def _with_adapters(model: GPTModel, src: Source) -> GPTModel:
+    """A model saved with unmerged LoRA adapters (fine-tuning's --no-merge) comes back with them on."""
+    if src.kind != "own" or src.path.suffix != ".safetensors":
+        return model
+    name = stfile.read_header(src.path)[1].get(ADAPTERS_KEY)
+    if name is None:
+        return model
+    path = src.path.parent / name
+    if not path.is_file():
+        raise Gpt2LoadError(
+            f"{src.path} was saved with its LoRA adapters in {path}, which is missing: put it back or fine-tune again"
+        )
+    return load_adapters(model, path)
 
 
 def _recorded_tie(src: Source) -> bool | None:
@@ -484,3 +501,12 @@ def load_tokenizer(model: str | Path = "124M", source: str = "hf", weights_dir: 
 
     where = model_folder(model, source, weights_dir, quiet=True)
     return tokenizer_from_folder(where if where.is_dir() else where.parent)
+
+
+def model_metadata(model: str | Path, source: str = "hf", weights_dir: str | Path | None = None) -> dict[str, str]:
+    """The header metadata of a model saved in gpt2load's own form ({} for other forms): where fine-tuning
+    records what using the model needs (`classifier`, `prompt_template`)."""
+    src = inspect_path(model_folder(model, source, weights_dir, quiet=True))
+    if src.kind != "own" or src.path.suffix != ".safetensors":
+        return {}
+    return stfile.read_header(src.path)[1]

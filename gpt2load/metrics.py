@@ -54,6 +54,11 @@ class MetricsLog:
 
 def plot_losses(rows: Sequence[dict], path: Path) -> bool:
     """Write train/validation loss against tokens seen as a PNG; False when matplotlib is not installed."""
+    return plot_curves(rows, path, {"train_loss": "train", "val_loss": "validation"}, "tokens_seen", "loss")
+
+
+def plot_curves(rows: Sequence[dict], path: Path, series: dict[str, str], x: str, ylabel: str) -> bool:
+    """Write the row fields `series` ({key: legend label}) against field `x` as a PNG; False without matplotlib."""
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
@@ -62,12 +67,12 @@ def plot_losses(rows: Sequence[dict], path: Path) -> bool:
     fig = Figure(figsize=(7, 4), dpi=100)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
-    for key, label in (("train_loss", "train"), ("val_loss", "validation")):
-        pts = [(r["tokens_seen"], r[key]) for r in rows if r.get(key) is not None]
+    for key, label in series.items():
+        pts = [(r[x], r[key]) for r in rows if r.get(key) is not None and r.get(x) is not None]
         if pts:
             ax.plot(*zip(*pts, strict=True), marker=".", label=label)
-    ax.set_xlabel("tokens seen")
-    ax.set_ylabel("loss")
+    ax.set_xlabel(x.replace("_", " "))
+    ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -76,4 +81,4 @@ def plot_losses(rows: Sequence[dict], path: Path) -> bool:
     return True
 
 
-__all__ = ["MetricsLog", "perplexity", "plot_losses"]
+__all__ = ["MetricsLog", "perplexity", "plot_curves", "plot_losses"]

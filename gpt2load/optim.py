@@ -30,14 +30,16 @@ def head_is_tied(model: GPTModel) -> bool:
     return model.out_head.weight is model.tok_emb.weight
 
 
-def apply_freezing(model: GPTModel, spec: str = "all") -> list[nn.Parameter]:
+def apply_freezing(model: GPTModel, spec: str | None = "all") -> list[nn.Parameter]:
     """Set requires_grad for `spec` and return the trainable parameters (each once).
 
     'all' trains everything. 'last:N' trains the last N transformer blocks and the final LayerNorm, as the
     book's chapter 6 does, and freezes the embeddings. A head tied to the token embedding stays frozen with
     it (training it would move every input embedding too); a head of its own (chapter 6's classifier, an
-    untied copy) always trains.
+    untied copy) always trains. None keeps what the caller chose (e.g. LoRA adapters and a new head).
     """
+    if spec is None:
+        return list({id(p): p for p in model.parameters() if p.requires_grad}.values())
     n = parse_train_layers(spec, model.cfg.n_layers)
     for p in model.parameters():
         p.requires_grad_(n is None)

@@ -15,9 +15,10 @@ from torch import nn
 from .data import TokenWindows, WindowLoader, split_tokens, tokenize_files
 from .distributed import init_distributed, rank0_first, shutdown
 from .errors import Gpt2LoadError
-from .exports import save_model
+from .exports import save_finetuned
 from .fsutil import MARKER, RunLock, atomic_path, check_output, open_run_folder
 from .load import load_gpt2, load_tokenizer, model_folder
+from .lora import DEFAULT_ALPHA, DEFAULT_TARGETS, check_lora_settings, parse_targets, setup_lora
 from .model import GPTModel
 from .training import check_positive, train
 
@@ -29,10 +30,13 @@ def _set_dropout(net: GPTModel, rate: float) -> None:
             m.p = rate
 
 
-def _save_final(net: GPTModel, out: Path, tokenizer_dir: Path) -> Path:
-    """The trained model in `out/final` (gpt2load's own form), and the same files at the top of `out` as hard
-    links (no second copy on disk), so `--model OUT` and `--model OUT/final` both load it."""
-    final = save_model(net, out / "final", tokenizer_dir=tokenizer_dir, force=True)
+def save_final(
+    net: GPTModel, out: Path, tokenizer_dir: Path, metadata: dict[str, str] | None = None, merge: bool = True
+) -> Path:
+    """The trained model in `out/final` (gpt2load's own form; LoRA adapters merged unless `merge` is False, see
+    export.save_finetuned), and the same files at the top of `out` as hard links (no second copy on disk), so
+    `--model OUT` and `--model OUT/final` both load it."""
+    final = save_finetuned(net, out / "final", tokenizer_dir, metadata or {}, merge)
     for f in sorted(final.iterdir()):
         if f.name == MARKER:
             continue
@@ -45,7 +49,7 @@ def _save_final(net: GPTModel, out: Path, tokenizer_dir: Path) -> Path:
     return final
 
 
-def _open_run(out: Path) -> RunLock:
+def open_run(out: Path) -> RunLock:
     """Lock the run folder before the token cache goes in (train() takes the lock again: it is re-entrant)."""
     lock = open_run_folder(out)
     if (out / "final").exists():  # replaced at the end: refuse now rather than after the training
@@ -123,6 +127,10 @@ def train_on_files(
     device: str | None = None,
     cache_dir: str | Path | None = None,
     quiet: bool = False,
+    lora_rank: int | None = None,
+    lora_alpha: float = DEFAULT_ALPHA,
+    lora_targets: str | Sequence[str] = DEFAULT_TARGETS,
+    merge: bool = True,
     **options,
 ) -> Path:
     """Continue pretraining `model` on text files and save the result in the run folder `out` itself (and in
@@ -142,6 +150,8 @@ def train_on_files(
         device: cpu, cuda, mps (default: the best available).
         cache_dir: where token caches go (default out/tokens).
         quiet: no download/tokenizing messages.
+        lora_rank, lora_alpha, lora_targets: train LoRA adapters only (see lora.add_lora).
+        merge: save the adapters merged into the model (False: beside it, see export.save_finetuned).
         **options: passed to `train` (max_steps, epochs, grad_accum, lr, ..., resume, sample_prompt).
     """
     check_positive(batch_size=batch_size, context_length=context_length, stride=stride)
@@ -151,11 +161,14 @@ def train_on_files(
         raise Gpt2LoadError("no training data given: pass one or more text files or folders with --data")
     if val_data is None:
         split_tokens(np.zeros(0, np.uint16), val_ratio)  # checks the ratio before anything slow
+    if lora_rank is not None:
+        check_lora_settings(lora_rank, lora_alpha)
+        parse_targets(lora_targets)
     rank, world, dev = init_distributed(device)
     lock: RunLock | None = None
     try:
         out = Path(out)
-        lock = rank0_first(lambda: _open_run(out) if rank == 0 else None)
+        lock = rank0_first(lambda: open_run(out) if rank == 0 else None)
         net = load_gpt2(model, source, weights_dir, device=dev, quiet=quiet or rank > 0)
         _set_dropout(net, dropout)
         enc = load_tokenizer(model, source, weights_dir)
@@ -181,10 +194,14 @@ def train_on_files(
             quiet=quiet,
         )
         info["dropout"] = dropout
+        lora = setup_lora(net, lora_rank, lora_alpha, lora_targets, options.get("seed", 123))
+        if lora is not None:
+            info["lora"] = lora
+            options["train_layers"] = None  # the adapters alone train
         train(net, train_loader, val_loader, out_dir=out, tokenizer=enc, run_info=info, **options)
         if rank == 0:
             where = model_folder(model, source, weights_dir, quiet=True)
-            _save_final(net, out, where if where.is_dir() else where.parent)
+            save_final(net, out, where if where.is_dir() else where.parent, merge=merge)
             print(f"gpt2load: saved the trained model in {out} (and {out / 'final'})", flush=True)
         return out
     finally:
@@ -194,4 +211,4 @@ def train_on_files(
             shutdown()
 
 
-__all__ = ["train_on_files"]
+__all__ = ["open_run", "save_final", "train_on_files"]

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from .finetune_cli import add_lora_args, lora_kwargs
+
 EPILOG = """\
 Writes OUT/metrics.jsonl, OUT/loss.png, OUT/checkpoints/step-NNNNNN.pt and the trained model in OUT itself
 (and OUT/final): gpt2load generate --model OUT. One run per OUT at a time. Multi-process:
@@ -47,6 +49,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         sample_prompt=args.sample_prompt,
         sample_tokens=args.sample_tokens,
         progress=False if args.quiet else None,
+        **lora_kwargs(args),
     )
     return 0
 
@@ -95,6 +98,7 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
     ev.add_argument("--save-every", type=int, default=500, help="steps between checkpoints (default 500)")
     ev.add_argument("--keep-checkpoints", type=int, default=3, help="checkpoints kept (default 3)")
     ev.add_argument("--resume", action="store_true", help="continue from the newest valid checkpoint in OUT")
+    add_lora_args(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar or download messages")
     p.set_defaults(func=cmd_train)
     return p

@@ -73,7 +73,7 @@ class TrainConfig:
     weight_decay: float = 0.1
     grad_clip: float | None = 1.0
     dtype: str | torch.dtype = "float32"
-    train_layers: str = "all"
+    train_layers: str | None = "all"
     eval_every: int = 100
     eval_batches: int = 10
     save_every: int | None = 500
@@ -89,6 +89,7 @@ class TrainConfig:
     run_info: dict | None = None
     loss_fn: LossFn = token_loss
     count_fn: Callable[[torch.Tensor], int] = count_targets
+    metrics_fn: Callable[[nn.Module], dict] | None = None
 
     def check(self) -> None:
         """One clear error for a value out of range (named as the CLI flag)."""
@@ -170,7 +171,8 @@ def train(
         weight_decay: AdamW weight decay, applied to block (and own-head) matrices only.
         grad_clip: clip the global gradient norm to this (None or 0: no clipping).
         dtype: "float32", or "bfloat16" for bf16 autocast (the weights stay float32).
-        train_layers: "all" or "last:N" (last N blocks + final LayerNorm + a head not tied to tok_emb).
+        train_layers: "all" or "last:N" (last N blocks + final LayerNorm + a head not tied to tok_emb); None
+            trains the parameters that require grad as the model comes (e.g. after add_lora).
         eval_every: evaluate (and log a metrics row) every this many steps and at the end; 0 = only at the end.
         eval_batches: batches of each loader to evaluate on.
         save_every: checkpoint every this many steps and at the end (needs out_dir; None/0 = only at the end).
@@ -185,6 +187,7 @@ def train(
         loss_fn: (model, x, y) -> (summed loss, number of targets); default next-token cross-entropy with
             targets of -100 ignored. Every loss is the sum over targets divided by their count.
         count_fn: y -> number of targets that count (default: those not -100), known before the forward.
+        metrics_fn: model -> dict of extra metrics (e.g. accuracies), added to every metrics row.
     """
     unknown = set(options) - {f.name for f in fields(TrainConfig)}
     if unknown:
@@ -296,6 +299,7 @@ class _Run:
         with torch.random.fork_rng(devices=[]):  # opening a shuffling loader draws from the training RNG
             train_loss = self._mean(self.train_loader)
             val_loss = self._mean(self.val_loader) if self.val_loader else None
+            extra = self.cfg.metrics_fn(self.base) if self.cfg.metrics_fn else {}
         t = self.timer
         tps = t["tokens"] / t["train_s"] if t["train_s"] > 0 else None
         t.update(train_s=0.0, tokens=0)
@@ -309,6 +313,7 @@ class _Run:
             "val_loss": val_loss,
             "val_ppl": perplexity(val_loss),
             "tokens_per_s": tps,
+            **extra,
         }
         self.rows.append(row)
         if self.rank != 0:
