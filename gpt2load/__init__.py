@@ -1,7 +1,7 @@
 """gpt2load: OpenAI's GPT-2 weights in the book's GPTModel, without TensorFlow."""
 
 from .beam import beam_search
-from .classify import classify
+from .classifier import classify
 from .config import GPTConfig
 from .decoding import BookModelWarning, PromptTruncatedWarning, left_pad
 from .errors import Gpt2LoadError
