@@ -90,7 +90,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     quiet = args.json or args.quiet
     model = load_gpt2(
-        args.model, args.source, args.weights_dir, args.device, args.dtype, quiet=quiet, cache=_cache(args)
+        args.model,
+        args.source,
+        args.weights_dir,
+        args.device,
+        args.dtype,
+        quiet=quiet,
+        cache=_cache(args),
+        quantize=args.quantize,
     )
     enc = load_tokenizer(args.model, args.source, args.weights_dir)
     streaming = not args.json and args.num_beams == 1 and args.num_return_sequences == 1
@@ -144,7 +151,9 @@ def cmd_convert(args: argparse.Namespace) -> int:
     check_output(args.out, args.to, folder=is_folder_output(args.to, args.out), force=args.force, protect=[where])
     model = load_gpt2(args.model, args.source, args.weights_dir, device="cpu", quiet=args.quiet, cache=_cache(args))
     folder = where if where.is_dir() else where.parent
-    out = export(model, args.to, args.out, tokenizer_dir=folder, force=args.force, protect=[where])
+    out = export(
+        model, args.to, args.out, tokenizer_dir=folder, force=args.force, protect=[where], dequantize=args.dequantize
+    )
     print(f"wrote {out}")
     return 0
 
@@ -192,6 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--early-stopping", type=_bool_or_never, default=False, metavar="{true,false,never}")
     g.add_argument("--num-return-sequences", type=whole(1, 1000), default=1)
     g.add_argument("--dtype", choices=("float32", "bfloat16"), default=None)
+    g.add_argument("--quantize", choices=("int8",), default=None, help="int8: int8 weight-only Linear layers and head")
     g.add_argument("--device", default=None, help="cpu, cuda, mps (default: cuda, then mps, then cpu)")
     g.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     g.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -203,6 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--to", required=True, choices=("safetensors", "hf", "pth"))
     c.add_argument("--out", required=True, help="output file (.safetensors, .pth) or folder (hf, safetensors)")
     c.add_argument("--force", action="store_true", help="replace an earlier gpt2load output of this format at --out")
+    c.add_argument("--dequantize", action="store_true", help="write an int8 model's weights as float32")
     c.add_argument("--quiet", action="store_true")
     _no_cache_arg(c)
     c.set_defaults(func=cmd_convert)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 from collections.abc import Sequence
@@ -17,6 +18,7 @@ from .errors import Gpt2LoadError
 from .fsutil import atomic_dir, atomic_output_file, check_output, mark_file
 from .load import OWN_FORMAT, write_own
 from .model import GPTModel, causal_mask, stored_state
+from .quant import dequantize_model, quantization, refuse_quantized
 from .tokenizer import find_tokenizer_files
 
 FORMATS = ("safetensors", "hf", "pth")
@@ -29,8 +31,31 @@ def is_folder_output(to: str, out: str | Path) -> bool:
 
 
 def _params(model: GPTModel) -> dict[str, torch.Tensor]:
-    """Parameters in GPTModel names, without the tied head and mask buffers, as float32 on the CPU."""
-    return {k: v.detach().to("cpu", torch.float32) for k, v in stored_state(model).items()}
+    """Parameters in GPTModel names, without the tied head and mask buffers, as float32 on the CPU (int8
+    weights as they are)."""
+    return {
+        k: v.detach().to("cpu", torch.float32 if v.is_floating_point() else v.dtype)
+        for k, v in stored_state(model).items()
+    }
+
+
+def _int8_head(model: GPTModel) -> dict:
+    """The head record of a quantized model: always its own (int8) tensor."""
+    head = model.out_head
+    return {"tied": False, "shape": [head.out_features, head.in_features], "bias": head.bias is not None}
+
+
+def float_model(model: GPTModel, to: str, dequantize: bool = False) -> GPTModel:
+    """`model` itself when its weights are float; for an int8 model, a dequantized copy if `dequantize`, else
+    a Gpt2LoadError (format `to` holds float weights only)."""
+    if not dequantize:
+        refuse_quantized(
+            model,
+            f"the {to} format cannot hold",
+            "export with dequantize=True (--dequantize) to write float32 weights, or save with --to safetensors",
+        )
+        return model
+    return dequantize_model(copy.deepcopy(model)) if quantization(model) else model
 
 
 def _copy_tokenizer(tokenizer_dir: Path | None, out: Path, names: tuple[str, str]) -> None:
@@ -55,14 +80,15 @@ def save_model(
     `path` must be new (or an empty folder); `force` replaces an earlier gpt2load safetensors output there,
     and nothing else. `protect`: paths (the source) that `path` may not be or contain."""
     path = Path(path)
-    cfg, head = model.real_config(), model.head_meta()
+    quantized = quantization(model)
+    cfg, head = model.real_config(), _int8_head(model) if quantized else model.head_meta()
     if path.suffix == ".safetensors":
         check_output(path, "safetensors", folder=False, force=force, protect=protect)
-        write_own(path, cfg, _params(model).items(), head=head)
+        write_own(path, cfg, _params(model).items(), head=head, quantized=quantized)
         mark_file(path, "safetensors")
         return path
     with atomic_dir(path, "safetensors", force=force, protect=protect) as tmp:
-        write_own(tmp / "model.safetensors", cfg, _params(model).items(), head=head)
+        write_own(tmp / "model.safetensors", cfg, _params(model).items(), head=head, quantized=quantized)
         (tmp / "config.json").write_text(
             json.dumps({"model_type": OWN_FORMAT, "config": cfg.to_dict()}, indent=2) + "\n"
         )
@@ -82,6 +108,7 @@ def export_hf(
     `lm_head.weight` with tie_word_embeddings false). A head GPT2LMHeadModel cannot hold (another shape, a
     bias) is refused: use gpt2load's own form or pth. `out`, `force`, `protect`: as for `save_model`."""
     out = Path(out)
+    refuse_quantized(model, "transformers' GPT2LMHeadModel cannot hold", "export with dequantize=True (--dequantize)")
     head, cfg = model.head_meta(), model.real_config()
     if head["bias"] or head["shape"] != [cfg.vocab_size, cfg.emb_dim]:
         raise Gpt2LoadError(
@@ -113,6 +140,7 @@ def export_pth(model: GPTModel, out: str | Path, *, force: bool = False, protect
     shared tensor in the file, which gpt2load itself never builds). `out`, `force`, `protect`: as for
     `save_model`."""
     out = Path(out)
+    refuse_quantized(model, "the book's GPTModel cannot hold", "export with dequantize=True (--dequantize)")
     state = {k: v.detach().to("cpu", torch.float32).clone() for k, v in model.state_dict().items()}
     mask = causal_mask(model.cfg.context_length)
     for i in range(len(model.trf_blocks)):
@@ -130,6 +158,7 @@ def export(
     *,
     force: bool = False,
     protect: Sequence[Path] = (),
+    dequantize: bool = False,
 ) -> Path:
     """Write `model` as `to` (safetensors, hf or pth) at `out`.
 
@@ -137,11 +166,15 @@ def export(
         out: a new path, or an empty folder; never a folder or file gpt2load did not write.
         force: replace an earlier gpt2load output of the same format at `out` (only its own files).
         protect: paths (e.g. the source model) that `out` may not be or contain.
+        dequantize: write an int8 model's weights as float32 (hf and pth hold only floats; safetensors keeps
+            int8 unless this is set). The model itself is not changed.
     """
     if to == "safetensors":
-        return save_model(model, out, tokenizer_dir, force=force, protect=protect)
+        return save_model(
+            float_model(model, to, True) if dequantize else model, out, tokenizer_dir, force=force, protect=protect
+        )
     if to == "hf":
-        return export_hf(model, out, tokenizer_dir, force=force, protect=protect)
+        return export_hf(float_model(model, to, dequantize), out, tokenizer_dir, force=force, protect=protect)
     if to == "pth":
-        return export_pth(model, out, force=force, protect=protect)
+        return export_pth(float_model(model, to, dequantize), out, force=force, protect=protect)
     raise Gpt2LoadError(f"unknown export format {to!r}: use one of {', '.join(FORMATS)}")

@@ -28,8 +28,12 @@ _ST_DTYPES: dict[torch.dtype, str] = {
     torch.int64: "I64",
     torch.int32: "I32",
     torch.uint8: "U8",
+    torch.int8: "I8",
     torch.bool: "BOOL",
 }
+
+
+ST_NAMES = _ST_DTYPES  # torch dtype -> the name safetensors headers use
 
 
 def write_streaming(
