@@ -41,10 +41,23 @@ class KVCache:
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
     def reorder(self, index: torch.Tensor) -> None:
-        """Keep batch rows `index` (beam search), in place of the old rows."""
+        """Keep batch rows `index` (beam search), in place of the old rows.
+
+        With as many rows as before, only the rows that change and only the positions filled so far are copied,
+        into the same buffers (a beam that continues itself costs nothing); a new row count reallocates."""
+        n = self.k[0].shape[0] if self.k else 0
+        if index.shape[0] != n:
+            for cache in (self.k, self.v):
+                for i, t in enumerate(cache):
+                    cache[i] = t.index_select(0, index)
+            return
+        moved = (index != torch.arange(n, device=index.device)).nonzero().flatten()
+        if moved.numel() == 0:
+            return
+        src, end = index[moved], self.pos
         for cache in (self.k, self.v):
-            for i, t in enumerate(cache):
-                cache[i] = t.index_select(0, index)
+            for t in cache:
+                t[moved, :, :end] = t[src, :, :end]  # the right side is gathered first: swapped rows are safe
 
     def crop(self, length: int) -> None:
         """Forget everything after the first `length` positions."""

@@ -1,9 +1,12 @@
 """Decoding speed of gpt2load against transformers' GPT2LMHeadModel.generate, side by side in one run.
 
-Both models hold the same random weights of the real 124M shape (fp32, torch's default thread count). Each case
-is warmed up, then run --reps times alternating the two libraries (so load changes hit both alike); the table
-shows medians, and checks that both produced the same tokens. Also prints the memory-bandwidth bound of
-decoding on this machine: every new token reads all the weights once.
+Both libraries hold the same random weights of the real 124M shape. Each case is warmed up, then run --reps
+times alternating the two libraries (so load changes hit both alike); the table shows medians and whether both
+produced the same tokens. Rows: fp32 greedy, beam search and prefill; bfloat16 greedy and prefill (both
+libraries in bf16); int8 weight-only greedy (against transformers in fp32, and against gpt2load's own fp32) with
+its fidelity to fp32 on a teacher-forced 512-token text; greedy over 8 left-padded prompts. Also the CPU, its
+flags that matter (AMX, AVX512-BF16, VNNI), the memory bandwidth, and each decoding row's share of the bound
+(weights read per step / bandwidth).
 
     python scripts/bench.py generate [--reps 3] [--profile]
 """
@@ -11,6 +14,7 @@ decoding on this machine: every new token reads all the weights once.
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import statistics
 import sys
@@ -19,14 +23,19 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the oracle: same weights in both
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))  # the oracle: same weights in both
 
+from helpers import TOKENIZER_DIR  # noqa: E402
 from oracle import pair  # noqa: E402
 
-from gpt2load import generate  # noqa: E402
+from gpt2load import generate, left_pad  # noqa: E402
 from gpt2load.beam import beam_search  # noqa: E402
 from gpt2load.config import GPTConfig  # noqa: E402
-from gpt2load.model import param_count  # noqa: E402
+from gpt2load.quant import quantize_model  # noqa: E402
+from gpt2load.tokenizer import tokenizer_from_folder  # noqa: E402
+
+FLAGS = {"AMX": ("amx_tile", "amx_bf16"), "AVX512-BF16": ("avx512_bf16",), "VNNI": ("avx512_vnni", "avx_vnni")}
 
 
 def timed(fn):
@@ -47,16 +56,44 @@ def side_by_side(ref_fn, ours_fn, reps: int):
     return statistics.median(ref_t), statistics.median(ours_t), ref_out, ours_out
 
 
-def bandwidth(mbytes: int = 500) -> tuple[float, float]:
-    """Memory bandwidth in bytes/s: torch copying a large fp32 tensor (bytes read + written), and summing it
-    (bytes read: the access pattern of decoding, which streams the weights through the matmuls)."""
+def cpu_info() -> tuple[str, dict[str, bool]]:
+    """The CPU model name and which of the flags that matter for the kernels it has."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "unknown", {}
+    name = next((ln.split(":", 1)[1].strip() for ln in text.splitlines() if ln.startswith("model name")), "?")
+    flags = set(next((ln.split(":", 1)[1].split() for ln in text.splitlines() if ln.startswith("flags")), []))
+    return name, {k: any(f in flags for f in names) for k, names in FLAGS.items()}
+
+
+def bandwidth(mbytes: int = 500) -> float:
+    """Memory bandwidth in bytes/s by memcpy: torch copying a large tensor (bytes read + written), best of 5."""
     src = torch.ones(mbytes * 250_000)
     dst = torch.empty_like(src)
     dst.copy_(src)
-    copy = min(timed(lambda: dst.copy_(src))[0] for _ in range(5))
-    read = min(timed(src.sum)[0] for _ in range(5))
-    nbytes = src.numel() * 4
-    return 2 * nbytes / copy, nbytes / read
+    copy_s = min(timed(lambda: dst.copy_(src))[0] for _ in range(5))
+    return 2 * src.numel() * 4 / copy_s
+
+
+def weight_bytes(model) -> int:
+    """Bytes one decoding step reads: every weight but the embeddings (one row each is looked up)."""
+    seen = {}
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        if not name.endswith("_emb.weight"):
+            seen[t.data_ptr()] = t.numel() * t.element_size()
+    head = model.out_head
+    if getattr(head, "weight", None) is model.tok_emb.weight:  # the tied head reads the embedding matrix
+        seen[head.weight.data_ptr()] = head.weight.numel() * head.weight.element_size()
+    return sum(seen.values())
+
+
+def fidelity(ref, model, idx: torch.Tensor) -> tuple[float, float]:
+    """(top-1 agreement, mean KL(ref || model) in nats) of teacher-forced next-token distributions."""
+    with torch.inference_mode():
+        p = ref(idx).float().log_softmax(-1)
+        q = model(idx).float().log_softmax(-1)
+    return (p.argmax(-1) == q.argmax(-1)).float().mean().item(), (p.exp() * (p - q)).sum(-1).mean().item()
 
 
 def profile_decoding(model, idx, steps: int) -> None:
@@ -69,13 +106,36 @@ def profile_decoding(model, idx, steps: int) -> None:
     print(prof.key_averages(group_by_input_shape=True).table(sort_by="self_cpu_time_total", row_limit=10))
 
 
+class Table:
+    def __init__(self, reps: int, bw: float) -> None:
+        self.reps, self.bw, self.rows = reps, bw, []
+
+    def case(self, name, ref_fn, ours_fn, work: int, unit: str, step_bytes: int | None = None, steps: int = 0):
+        """Time ref vs ours; `work` units per run; `step_bytes` read per decoding step (`steps` per run)."""
+        ref_t, ours_t, ref, got = side_by_side(ref_fn, ours_fn, self.reps)
+        same = torch.equal(ref, got)
+        share = f"{100 * steps / ours_t * step_bytes / self.bw:.0f}%" if step_bytes else "—"
+        self.rows.append(
+            [name, f"{work / ref_t:.1f} {unit}", f"{work / ours_t:.1f} {unit}", ref_t / ours_t, same, share]
+        )
+        return work / ours_t, got
+
+    def print(self) -> None:
+        print("| case | transformers | gpt2load | speed-up | same tokens | share of bandwidth bound |")
+        print("|---|---:|---:|---:|:---:|---:|")
+        for name, ref, ours, ratio, same, share in self.rows:
+            same_s = same if isinstance(same, str) else ("yes" if same else "NO")
+            print(f"| {name} | {ref} | {ours} | {ratio:.2f}x | {same_s} | {share} |")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="bench.py generate", description=__doc__.split("\n\n")[0])
     p.add_argument("--reps", type=int, default=3, help="timed runs per case (median reported)")
-    p.add_argument("--new-tokens", type=int, default=200, help="greedy: new tokens")
-    p.add_argument("--beam-tokens", type=int, default=100, help="beam search: new tokens")
+    p.add_argument("--new-tokens", type=int, default=100, help="greedy: new tokens")
+    p.add_argument("--beam-tokens", type=int, default=50, help="beam search: new tokens")
     p.add_argument("--beams", type=int, default=4)
     p.add_argument("--prefill", type=int, default=1000, help="prefill: prompt length")
+    p.add_argument("--batch", type=int, default=8, help="prompts decoded together")
     p.add_argument("--profile", action="store_true", help="also profile gpt2load's decoding by operator")
     args = p.parse_args(argv)
 
@@ -85,87 +145,89 @@ def main(argv: list[str] | None = None) -> int:
     hf, ours = pair(cfg, seed=0)
     hf.generation_config.eos_token_id = None  # both decode the full length: equal work, comparable tokens
     hf.generation_config.pad_token_id = 0
+    hf16, ours16 = copy.deepcopy(hf).to(torch.bfloat16), copy.deepcopy(ours).to(torch.bfloat16)
+    ours8 = quantize_model(copy.deepcopy(ours))
     gen = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, cfg.vocab_size, (1, 10), generator=gen)
     long_prompt = torch.randint(0, cfg.vocab_size, (1, args.prefill), generator=gen)
+    lengths = [4 + (3 * i) % 11 for i in range(args.batch)]
+    batch, mask = left_pad([torch.randint(0, cfg.vocab_size, (n,), generator=gen).tolist() for n in lengths])
+    enc = tokenizer_from_folder(TOKENIZER_DIR)
+    text = torch.tensor([(enc.encode((ROOT / "README.md").read_text(), allowed_special="all") * 2)[:512]])
     ones = torch.ones_like
 
+    cpu, flags = cpu_info()
     load = os.getloadavg()[0]
-    bw_copy, bw_read = bandwidth()
-    rows = []
-    n = args.new_tokens
-    ref_t, ours_t, ref, got = side_by_side(
-        lambda: hf.generate(prompt, attention_mask=ones(prompt), do_sample=False, max_new_tokens=n),
-        lambda: generate(ours, prompt, n),
-        args.reps,
-    )
-    rows.append(
-        (
-            f"greedy, batch 1, {prompt.shape[1]}-token prompt, {n} new tokens",
-            n / ref_t,
-            n / ours_t,
-            ref_t / ours_t,
-            torch.equal(ref, got),
-            "tokens/s",
-        )
-    )
+    bw = bandwidth()
+    t = Table(args.reps, bw)
+    fp32_bytes, bf16_bytes, int8_bytes = weight_bytes(ours), weight_bytes(ours16), weight_bytes(ours8)
 
-    n, k = args.beam_tokens, args.beams
-    ref_t, ours_t, ref, got = side_by_side(
-        lambda: hf.generate(prompt, attention_mask=ones(prompt), do_sample=False, num_beams=k, max_new_tokens=n),
-        lambda: beam_search(ours, prompt, n, k, eos_id=None).sequences,
-        args.reps,
-    )
-    rows.append(
-        (
-            f"beam search, {k} beams, {n} new tokens",
-            n / ref_t,
-            n / ours_t,
-            ref_t / ours_t,
-            torch.equal(ref, got),
-            "tokens/s",
+    def greedy(ref_model, model, idx=prompt, n=args.new_tokens, attn=None):
+        attn = ones(idx) if attn is None else attn
+        return (
+            lambda: ref_model.generate(idx, attention_mask=attn, do_sample=False, max_new_tokens=n),
+            lambda: generate(model, idx, n, attention_mask=None if bool(attn.all()) else attn),
         )
-    )
 
-    n = args.prefill
-    ref_t, ours_t, ref, got = side_by_side(
-        lambda: hf.generate(long_prompt, attention_mask=ones(long_prompt), do_sample=False, max_new_tokens=1),
-        lambda: generate(ours, long_prompt, 1),
-        args.reps,
+    n, k, P = args.new_tokens, args.beams, args.prefill
+    fp32_rate, _ = t.case(f"fp32 greedy, {n} new tokens", *greedy(hf, ours), n, "tok/s", fp32_bytes, n)
+    nb = args.beam_tokens
+    t.case(
+        f"fp32 beam search, {k} beams, {nb} new tokens",
+        lambda: hf.generate(prompt, attention_mask=ones(prompt), do_sample=False, num_beams=k, max_new_tokens=nb),
+        lambda: beam_search(ours, prompt, nb, k, eos_id=None).sequences,
+        nb,
+        "tok/s",
+        fp32_bytes,
+        nb,
     )
-    rows.append(
-        (
-            f"prefill, {n}-token prompt (time to first token)",
-            n / ref_t,
-            n / ours_t,
-            ref_t / ours_t,
-            torch.equal(ref, got),
-            "prompt tokens/s",
-        )
+    t.case(f"fp32 prefill, {P}-token prompt", *greedy(hf, ours, long_prompt, 1), P, "prompt tok/s")
+    bf16_rate, _ = t.case(f"bf16 greedy, {n} new tokens", *greedy(hf16, ours16), n, "tok/s", bf16_bytes, n)
+    t.case(f"bf16 prefill, {P}-token prompt", *greedy(hf16, ours16, long_prompt, 1), P, "prompt tok/s")
+    int8_rate, int8_out = t.case(
+        f"int8 greedy, {n} new tokens (transformers: fp32)", *greedy(hf, ours8), n, "tok/s", int8_bytes, n
     )
+    fp32_out = generate(ours, prompt, n)
+    t.rows[-1][4] = f"{(int8_out == fp32_out)[0, prompt.shape[1] :].float().mean().item():.0%} of tokens"
+    B = args.batch
+    batch_rate, _ = t.case(
+        f"fp32 greedy, batch of {B} left-padded prompts, {n} new tokens each",
+        *greedy(hf, ours, batch, n, mask),
+        B * n,
+        "tok/s",
+        fp32_bytes,
+        n,
+    )
+    top1, kl = fidelity(ours, ours8, text)
+    top1_16, kl_16 = fidelity(ours, ours16, text)
 
     print(
         f"\ngpt2load vs transformers {transformers.__version__} (torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads, fp32, 124M shape, random weights, median of {args.reps}; "
+        f"{torch.get_num_threads()} threads, 124M shape, random weights, median of {args.reps} alternating runs; "
         f"1-minute load average before the run {load:.1f})\n"
     )
-    print("| case | transformers | gpt2load | speed-up | same tokens |")
-    print("|---|---:|---:|---:|:---:|")
-    for name, ref_rate, ours_rate, ratio, same, unit in rows:
-        print(f"| {name} | {ref_rate:.1f} {unit} | {ours_rate:.1f} {unit} | {ratio:.2f}x | {'yes' if same else 'NO'} |")
-
-    weight_bytes = (param_count(ours) - cfg.context_length * cfg.emb_dim) * 4  # one position row only
-    rate = rows[0][2]
+    print(f"CPU: {cpu}; " + ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in flags.items()))
+    print(f"Memory bandwidth (memcpy, 500 MB, read + write): {bw / 1e9:.1f} GB/s\n")
+    t.print()
     print(
-        f"\nbatch-1 decoding reads all {weight_bytes / 1e6:.0f} MB of weights per token. Memory bandwidth: "
-        f"{bw_copy / 1e9:.1f} GB/s by memcpy (500 MB copied, read + write), {bw_read / 1e9:.1f} GB/s reading "
-        f"only; bound: {bw_copy / weight_bytes:.1f} / {bw_read / weight_bytes:.1f} tokens/s. gpt2load greedy: "
-        f"{rate:.1f} tokens/s = {100 * rate * weight_bytes / bw_copy:.0f}% / "
-        f"{100 * rate * weight_bytes / bw_read:.0f}% of the bound ({rate * weight_bytes / 1e9:.1f} GB/s)."
+        f"\nWeights read per decoding step: fp32 {fp32_bytes / 1e6:.0f} MB, bf16 {bf16_bytes / 1e6:.0f} MB, int8 "
+        f"{int8_bytes / 1e6:.0f} MB. int8 greedy: {int8_rate / fp32_rate:.2f}x gpt2load's fp32, bf16 greedy: "
+        f"{bf16_rate / fp32_rate:.2f}x; batch of {B}: {batch_rate / fp32_rate:.2f}x the tokens/s of batch 1."
+    )
+    print(
+        f"Fidelity to fp32, teacher-forced on {text.shape[1]} tokens of README.md: int8 top-1 agreement "
+        f"{top1:.1%}, mean KL(fp32 || int8) {kl:.4f} nats; bf16 {top1_16:.1%}, {kl_16:.4f} nats."
+    )
+    resident = sum(t.numel() * t.element_size() for t in ours8.state_dict().values())
+    fp32_all = sum(t.numel() * t.element_size() for t in ours.parameters())
+    print(
+        f"int8 model weights in memory: {resident / 1e6:.0f} MB = {resident / fp32_all:.2f}x fp32's "
+        f"{fp32_all / 1e6:.0f} MB (the float token embedding, {ours.tok_emb.weight.numel() * 4 / 1e6:.0f} MB, "
+        "is kept; the head has its own int8 copy)."
     )
     if args.profile:
         profile_decoding(ours, prompt, 50)
-    return 0 if all(r[4] for r in rows) else 1
+    return 0
 
 
 if __name__ == "__main__":
