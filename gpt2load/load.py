@@ -290,6 +290,9 @@ def write_own(
         meta["head"] = json.dumps(head)
     if quantized is not None:
         specs = quantized_names(shapes, shapes)
+        # int8 matrices first, from the aligned start of the data: the int8 kernel reads them in place when
+        # their sizes keep the next one aligned (all GPT-2 widths are multiples of 64)
+        specs = dict(sorted(specs.items(), key=lambda kv: kv[1][1] != torch.int8))
         meta["quantized"] = quantized
     stfile.write_streaming(path, specs, tensors, meta, progress)
 

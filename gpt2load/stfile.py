@@ -61,7 +61,7 @@ def write_streaming(
     if metadata:
         header["__metadata__"] = metadata
     raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)  # keep the data 8-byte aligned
+    raw += b" " * (-(8 + len(raw)) % 64)  # the data starts 64-byte aligned (vector loads from the memory map)
     base = 8 + len(raw)
     written: set[str] = set()
     with atomic_path(Path(path)) as tmp:
