@@ -33,7 +33,7 @@ from oracle import pair  # noqa: E402
 from gpt2load import generate, left_pad  # noqa: E402
 from gpt2load.beam import beam_search  # noqa: E402
 from gpt2load.config import GPTConfig  # noqa: E402
-from gpt2load.quant import quantize_model  # noqa: E402
+from gpt2load.quant import fidelity, quantize_model  # noqa: E402
 from gpt2load.tokenizer import tokenizer_from_folder  # noqa: E402
 
 FLAGS = {"AMX": ("amx_tile", "amx_bf16"), "AVX512-BF16": ("avx512_bf16",), "VNNI": ("avx512_vnni", "avx_vnni")}
@@ -45,16 +45,16 @@ def timed(fn):
     return time.perf_counter() - start, out
 
 
-def side_by_side(ref_fn, ours_fn, reps: int):
-    """Median seconds of each (warm-up first, runs alternating) and the last outputs."""
-    ref_out, ours_out = ref_fn(), ours_fn()
-    ref_t, ours_t = [], []
+def interleaved(fns: list, reps: int) -> tuple[list[float], list]:
+    """Median seconds of each function (one warm-up each, then `reps` rounds calling each in turn, so a change
+    of load on the shared machine hits all of them alike) and their last outputs."""
+    outs = [fn() for fn in fns]
+    times: list[list[float]] = [[] for _ in fns]
     for _ in range(reps):
-        t, ref_out = timed(ref_fn)
-        ref_t.append(t)
-        t, ours_out = timed(ours_fn)
-        ours_t.append(t)
-    return statistics.median(ref_t), statistics.median(ours_t), ref_out, ours_out
+        for i, fn in enumerate(fns):
+            t, outs[i] = timed(fn)
+            times[i].append(t)
+    return [statistics.median(t) for t in times], outs
 
 
 def cpu_info() -> tuple[str, dict[str, bool]]:
@@ -68,15 +68,6 @@ def cpu_info() -> tuple[str, dict[str, bool]]:
     return name, {k: any(f in flags for f in names) for k, names in FLAGS.items()}
 
 
-def bandwidth(mbytes: int = 500) -> float:
-    """Memory bandwidth in bytes/s by memcpy: torch copying a large tensor (bytes read + written), best of 5."""
-    src = torch.ones(mbytes * 250_000)
-    dst = torch.empty_like(src)
-    dst.copy_(src)
-    copy_s = min(timed(lambda: dst.copy_(src))[0] for _ in range(5))
-    return 2 * src.numel() * 4 / copy_s
-
-
 def weight_bytes(model) -> int:
     """Bytes one decoding step reads: every weight but the embeddings (one row each is looked up)."""
     seen = {}
@@ -87,14 +78,6 @@ def weight_bytes(model) -> int:
     if getattr(head, "weight", None) is model.tok_emb.weight:  # the tied head reads the embedding matrix
         seen[head.weight.data_ptr()] = head.weight.numel() * head.weight.element_size()
     return sum(seen.values())
-
-
-def fidelity(ref, model, idx: torch.Tensor) -> tuple[float, float]:
-    """(top-1 agreement, mean KL(ref || model) in nats) of teacher-forced next-token distributions."""
-    with torch.inference_mode():
-        p = ref(idx).float().log_softmax(-1)
-        q = model(idx).float().log_softmax(-1)
-    return (p.argmax(-1) == q.argmax(-1)).float().mean().item(), (p.exp() * (p - q)).sum(-1).mean().item()
 
 
 _RSS_PROBE = """
@@ -134,25 +117,39 @@ def profile_decoding(model, idx, steps: int) -> None:
 
 
 class Table:
-    def __init__(self, reps: int, bw: float) -> None:
-        self.reps, self.bw, self.rows = reps, bw, []
+    """Rows measured one at a time: transformers, gpt2load, an optional gpt2load baseline and a memcpy of 500 MB
+    (the bandwidth at that moment) in turn."""
 
-    def case(self, name, ref_fn, ours_fn, work: int, unit: str, step_bytes: int | None = None, steps: int = 0):
-        """Time ref vs ours; `work` units per run; `step_bytes` read per decoding step (`steps` per run)."""
-        ref_t, ours_t, ref, got = side_by_side(ref_fn, ours_fn, self.reps)
-        same = torch.equal(ref, got)
-        share = f"{100 * steps / ours_t * step_bytes / self.bw:.0f}%" if step_bytes else "—"
-        self.rows.append(
-            [name, f"{work / ref_t:.1f} {unit}", f"{work / ours_t:.1f} {unit}", ref_t / ours_t, same, share]
-        )
-        return work / ours_t, got
+    def __init__(self, reps: int) -> None:
+        self.reps, self.rows, self.bandwidths = reps, [], []
+        src = torch.ones(125_000_000)
+        dst = torch.empty_like(src)
+        self._copy = lambda: dst.copy_(src)
+        self._copy_bytes = 2 * src.numel() * 4  # read + written
+
+    def case(self, name, ref_fn, ours_fn, work, unit, step_bytes=None, steps=0, base_fn=None, base_work=0):
+        """Time ref vs ours (and ours vs `base_fn`, `base_work` units per run); `work` units per run;
+        `step_bytes` read per decoding step, `steps` steps per run. Returns (ours / base rate, ours' output)."""
+        fns = [ref_fn, ours_fn, self._copy] + ([base_fn] if base_fn else [])
+        (ref_t, ours_t, copy_t, *base_t), (ref, got, *_) = interleaved(fns, self.reps)
+        bw = self._copy_bytes / copy_t
+        self.bandwidths.append(bw)
+        share = f"{100 * steps / ours_t * step_bytes / bw:.0f}%" if step_bytes else "—"
+        vs_base = (work / ours_t) / (base_work / base_t[0]) if base_fn else None
+        row = [name, f"{work / ref_t:.1f} {unit}", f"{work / ours_t:.1f} {unit}", ref_t / ours_t]
+        self.rows.append(row + [torch.equal(ref, got), share, vs_base, bw])
+        return vs_base, got
 
     def print(self) -> None:
-        print("| case | transformers | gpt2load | speed-up | same tokens | share of bandwidth bound |")
-        print("|---|---:|---:|---:|:---:|---:|")
-        for name, ref, ours, ratio, same, share in self.rows:
+        print(
+            "| case | transformers | gpt2load | vs transformers | vs gpt2load fp32 batch 1 | same tokens | "
+            "share of bandwidth bound (memcpy GB/s then) |"
+        )
+        print("|---|---:|---:|---:|---:|:---:|---:|")
+        for name, ref, ours, ratio, same, share, vs_base, bw in self.rows:
             same_s = same if isinstance(same, str) else ("yes" if same else "NO")
-            print(f"| {name} | {ref} | {ours} | {ratio:.2f}x | {same_s} | {share} |")
+            base = f"{vs_base:.2f}x" if vs_base is not None else "—"
+            print(f"| {name} | {ref} | {ours} | {ratio:.2f}x | {base} | {same_s} | {share} ({bw / 1e9:.1f}) |")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -185,20 +182,19 @@ def main(argv: list[str] | None = None) -> int:
 
     cpu, flags = cpu_info()
     load = os.getloadavg()[0]
-    bw = bandwidth()
-    t = Table(args.reps, bw)
+    t = Table(args.reps)
     fp32_bytes, bf16_bytes, int8_bytes = weight_bytes(ours), weight_bytes(ours16), weight_bytes(ours8)
+    n, k, P, B, nb = args.new_tokens, args.beams, args.prefill, args.batch, args.beam_tokens
 
-    def greedy(ref_model, model, idx=prompt, n=args.new_tokens, attn=None):
+    def greedy(ref_model, model, idx=prompt, n=n, attn=None):
         attn = ones(idx) if attn is None else attn
         return (
             lambda: ref_model.generate(idx, attention_mask=attn, do_sample=False, max_new_tokens=n),
             lambda: generate(model, idx, n, attention_mask=None if bool(attn.all()) else attn),
         )
 
-    n, k, P = args.new_tokens, args.beams, args.prefill
-    fp32_rate, _ = t.case(f"fp32 greedy, {n} new tokens", *greedy(hf, ours), n, "tok/s", fp32_bytes, n)
-    nb = args.beam_tokens
+    base = {"base_fn": greedy(hf, ours)[1], "base_work": n}  # gpt2load fp32 batch 1, timed within the row
+    t.case(f"fp32 greedy, {n} new tokens", *greedy(hf, ours), n, "tok/s", fp32_bytes, n)
     t.case(
         f"fp32 beam search, {k} beams, {nb} new tokens",
         lambda: hf.generate(prompt, attention_mask=ones(prompt), do_sample=False, num_beams=k, max_new_tokens=nb),
@@ -209,24 +205,31 @@ def main(argv: list[str] | None = None) -> int:
         nb,
     )
     t.case(f"fp32 prefill, {P}-token prompt", *greedy(hf, ours, long_prompt, 1), P, "prompt tok/s")
-    bf16_rate, _ = t.case(f"bf16 greedy, {n} new tokens", *greedy(hf16, ours16), n, "tok/s", bf16_bytes, n)
-    t.case(f"bf16 prefill, {P}-token prompt", *greedy(hf16, ours16, long_prompt, 1), P, "prompt tok/s")
-    int8_rate, int8_out = t.case(
-        f"int8 greedy, {n} new tokens (transformers: fp32)", *greedy(hf, ours8), n, "tok/s", int8_bytes, n
+    t.case(f"bf16 greedy, {n} new tokens", *greedy(hf16, ours16), n, "tok/s", bf16_bytes, n, **base)
+    t.case(
+        f"bf16 prefill, {P}-token prompt",
+        *greedy(hf16, ours16, long_prompt, 1),
+        P,
+        "prompt tok/s",
+        base_fn=greedy(hf, ours, long_prompt, 1)[1],  # vs gpt2load's fp32 prefill
+        base_work=P,
+    )
+    _, int8_out = t.case(
+        f"int8 greedy, {n} new tokens (transformers: fp32)", *greedy(hf, ours8), n, "tok/s", int8_bytes, n, **base
     )
     fp32_out = generate(ours, prompt, n)
-    t.rows[-1][4] = f"{(int8_out == fp32_out)[0, prompt.shape[1] :].float().mean().item():.0%} of tokens"
-    B = args.batch
-    batch_rate, _ = t.case(
+    t.rows[-1][4] = f"{(int8_out == fp32_out)[0, prompt.shape[1] :].float().mean().item():.0%} of fp32's"
+    t.case(
         f"fp32 greedy, batch of {B} left-padded prompts, {n} new tokens each",
         *greedy(hf, ours, batch, n, mask),
         B * n,
         "tok/s",
         fp32_bytes,
         n,
+        **base,
     )
-    top1, kl = fidelity(ours, ours8, text)
-    top1_16, kl_16 = fidelity(ours, ours16, text)
+    top1, kl = fidelity(ours, ours8, text, entropy=3.0)
+    top1_16, kl_16 = fidelity(ours, ours16, text, entropy=3.0)
 
     print(
         f"\ngpt2load vs transformers {transformers.__version__} (torch {torch.__version__}, "
@@ -234,16 +237,21 @@ def main(argv: list[str] | None = None) -> int:
         f"1-minute load average before the run {load:.1f})\n"
     )
     print(f"CPU: {cpu}; " + ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in flags.items()))
-    print(f"Memory bandwidth (memcpy, 500 MB, read + write): {bw / 1e9:.1f} GB/s\n")
+    bws = sorted(t.bandwidths)
+    print(
+        f"Memory bandwidth (memcpy of 500 MB, read + write, timed in each row): {bws[0] / 1e9:.1f} to "
+        f"{bws[-1] / 1e9:.1f} GB/s\n"
+    )
     t.print()
     print(
         f"\nWeights read per decoding step: fp32 {fp32_bytes / 1e6:.0f} MB, bf16 {bf16_bytes / 1e6:.0f} MB, int8 "
-        f"{int8_bytes / 1e6:.0f} MB. int8 greedy: {int8_rate / fp32_rate:.2f}x gpt2load's fp32, bf16 greedy: "
-        f"{bf16_rate / fp32_rate:.2f}x; batch of {B}: {batch_rate / fp32_rate:.2f}x the tokens/s of batch 1."
+        f"{int8_bytes / 1e6:.0f} MB. 'vs gpt2load fp32 batch 1' is timed in the same row (tokens/s over tokens/s; "
+        "for bf16 prefill, over gpt2load's fp32 prefill)."
     )
     print(
         f"Fidelity to fp32, teacher-forced on {text.shape[1]} tokens of README.md: int8 top-1 agreement "
-        f"{top1:.1%}, mean KL(fp32 || int8) {kl:.4f} nats; bf16 {top1_16:.1%}, {kl_16:.4f} nats."
+        f"{top1:.1%}, mean KL(fp32 || int8) {kl:.4f} nats; bf16 {top1_16:.1%}, {kl_16:.4f} nats "
+        "(random weights; both logits divided by the temperature giving fp32 a 3-nat mean entropy, as trained GPT-2)."
     )
     held = sum(t.numel() * t.element_size() for t in ours8.state_dict().values())
     fp32_all = sum(t.numel() * t.element_size() for t in ours.parameters())

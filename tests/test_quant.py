@@ -10,21 +10,12 @@ from oracle import TINY, pair
 from torch import nn
 
 from gpt2load import Gpt2LoadError, export, generate, load_gpt2, save_model, train
-from gpt2load.quant import Int8Linear, dequantize_model, quantization, quantize_model, quantize_weight
+from gpt2load.quant import Int8Linear, dequantize_model, fidelity, quantization, quantize_model, quantize_weight
 from gpt2load.stfile import read_header
 
 # The bounds the bench also reports on a 512-token text of the 124M shape.
 MIN_TOP1_AGREEMENT = 0.98
 MAX_MEAN_KL = 0.02
-
-
-def fidelity(ref: nn.Module, model: nn.Module, idx: torch.Tensor) -> tuple[float, float]:
-    """(top-1 agreement, mean KL(ref || model) in nats) of teacher-forced next-token distributions."""
-    with torch.inference_mode():
-        p = ref(idx).float().log_softmax(-1)
-        q = model(idx).float().log_softmax(-1)
-    kl = (p.exp() * (p - q)).sum(-1).mean().item()
-    return (p.argmax(-1) == q.argmax(-1)).float().mean().item(), kl
 
 
 @pytest.fixture(scope="module")
@@ -62,8 +53,9 @@ def test_quantize_weight_is_per_output_channel_and_symmetric():
 def test_fidelity_to_float32_within_the_stated_bounds(models, monkeypatch, kernel):
     monkeypatch.setenv("GPT2LOAD_INT8PACK", kernel)  # torch's int8 kernel (bf16 compute) or dequantize + matmul
     fp32, q = models
-    top1, kl = fidelity(fp32, q, text())
-    assert top1 >= MIN_TOP1_AGREEMENT and kl <= MAX_MEAN_KL, (top1, kl)
+    for entropy in (None, 1.0, 3.0):  # as the logits are, and spread as a trained model's
+        top1, kl = fidelity(fp32, q, text(), entropy)
+        assert top1 >= MIN_TOP1_AGREEMENT and 0 < kl <= MAX_MEAN_KL, (entropy, top1, kl)
 
 
 def test_int8_kernels_agree_and_decode_the_same_tokens(models, monkeypatch):
