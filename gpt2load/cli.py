@@ -96,7 +96,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise Gpt2LoadError("--input goes with --instruction (it is the instruction's input): add --instruction")
     prompt = instruction_prompt(args) if instructed else args.prompt
     model = load_gpt2(
-        args.model, args.source, args.weights_dir, args.device, args.dtype, quiet=quiet, cache=_cache(args)
+        args.model,
+        args.source,
+        args.weights_dir,
+        args.device,
+        args.dtype,
+        quiet=quiet,
+        cache=_cache(args),
+        quantize=args.quantize,
     )
     enc = load_tokenizer(args.model, args.source, args.weights_dir)
     streaming = not args.json and args.num_beams == 1 and args.num_return_sequences == 1
@@ -171,7 +178,16 @@ def cmd_convert(args: argparse.Namespace) -> int:
     )
     merge_lora(model)  # a model saved with --no-merge is exported as the one model it computes
     folder = where if where.is_dir() else where.parent
-    out = export(model, args.to, args.out, tokenizer_dir=folder, dtype=args.dtype, force=args.force, protect=[where])
+    out = export(
+        model,
+        args.to,
+        args.out,
+        tokenizer_dir=folder,
+        dtype=args.dtype,
+        force=args.force,
+        protect=[where],
+        dequantize=args.dequantize,
+    )
     print(f"wrote {out}")
     return 0
 
@@ -260,6 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--early-stopping", type=_bool_or_never, default=False, metavar="{true,false,never}")
     g.add_argument("--num-return-sequences", type=whole(1, 1000), default=1)
     g.add_argument("--dtype", choices=("float32", "bfloat16"), default=None)
+    g.add_argument("--quantize", choices=("int8",), default=None, help="int8: int8 weight-only Linear layers and head")
     g.add_argument("--device", default=None, help="cpu, cuda, mps (default: cuda, then mps, then cpu)")
     g.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     g.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -279,6 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="float32, bfloat16 or float16 (default: as stored); for gguf f32, f16 (default), bf16 or q8_0",
     )
     c.add_argument("--force", action="store_true", help="replace an earlier gpt2load output of this format at --out")
+    c.add_argument("--dequantize", action="store_true", help="write an int8 model's weights as float32")
     c.add_argument("--quiet", action="store_true")
     _no_cache_arg(c)
     c.set_defaults(func=cmd_convert)

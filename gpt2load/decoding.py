@@ -129,9 +129,9 @@ def left_pad(
 @contextmanager
 def inference(model: nn.Module) -> Iterator[None]:
     """No gradients and no dropout for the duration; the modules' train/eval modes are restored after."""
-    modes = [(m, m.training) for m in model.modules()] if model.training else []
+    modes = [(m, True) for m in model.modules() if m.training]  # the modules to put back in training mode
     try:
-        if modes:  # only then: eval() walks every module, a cost paid per token
+        if modes:  # model.eval() walks every module with Python calls: skip it when all are in eval mode
             model.eval()
         with torch.inference_mode():
             yield
@@ -253,8 +253,10 @@ class CachedDecoder(_Rows):
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """Append one token per row [N]; return the next-token logits [N, vocab]."""
         self._append(tokens)
-        if self.keep is not None:
-            self.keep = torch.cat((self.keep, torch.ones_like(tokens, dtype=torch.bool)[:, None]), 1)
+        if self.keep is not None and self.keep.shape[1] < self.seq.shape[1]:  # grown with seq; new columns are real
+            self.keep = torch.cat(
+                (self.keep, self.keep.new_ones(self.keep.shape[0], self.seq.shape[1] - self.keep.shape[1])), 1
+            )
         if self.length - self.start > self.cache.max_len:  # the window is full: slide it
             return self._encode(self.length - self.window)
         if self.keep is None:

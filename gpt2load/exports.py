@@ -8,6 +8,7 @@ rules: a new path, or (with `force`) an earlier gpt2load output of the same form
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 from collections.abc import Callable, Iterator, Sequence
@@ -25,6 +26,7 @@ from .gguf import GGUF_DTYPES, export_gguf, gguf_dtype
 from .load import OWN_FORMAT, write_own
 from .lora import ADAPTERS_KEY, ADAPTERS_NAME, lora_settings, lora_state, merge_lora, without_adapters, write_adapters
 from .model import GPTModel, causal_mask, stored_state
+from .quant import dequantize_model, quantization, refuse_quantized
 from .tensors import layout_specs, to_layout
 from .tokenizer import find_tokenizer_files
 
@@ -60,9 +62,29 @@ def load_dtype(to: str, dtype: str | None) -> torch.dtype | None:
 
 
 def _stored_tensors(model: GPTModel, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
-    """The model's stored tensors in GPTModel names, each moved to the CPU and cast only when it is written."""
+    """The model's stored tensors in GPTModel names, each moved to the CPU and cast only when it is written
+    (int8 weights and their scales as they are)."""
     for k, v in stored_state(model).items():
-        yield k, v.detach().to("cpu", dtype)
+        yield k, v.detach().to("cpu", dtype if v.is_floating_point() and not k.endswith(".weight_scale") else v.dtype)
+
+
+def _int8_head(model: GPTModel) -> dict:
+    """The head record of a quantized model: always its own (int8) tensor."""
+    head = model.out_head
+    return {"tied": False, "shape": [head.out_features, head.in_features], "bias": head.bias is not None}
+
+
+def float_model(model: GPTModel, to: str, dequantize: bool = False) -> GPTModel:
+    """`model` itself when its weights are float; for an int8 model, a dequantized copy if `dequantize`, else
+    a Gpt2LoadError (format `to` holds float weights only)."""
+    if not dequantize:
+        refuse_quantized(
+            model,
+            f"the {to} format cannot hold",
+            "export with dequantize=True (--dequantize) to write float32 weights, or save with --to safetensors",
+        )
+        return model
+    return dequantize_model(copy.deepcopy(model)) if quantization(model) else model
 
 
 def _copy_tokenizer(tokenizer_dir: Path | None, out: Path, names: tuple[str, str]) -> None:
@@ -93,14 +115,16 @@ def save_model(
     not be or contain. `metadata` joins the file's header metadata (a classifier's labels, an instruction model's
     prompt_template); `write_extra(folder)` adds files to a folder before it appears (e.g. LoRA adapters)."""
     path, dt = Path(path), export_dtype(model, dtype)
-    cfg, head = model.real_config(), model.head_meta()
+    quantized = quantization(model)
+    cfg, head = model.real_config(), _int8_head(model) if quantized else model.head_meta()
     if path.suffix == ".safetensors":
         check_output(path, "safetensors", folder=False, force=force, protect=protect)
-        write_own(path, cfg, _stored_tensors(model, dt), metadata, head=head, dtype=dt)
+        write_own(path, cfg, _stored_tensors(model, dt), metadata, head=head, dtype=dt, quantized=quantized)
         mark_file(path, "safetensors")
         return path
     with atomic_dir(path, "safetensors", force=force, protect=protect) as tmp:
-        write_own(tmp / "model.safetensors", cfg, _stored_tensors(model, dt), metadata, head=head, dtype=dt)
+        tensors = _stored_tensors(model, dt)
+        write_own(tmp / "model.safetensors", cfg, tensors, metadata, head=head, dtype=dt, quantized=quantized)
         own = {"model_type": OWN_FORMAT, "config": cfg.to_dict(), "torch_dtype": dtype_name(dt)}
         (tmp / "config.json").write_text(json.dumps(own, indent=2) + "\n")
         _copy_tokenizer(Path(tokenizer_dir) if tokenizer_dir else None, tmp, ("encoder.json", "vocab.bpe"))
@@ -143,6 +167,7 @@ def export_hf(
     `lm_head.weight` with tie_word_embeddings false), in `dtype` (default the model's), recorded as config.json's
     torch_dtype. A head GPT2LMHeadModel cannot hold (another shape, a bias) is refused: use gpt2load's own form
     or pth. `out`, `force`, `protect`: as for `save_model`."""
+    refuse_quantized(model, "transformers' GPT2LMHeadModel cannot hold", "export with dequantize=True (--dequantize)")
     out, dt = Path(out), export_dtype(model, dtype)
     head, cfg = model.head_meta(), model.real_config()
     if head["bias"] or head["shape"] != [cfg.vocab_size, cfg.emb_dim]:
@@ -207,6 +232,7 @@ def export_pth(
     """The book's state_dict, for its GPTModel's load_state_dict(strict=True): out_head as the model has it
     (a tied head shares tok_emb's storage, as a tied book model saves) and the book's `mask` buffers, in `dtype`
     (default the model's). `out`, `force`, `protect`: as for `save_model`."""
+    refuse_quantized(model, "the book's GPTModel cannot hold", "export with dequantize=True (--dequantize)")
     out = Path(out)
     n = model.cfg.context_length
     if n > MAX_PTH_CONTEXT:  # the book's model carries a dense n x n mask: refuse before allocating it
@@ -229,6 +255,7 @@ def export(
     *,
     force: bool = False,
     protect: Sequence[Path] = (),
+    dequantize: bool = False,
 ) -> Path:
     """Write `model` as `to` (safetensors, hf, pth or gguf) at `out`.
 
@@ -238,7 +265,14 @@ def export(
         out: a new path, or an empty folder; never a folder or file gpt2load did not write.
         force: replace an earlier gpt2load output of the same format at `out` (only its own files).
         protect: paths (e.g. the source model) that `out` may not be or contain.
+        dequantize: write an int8 model's weights as float (hf, pth and gguf hold only floats; safetensors keeps
+            int8 unless this is set). The model itself is not changed.
     """
+    if to not in FORMATS:
+        raise Gpt2LoadError(f"unknown export format {to!r}: use one of {', '.join(FORMATS)}")
+    model = float_model(model, to, True) if dequantize else model
+    if to != "safetensors":
+        model = float_model(model, to)
     if to == "gguf":
         check_output(out, "gguf", folder=False, force=force, protect=protect)
         path = export_gguf(model, out, tokenizer_dir, gguf_dtype(dtype))

@@ -8,12 +8,16 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import os
+import time
 from collections.abc import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules import module as _module
+
+from .errors import Gpt2LoadError
 
 
 def _no_global_hooks() -> bool:
@@ -40,45 +44,145 @@ def fast_enabled(module: nn.Module) -> bool:
     return not torch.is_grad_enabled() and not module.training
 
 
+def _plain(x, w, b, gelu=False):
+    y = F.linear(x, w, b)
+    return F.gelu(y, approximate="tanh") if gelu else y
+
+
+def _onednn(x, w, b, gelu=False):
+    op = torch.ops.mkldnn._linear_pointwise
+    return op(x, w, b, "gelu", [], "tanh") if gelu else op(x, w, b, "none", [], "")
+
+
 @functools.cache
-def linear_for(device_type: str, dtype: torch.dtype) -> Callable:
-    """The fastest correct `linear(x, weight, bias, gelu=False)` for this device and dtype.
-
-    On CPU, oneDNN's matmul reads the [out, in] weights of nn.Linear at close to memory bandwidth for one or a
-    few rows, where `F.linear` reaches about half of it; decoding is bound by reading the weights, so this is
-    most of the speed. It is a private torch op, so it is checked against `F.linear` before it is used.
-    """
-
-    def plain(x, w, b, gelu=False):
-        y = F.linear(x, w, b)
-        return F.gelu(y, approximate="tanh") if gelu else y
-
-    if device_type != "cpu" or dtype != torch.float32 or not torch.backends.mkldnn.is_available():
-        return plain
-
-    def onednn(x, w, b, gelu=False):
-        return op(x, w, b, "gelu", [], "tanh") if gelu else op(x, w, b, "none", [], "")
-
+def onednn_works(dtype: torch.dtype) -> bool:
+    """Whether oneDNN's private matmul op exists here and agrees with `F.linear` on a small case."""
+    if not torch.backends.mkldnn.is_available() or dtype not in (torch.float32, torch.bfloat16):
+        return False
     try:
-        op = torch.ops.mkldnn._linear_pointwise
         gen = torch.Generator().manual_seed(0)
-        x, w, b = (torch.randn(s, generator=gen) for s in ((3, 16), (8, 16), (8,)))
+        x, w, b = (torch.randn(s, generator=gen).to(dtype) for s in ((3, 16), (8, 16), (8,)))
+        tol = 1e-5 if dtype == torch.float32 else 5e-2
         with torch.inference_mode():
-            ok = all(
-                torch.allclose(onednn(x, w, bias, gelu), plain(x, w, bias, gelu), atol=1e-5)
+            return all(
+                torch.allclose(_onednn(x, w, bias, gelu).float(), _plain(x, w, bias, gelu).float(), atol=tol)
                 for bias in (b, None)
                 for gelu in (False, True)
             )
     except (AttributeError, RuntimeError):
-        return plain
-    return onednn if ok else plain
+        return False
+
+
+def _rows_bucket(rows: int) -> int:
+    """Calibration buckets of the number of rows a matmul sees (decoding, batches/beams, prompts)."""
+    return 1 if rows <= 1 else 16 if rows <= 16 else 256 if rows <= 256 else 4096
+
+
+def _seconds(fn, reps: int = 3) -> float:
+    fn()  # warm-up: first calls allocate and pack
+    best = float("inf")
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+_chosen: dict[tuple, Callable] = {}  # (dtype, rows bucket, weight shape, bias, gelu, threads) -> kernel
+
+
+def _calibrated(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, gelu: bool) -> Callable:
+    """The faster of F.linear and oneDNN on this shape at this thread count, measured once per process; oneDNN
+    only if it also agrees with F.linear on this very input."""
+    key = (x.dtype, _rows_bucket(x.numel() // x.shape[-1]), tuple(w.shape), b is not None, gelu)
+    key += (torch.get_num_threads(),)
+    kernel = _chosen.get(key)
+    if kernel is None:
+        kernel = _plain
+        try:
+            ref, got = _plain(x, w, b, gelu), _onednn(x, w, b, gelu)
+            tol = 1e-4 if x.dtype == torch.float32 else 5e-2
+            if torch.allclose(got.float(), ref.float(), atol=tol, rtol=tol):
+                t_plain = _seconds(lambda: _plain(x, w, b, gelu))
+                if _seconds(lambda: _onednn(x, w, b, gelu)) < t_plain:
+                    kernel = _onednn
+        except RuntimeError:
+            pass
+        _chosen[key] = kernel
+    return kernel
+
+
+def onednn_setting() -> str:
+    """GPT2LOAD_ONEDNN, read at each call: "0" never uses oneDNN's private op, "1" always (where it works),
+    unset or "auto" measures both per shape."""
+    value = os.environ.get("GPT2LOAD_ONEDNN", "auto").strip().lower() or "auto"
+    if value not in ("0", "1", "auto"):
+        raise Gpt2LoadError(f"GPT2LOAD_ONEDNN={value!r} is not 0, 1 or auto: set one of them, or unset it")
+    return value
 
 
 def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, gelu: bool = False) -> torch.Tensor:
-    """`F.linear` (then tanh-GELU if asked) by the fastest kernel for x's device and dtype."""
+    """`F.linear` (then tanh-GELU if asked) by the fastest kernel for x's device, dtype and shape.
+
+    On CPU, oneDNN's matmul reads the [out, in] weights of nn.Linear at close to memory bandwidth on some CPUs
+    and not on others, so it is chosen by measuring (see `onednn_setting`); it is a private op, so it is also
+    checked against `F.linear` before it is used.
+    """
+    if x.device.type != "cpu" or w.dtype != x.dtype or not onednn_works(x.dtype):
+        return _plain(x, w, b, gelu)
+    setting = onednn_setting()
+    if setting == "0":
+        return _plain(x, w, b, gelu)
     # As one [rows, in] matrix: oneDNN may otherwise treat [B, 1, in] as B products that each read the weight.
-    y = linear_for(x.device.type, x.dtype)(x.reshape(-1, x.shape[-1]), w, b, gelu)
+    flat = x.reshape(-1, x.shape[-1])
+    fn = _onednn if setting == "1" else _calibrated(flat, w, b, gelu)
+    y = fn(flat, w, b, gelu)
     return y.view(*x.shape[:-1], y.shape[-1])
+
+
+@functools.cache
+def int8pack_works() -> bool:
+    """Whether torch's int8 weight-only matmul exists here and agrees with a dequantized matmul."""
+    try:
+        gen = torch.Generator().manual_seed(0)
+        x = torch.randn(3, 64, generator=gen)
+        q = torch.randint(-127, 128, (40, 64), generator=gen, dtype=torch.int8)
+        s = torch.rand(40, generator=gen) / 100
+        with torch.inference_mode():
+            got = torch.ops.aten._weight_int8pack_mm(x.bfloat16(), q, s.bfloat16()).float()
+        return torch.allclose(got, x @ (q.float() * s[:, None]).t(), atol=5e-2, rtol=2e-2)
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def aligned_int8(q: torch.Tensor) -> torch.Tensor:
+    """q itself when the int8 kernel can read it in place (contiguous, 64-byte aligned), else an aligned copy."""
+    return q if q.is_contiguous() and q.data_ptr() % 64 == 0 else q.clone(memory_format=torch.contiguous_format)
+
+
+def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    """x @ (q * scale[:, None]).T + b for int8 weights q [out, in] and per-output-channel scales [out].
+
+    On CPU this is torch's int8 weight-only kernel, which reads one byte per weight; it computes in bfloat16
+    (its fast path), so float32 activations are rounded to bfloat16 on the way in. GPT2LOAD_INT8PACK=0, or a
+    torch without it, or weights not 64-byte aligned, dequantizes the weights and multiplies in x's dtype (exact,
+    slow; `aligned_int8` gives weights the kernel can read).
+    """
+    shape = x.shape
+    # The kernel reads the weights with aligned vector loads for 4+ rows: misaligned memory would crash it.
+    aligned = q.is_contiguous() and q.data_ptr() % 64 == 0
+    if (
+        aligned
+        and x.device.type == "cpu"
+        and os.environ.get("GPT2LOAD_INT8PACK", "1").strip() != "0"
+        and int8pack_works()
+    ):
+        flat = x.reshape(-1, shape[-1]).to(torch.bfloat16)
+        y = torch.ops.aten._weight_int8pack_mm(flat, q, scale.to(torch.bfloat16)).to(x.dtype)
+        y = y.view(*shape[:-1], q.shape[0])
+    else:
+        y = F.linear(x, q.to(x.dtype) * scale.to(x.dtype)[:, None])
+    return y if b is None else y + b.to(x.dtype)
 
 
 def _adjacent(parts: list[torch.Tensor]) -> bool:
@@ -137,4 +241,4 @@ class Stacked:
         return self.value
 
 
-__all__ = ["Stacked", "fast_enabled", "is_stock", "linear", "linear_for", "stacked"]
+__all__ = ["Stacked", "aligned_int8", "fast_enabled", "int8_linear", "is_stock", "linear", "onednn_setting", "stacked"]

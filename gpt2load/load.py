@@ -15,13 +15,15 @@ from pathlib import Path
 import torch
 
 from . import stfile
-from .build import dtype_name, model_from_tensors
+from .build import dtype_name, empty_model, model_from_tensors, pick_device, pick_dtype
 from .config import PRESETS, GPTConfig, read_hf_config, read_hparams, read_json_object, resolve_size
 from .convert import HF, OPENAI, convert_tensors, expected_shapes, strip_hf_prefix
 from .env import env_flag, env_path
 from .errors import Gpt2LoadError
+from .kernels import aligned_int8
 from .lora import ADAPTERS_KEY, load_adapters
 from .model import GPTModel
+from .quant import QUANTIZATIONS, check_quantize, quantize_model, quantized_names
 from .tfcheckpoint import TFCheckpoint, resolve_prefix
 
 CACHE_NAME = "gpt2load.safetensors"  # the converted weights file (in gpt2load's cache folder, or a user's export)
@@ -295,16 +297,24 @@ def write_own(
     progress=None,
     head: dict | None = None,
     dtype: torch.dtype = torch.float32,
+    quantized: str | None = None,
 ) -> None:
     """Write GPTModel tensors as gpt2load's own safetensors file, each cast to `dtype` as it is written. A tied
     head is stored once (as tok_emb); any other head (`head`, as `GPTModel.head_meta()` gives it) is stored and
-    recorded."""
+    recorded. `quantized` ("int8"): the Linear weights are stored as int8 + scales (see
+    `quant.quantized_names`), and recorded."""
     shapes = {**expected_shapes(cfg), **head_shapes(cfg, head)}
     specs = {k: (s, dtype) for k, s in shapes.items()}
     meta = {"format": OWN_FORMAT, "config": json.dumps(cfg.to_dict()), "dtype": dtype_name(dtype)}
     meta.update(extra_meta or {})
     if head is not None:
         meta["head"] = json.dumps(head)
+    if quantized is not None:
+        specs = quantized_names(shapes, shapes)
+        # int8 matrices first, from the aligned start of the data: the int8 kernel reads them in place when
+        # their sizes keep the next one aligned (all GPT-2 widths are multiples of 64)
+        specs = dict(sorted(specs.items(), key=lambda kv: kv[1][1] != torch.int8))
+        meta["quantized"] = quantized
     stfile.write_streaming(path, specs, tensors, meta, progress)
 
 
@@ -439,6 +449,7 @@ def load_gpt2(
     *,
     dropout: float | None = None,
     n_heads: int | None = None,
+    quantize: str | None = None,
 ) -> GPTModel:
     """Load GPT-2 weights into a GPTModel (eval mode), downloading and converting on first use.
 
@@ -456,6 +467,8 @@ def load_gpt2(
         dropout: the model's drop rate (default None: 0.0, the book's choice for loaded weights in chapters
             6-7; pass 0.1 to train as the book's chapter 5 does).
         n_heads: attention heads, needed only for a book-layout .pth of a width no GPT-2 size has.
+        quantize: "int8" for int8 weight-only Linear layers and head (see gpt2load.quant); a file saved
+            quantized loads quantized whatever this says.
 
     The output head is what the files hold: tied to tok_emb as in GPT-2, untied when a stored head differs
     from the embedding (the book's load_weights_into_gpt and its fine-tuning), or a classifier head.
@@ -463,10 +476,55 @@ def load_gpt2(
     rate = 0.0 if dropout is None else dropout
     if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0.0 <= rate < 1.0:
         raise Gpt2LoadError(f"dropout must be a number in [0, 1), got {dropout!r}")
+    check_quantize(quantize)
     src = cached_source(inspect_path(model_folder(model, source, weights_dir, quiet), n_heads), quiet, cache)
     cfg = replace(src.cfg, drop_rate=float(rate))
-    net = model_from_tensors(cfg, source_tensors(src), device=device, dtype=dtype, tied=_recorded_tie(src))
-    return _with_adapters(net, src)
+    stored = recorded_quantization(src)
+    if stored is not None:  # saved quantized: loaded as it is (its float weights are gone)
+        return quantized_from_file(cfg, src.path, stored, device, dtype)
+    built = model_from_tensors(cfg, source_tensors(src), device=device, dtype=dtype, tied=_recorded_tie(src))
+    built = _with_adapters(built, src)
+    return quantize_model(built, quantize) if quantize else built
+
+
+def recorded_quantization(src: Source) -> str | None:
+    """The quantization gpt2load's own file records ("int8"), or None for float weights."""
+    if src.kind != "own":
+        return None
+    kind = stfile.read_header(src.path)[1].get("quantized")
+    if kind is not None and kind not in QUANTIZATIONS:
+        raise Gpt2LoadError(f"{src.path} records quantization {kind!r}, which this gpt2load cannot load: upgrade it")
+    return kind
+
+
+def quantized_from_file(
+    cfg: GPTConfig, path: Path, kind: str, device: str | torch.device | None, dtype: str | torch.dtype | None
+) -> GPTModel:
+    """A quantized GPTModel from gpt2load's own int8 file, every tensor's name, shape and dtype checked first."""
+    header, meta = stfile.read_header(path)
+    head = json.loads(meta.get("head") or "{}")
+    shapes = {**expected_shapes(cfg), **head_shapes(cfg, head)}
+    want = quantized_names(shapes, shapes)
+    for name, (shape, dt) in want.items():
+        got = header.get(name)
+        if got is None or tuple(got["shape"]) != tuple(shape) or got["dtype"] != stfile.ST_NAMES[dt]:
+            found = "is missing" if got is None else f"is {got['dtype']} {got['shape']}"
+            raise Gpt2LoadError(
+                f"tensor {name!r} in {path} {found}, an {kind} file of this config needs {stfile.ST_NAMES[dt]} "
+                f"{list(shape)}: save it again"
+            )
+    extra = sorted(set(header) - set(want))
+    if extra:
+        raise Gpt2LoadError(f"tensor {extra[0]!r} in {path} is not part of an {kind} GPTModel: save it again")
+    dev, dt = pick_device(device), pick_dtype(dtype)
+    model = quantize_model(empty_model(cfg), kind)
+    state = {
+        k: v.to(dev, dt if v.is_floating_point() and not k.endswith(".weight_scale") else v.dtype)
+        for k, v in stfile.mmap_tensors(path).items()
+    }
+    state = {k: aligned_int8(v) if k.endswith(".qweight") and v.device.type == "cpu" else v for k, v in state.items()}
+    model.load_state_dict(state, strict=True, assign=True)
+    return model.eval()
 
 
 def _with_adapters(model: GPTModel, src: Source) -> GPTModel:

@@ -16,7 +16,8 @@ from torch import nn
 
 from .config import GPTConfig
 from .errors import Gpt2LoadError
-from .kernels import Stacked, fast_enabled, is_stock, linear
+from .kernels import Stacked, fast_enabled, int8_linear, is_stock, linear
+from .quant import Int8Linear
 
 
 class KVCache:
@@ -40,10 +41,23 @@ class KVCache:
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
     def reorder(self, index: torch.Tensor) -> None:
-        """Keep batch rows `index` (beam search), in place of the old rows."""
+        """Keep batch rows `index` (beam search), in place of the old rows.
+
+        With as many rows as before, only the rows that change and only the positions filled so far are copied,
+        into the same buffers (a beam that continues itself costs nothing); a new row count reallocates."""
+        n = self.k[0].shape[0] if self.k else 0
+        if index.shape[0] != n:
+            for cache in (self.k, self.v):
+                for i, t in enumerate(cache):
+                    cache[i] = t.index_select(0, index)
+            return
+        moved = (index != torch.arange(n, device=index.device)).nonzero().flatten()
+        if moved.numel() == 0:
+            return
+        src, end = index[moved], self.pos
         for cache in (self.k, self.v):
-            for i, t in enumerate(cache):
-                cache[i] = t.index_select(0, index)
+            for t in cache:
+                t[moved, :, :end] = t[src, :, :end]  # the right side is gathered first: swapped rows are safe
 
     def crop(self, length: int) -> None:
         """Forget everything after the first `length` positions."""
@@ -102,17 +116,23 @@ class MultiHeadAttention(nn.Module):
         self.W_value = nn.Linear(d_in, d_out, bias=qkv_bias)
         self.out_proj = nn.Linear(d_out, d_out)
         self.dropout = nn.Dropout(dropout)
-        self._qkv_weight, self._qkv_bias = Stacked(), Stacked()  # q/k/v as one matrix, for inference
+        # q/k/v as one matrix, for inference (scales: of int8 weights)
+        self._qkv_weight, self._qkv_bias, self._qkv_scale = Stacked(), Stacked(), Stacked()
 
     def _qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         B, T, _ = x.shape
         lins = (self.W_query, self.W_key, self.W_value)
-        biases = [lin.bias for lin in lins] if is_stock(lins, (nn.Linear,) * 3) else None
+        kind = next((c for c in (nn.Linear, Int8Linear) if is_stock(lins, (c,) * 3)), None)
+        biases = [lin.bias for lin in lins] if kind is not None else None
         if fast_enabled(self) and biases is not None and len({b is None for b in biases}) == 1:
             # One matmul reads all three weights: for one token, as fast as reading one of them.
-            w = self._qkv_weight.get([lin.weight for lin in lins])
             b = None if biases[0] is None else self._qkv_bias.get(biases)
-            q, k, v = linear(x, w, b).view(B, T, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+            if kind is Int8Linear:
+                w = self._qkv_weight.get([lin.qweight for lin in lins])
+                y = int8_linear(x, w, self._qkv_scale.get([lin.weight_scale for lin in lins]), b)
+            else:
+                y = linear(x, self._qkv_weight.get([lin.weight for lin in lins]), b)
+            q, k, v = y.view(B, T, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
             return q, k, v
         return tuple(lin(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2) for lin in lins)
 

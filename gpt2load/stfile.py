@@ -28,8 +28,12 @@ _ST_DTYPES: dict[torch.dtype, str] = {
     torch.int64: "I64",
     torch.int32: "I32",
     torch.uint8: "U8",
+    torch.int8: "I8",
     torch.bool: "BOOL",
 }
+
+
+ST_NAMES = _ST_DTYPES  # torch dtype -> the name safetensors headers use
 
 
 def write_streaming(
@@ -57,7 +61,7 @@ def write_streaming(
     if metadata:
         header["__metadata__"] = metadata
     raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)  # keep the data 8-byte aligned
+    raw += b" " * (-(8 + len(raw)) % 64)  # the data starts 64-byte aligned (vector loads from the memory map)
     base = 8 + len(raw)
     written: set[str] = set()
     with atomic_path(Path(path)) as tmp:

@@ -51,6 +51,7 @@ from .fsutil import open_run_folder
 from .metrics import MetricsLog, perplexity, plot_losses
 from .model import GPTModel, stored_state
 from .optim import WarmupCosine, apply_freezing, make_optimizer
+from .quant import refuse_quantized
 
 
 def check_positive(**values) -> None:
@@ -198,6 +199,7 @@ def train(
     amp = pick_dtype(cfg.dtype)
     if amp not in (torch.float32, torch.bfloat16):
         raise Gpt2LoadError(f"--dtype {cfg.dtype} is not supported for training: use float32 or bfloat16")
+    refuse_quantized(base, "cannot be trained", "load it without quantize (float32) to train, then quantize the result")
     if any(p.dtype != torch.float32 for p in base.parameters()):
         raise Gpt2LoadError("train needs a float32 model; pass dtype='bfloat16' for bf16 autocast instead")
     device = base.tok_emb.weight.device

@@ -1,9 +1,12 @@
 """Decoding speed of gpt2load against transformers' GPT2LMHeadModel.generate, side by side in one run.
 
-Both models hold the same random weights of the real 124M shape (fp32, torch's default thread count). Each case
-is warmed up, then run --reps times alternating the two libraries (so load changes hit both alike); the table
-shows medians, and checks that both produced the same tokens. Also prints the memory-bandwidth bound of
-decoding on this machine: every new token reads all the weights once.
+Both libraries hold the same random weights of the real 124M shape. Each case is warmed up, then run --reps
+times alternating the two libraries (so load changes hit both alike); the table shows medians and whether both
+produced the same tokens. Rows: fp32 greedy, beam search and prefill; bfloat16 greedy and prefill (both
+libraries in bf16); int8 weight-only greedy (against transformers in fp32, and against gpt2load's own fp32) with
+its fidelity to fp32 on a teacher-forced 512-token text; greedy over 8 left-padded prompts. Also the CPU, its
+flags that matter (AMX, AVX512-BF16, VNNI), the memory bandwidth, and each decoding row's share of the bound
+(weights read per step / bandwidth).
 
     python scripts/bench.py generate [--reps 3] [--profile]
 """
@@ -11,22 +14,29 @@ decoding on this machine: every new token reads all the weights once.
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the oracle: same weights in both
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))  # the oracle: same weights in both
 
+from helpers import TOKENIZER_DIR  # noqa: E402
 from oracle import pair  # noqa: E402
 
-from gpt2load import generate  # noqa: E402
+from gpt2load import generate, left_pad  # noqa: E402
 from gpt2load.beam import beam_search  # noqa: E402
 from gpt2load.config import GPTConfig  # noqa: E402
-from gpt2load.model import param_count  # noqa: E402
+from gpt2load.quant import fidelity, quantize_model  # noqa: E402
+from gpt2load.tokenizer import tokenizer_from_folder  # noqa: E402
+
+FLAGS = {"AMX": ("amx_tile", "amx_bf16"), "AVX512-BF16": ("avx512_bf16",), "VNNI": ("avx512_vnni", "avx_vnni")}
 
 
 def timed(fn):
@@ -35,28 +45,65 @@ def timed(fn):
     return time.perf_counter() - start, out
 
 
-def side_by_side(ref_fn, ours_fn, reps: int):
-    """Median seconds of each (warm-up first, runs alternating) and the last outputs."""
-    ref_out, ours_out = ref_fn(), ours_fn()
-    ref_t, ours_t = [], []
+def interleaved(fns: list, reps: int) -> tuple[list[float], list]:
+    """Median seconds of each function (one warm-up each, then `reps` rounds calling each in turn, so a change
+    of load on the shared machine hits all of them alike) and their last outputs."""
+    outs = [fn() for fn in fns]
+    times: list[list[float]] = [[] for _ in fns]
     for _ in range(reps):
-        t, ref_out = timed(ref_fn)
-        ref_t.append(t)
-        t, ours_out = timed(ours_fn)
-        ours_t.append(t)
-    return statistics.median(ref_t), statistics.median(ours_t), ref_out, ours_out
+        for i, fn in enumerate(fns):
+            t, outs[i] = timed(fn)
+            times[i].append(t)
+    return [statistics.median(t) for t in times], outs
 
 
-def bandwidth(mbytes: int = 500) -> tuple[float, float]:
-    """Memory bandwidth in bytes/s: torch copying a large fp32 tensor (bytes read + written), and summing it
-    (bytes read: the access pattern of decoding, which streams the weights through the matmuls)."""
-    src = torch.ones(mbytes * 250_000)
-    dst = torch.empty_like(src)
-    dst.copy_(src)
-    copy = min(timed(lambda: dst.copy_(src))[0] for _ in range(5))
-    read = min(timed(src.sum)[0] for _ in range(5))
-    nbytes = src.numel() * 4
-    return 2 * nbytes / copy, nbytes / read
+def cpu_info() -> tuple[str, dict[str, bool]]:
+    """The CPU model name and which of the flags that matter for the kernels it has."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "unknown", {}
+    name = next((ln.split(":", 1)[1].strip() for ln in text.splitlines() if ln.startswith("model name")), "?")
+    flags = set(next((ln.split(":", 1)[1].split() for ln in text.splitlines() if ln.startswith("flags")), []))
+    return name, {k: any(f in flags for f in names) for k, names in FLAGS.items()}
+
+
+def weight_bytes(model) -> int:
+    """Bytes one decoding step reads: every weight but the embeddings (one row each is looked up)."""
+    seen = {}
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        if not name.endswith("_emb.weight"):
+            seen[t.data_ptr()] = t.numel() * t.element_size()
+    head = model.out_head
+    if getattr(head, "weight", None) is model.tok_emb.weight:  # the tied head reads the embedding matrix
+        seen[head.weight.data_ptr()] = head.weight.numel() * head.weight.element_size()
+    return sum(seen.values())
+
+
+_RSS_PROBE = """
+import sys, torch
+from gpt2load import generate, load_gpt2
+def rss():
+    fields = dict(ln.split(":", 1) for ln in open("/proc/self/status"))
+    return int(fields["VmRSS"].split()[0]) * 1024
+before = rss()
+model = load_gpt2(sys.argv[1], device="cpu")
+generate(model, torch.tensor([[1, 2, 3]]), 5)
+print(rss() - before)
+"""
+
+
+def resident_bytes(model, folder: Path) -> int:
+    """How much a fresh process's resident memory grows to load `model` from gpt2load's own form (saved in
+    `folder`) and decode 5 tokens: the weights it really touches, memory-mapped or copied."""
+    import subprocess
+
+    from gpt2load import save_model
+
+    save_model(model, folder)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    out = subprocess.run([sys.executable, "-c", _RSS_PROBE, str(folder)], capture_output=True, text=True, env=env)
+    return int(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 else -1
 
 
 def profile_decoding(model, idx, steps: int) -> None:
@@ -69,13 +116,50 @@ def profile_decoding(model, idx, steps: int) -> None:
     print(prof.key_averages(group_by_input_shape=True).table(sort_by="self_cpu_time_total", row_limit=10))
 
 
+class Table:
+    """Rows measured one at a time: transformers, gpt2load, an optional gpt2load baseline and a memcpy of 500 MB
+    (the bandwidth at that moment) in turn."""
+
+    def __init__(self, reps: int) -> None:
+        self.reps, self.rows, self.bandwidths = reps, [], []
+        src = torch.ones(125_000_000)
+        dst = torch.empty_like(src)
+        self._copy = lambda: dst.copy_(src)
+        self._copy_bytes = 2 * src.numel() * 4  # read + written
+
+    def case(self, name, ref_fn, ours_fn, work, unit, step_bytes=None, steps=0, base_fn=None, base_work=0):
+        """Time ref vs ours (and ours vs `base_fn`, `base_work` units per run); `work` units per run;
+        `step_bytes` read per decoding step, `steps` steps per run. Returns (ours / base rate, ours' output)."""
+        fns = [ref_fn, ours_fn, self._copy] + ([base_fn] if base_fn else [])
+        (ref_t, ours_t, copy_t, *base_t), (ref, got, *_) = interleaved(fns, self.reps)
+        bw = self._copy_bytes / copy_t
+        self.bandwidths.append(bw)
+        share = f"{100 * steps / ours_t * step_bytes / bw:.0f}%" if step_bytes else "—"
+        vs_base = (work / ours_t) / (base_work / base_t[0]) if base_fn else None
+        row = [name, f"{work / ref_t:.1f} {unit}", f"{work / ours_t:.1f} {unit}", ref_t / ours_t]
+        self.rows.append(row + [torch.equal(ref, got), share, vs_base, bw])
+        return vs_base, got
+
+    def print(self) -> None:
+        print(
+            "| case | transformers | gpt2load | vs transformers | vs gpt2load fp32 batch 1 | same tokens | "
+            "share of bandwidth bound (memcpy GB/s then) |"
+        )
+        print("|---|---:|---:|---:|---:|:---:|---:|")
+        for name, ref, ours, ratio, same, share, vs_base, bw in self.rows:
+            same_s = same if isinstance(same, str) else ("yes" if same else "NO")
+            base = f"{vs_base:.2f}x" if vs_base is not None else "—"
+            print(f"| {name} | {ref} | {ours} | {ratio:.2f}x | {base} | {same_s} | {share} ({bw / 1e9:.1f}) |")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="bench.py generate", description=__doc__.split("\n\n")[0])
     p.add_argument("--reps", type=int, default=3, help="timed runs per case (median reported)")
-    p.add_argument("--new-tokens", type=int, default=200, help="greedy: new tokens")
-    p.add_argument("--beam-tokens", type=int, default=100, help="beam search: new tokens")
+    p.add_argument("--new-tokens", type=int, default=100, help="greedy: new tokens")
+    p.add_argument("--beam-tokens", type=int, default=50, help="beam search: new tokens")
     p.add_argument("--beams", type=int, default=4)
     p.add_argument("--prefill", type=int, default=1000, help="prefill: prompt length")
+    p.add_argument("--batch", type=int, default=8, help="prompts decoded together")
     p.add_argument("--profile", action="store_true", help="also profile gpt2load's decoding by operator")
     args = p.parse_args(argv)
 
@@ -85,87 +169,104 @@ def main(argv: list[str] | None = None) -> int:
     hf, ours = pair(cfg, seed=0)
     hf.generation_config.eos_token_id = None  # both decode the full length: equal work, comparable tokens
     hf.generation_config.pad_token_id = 0
+    hf16, ours16 = copy.deepcopy(hf).to(torch.bfloat16), copy.deepcopy(ours).to(torch.bfloat16)
+    ours8 = quantize_model(copy.deepcopy(ours))
     gen = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, cfg.vocab_size, (1, 10), generator=gen)
     long_prompt = torch.randint(0, cfg.vocab_size, (1, args.prefill), generator=gen)
+    lengths = [4 + (3 * i) % 11 for i in range(args.batch)]
+    batch, mask = left_pad([torch.randint(0, cfg.vocab_size, (n,), generator=gen).tolist() for n in lengths])
+    enc = tokenizer_from_folder(TOKENIZER_DIR)
+    text = torch.tensor([(enc.encode((ROOT / "README.md").read_text(), allowed_special="all") * 2)[:512]])
     ones = torch.ones_like
 
+    cpu, flags = cpu_info()
     load = os.getloadavg()[0]
-    bw_copy, bw_read = bandwidth()
-    rows = []
-    n = args.new_tokens
-    ref_t, ours_t, ref, got = side_by_side(
-        lambda: hf.generate(prompt, attention_mask=ones(prompt), do_sample=False, max_new_tokens=n),
-        lambda: generate(ours, prompt, n),
-        args.reps,
-    )
-    rows.append(
-        (
-            f"greedy, batch 1, {prompt.shape[1]}-token prompt, {n} new tokens",
-            n / ref_t,
-            n / ours_t,
-            ref_t / ours_t,
-            torch.equal(ref, got),
-            "tokens/s",
-        )
-    )
+    t = Table(args.reps)
+    fp32_bytes, bf16_bytes, int8_bytes = weight_bytes(ours), weight_bytes(ours16), weight_bytes(ours8)
+    n, k, P, B, nb = args.new_tokens, args.beams, args.prefill, args.batch, args.beam_tokens
 
-    n, k = args.beam_tokens, args.beams
-    ref_t, ours_t, ref, got = side_by_side(
-        lambda: hf.generate(prompt, attention_mask=ones(prompt), do_sample=False, num_beams=k, max_new_tokens=n),
-        lambda: beam_search(ours, prompt, n, k, eos_id=None).sequences,
-        args.reps,
-    )
-    rows.append(
-        (
-            f"beam search, {k} beams, {n} new tokens",
-            n / ref_t,
-            n / ours_t,
-            ref_t / ours_t,
-            torch.equal(ref, got),
-            "tokens/s",
+    def greedy(ref_model, model, idx=prompt, n=n, attn=None):
+        attn = ones(idx) if attn is None else attn
+        return (
+            lambda: ref_model.generate(idx, attention_mask=attn, do_sample=False, max_new_tokens=n),
+            lambda: generate(model, idx, n, attention_mask=None if bool(attn.all()) else attn),
         )
-    )
 
-    n = args.prefill
-    ref_t, ours_t, ref, got = side_by_side(
-        lambda: hf.generate(long_prompt, attention_mask=ones(long_prompt), do_sample=False, max_new_tokens=1),
-        lambda: generate(ours, long_prompt, 1),
-        args.reps,
+    base = {"base_fn": greedy(hf, ours)[1], "base_work": n}  # gpt2load fp32 batch 1, timed within the row
+    t.case(f"fp32 greedy, {n} new tokens", *greedy(hf, ours), n, "tok/s", fp32_bytes, n)
+    t.case(
+        f"fp32 beam search, {k} beams, {nb} new tokens",
+        lambda: hf.generate(prompt, attention_mask=ones(prompt), do_sample=False, num_beams=k, max_new_tokens=nb),
+        lambda: beam_search(ours, prompt, nb, k, eos_id=None).sequences,
+        nb,
+        "tok/s",
+        fp32_bytes,
+        nb,
     )
-    rows.append(
-        (
-            f"prefill, {n}-token prompt (time to first token)",
-            n / ref_t,
-            n / ours_t,
-            ref_t / ours_t,
-            torch.equal(ref, got),
-            "prompt tokens/s",
-        )
+    t.case(f"fp32 prefill, {P}-token prompt", *greedy(hf, ours, long_prompt, 1), P, "prompt tok/s")
+    t.case(f"bf16 greedy, {n} new tokens", *greedy(hf16, ours16), n, "tok/s", bf16_bytes, n, **base)
+    t.case(
+        f"bf16 prefill, {P}-token prompt",
+        *greedy(hf16, ours16, long_prompt, 1),
+        P,
+        "prompt tok/s",
+        base_fn=greedy(hf, ours, long_prompt, 1)[1],  # vs gpt2load's fp32 prefill
+        base_work=P,
     )
+    _, int8_out = t.case(
+        f"int8 greedy, {n} new tokens (transformers: fp32)", *greedy(hf, ours8), n, "tok/s", int8_bytes, n, **base
+    )
+    fp32_out = generate(ours, prompt, n)
+    t.rows[-1][4] = f"{(int8_out == fp32_out)[0, prompt.shape[1] :].float().mean().item():.0%} of fp32's"
+    t.case(
+        f"fp32 greedy, batch of {B} left-padded prompts, {n} new tokens each",
+        *greedy(hf, ours, batch, n, mask),
+        B * n,
+        "tok/s",
+        fp32_bytes,
+        n,
+        **base,
+    )
+    top1, kl = fidelity(ours, ours8, text, entropy=3.0)
+    top1_16, kl_16 = fidelity(ours, ours16, text, entropy=3.0)
 
     print(
         f"\ngpt2load vs transformers {transformers.__version__} (torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads, fp32, 124M shape, random weights, median of {args.reps}; "
+        f"{torch.get_num_threads()} threads, 124M shape, random weights, median of {args.reps} alternating runs; "
         f"1-minute load average before the run {load:.1f})\n"
     )
-    print("| case | transformers | gpt2load | speed-up | same tokens |")
-    print("|---|---:|---:|---:|:---:|")
-    for name, ref_rate, ours_rate, ratio, same, unit in rows:
-        print(f"| {name} | {ref_rate:.1f} {unit} | {ours_rate:.1f} {unit} | {ratio:.2f}x | {'yes' if same else 'NO'} |")
-
-    weight_bytes = (param_count(ours) - cfg.context_length * cfg.emb_dim) * 4  # one position row only
-    rate = rows[0][2]
+    print(f"CPU: {cpu}; " + ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in flags.items()))
+    bws = sorted(t.bandwidths)
     print(
-        f"\nbatch-1 decoding reads all {weight_bytes / 1e6:.0f} MB of weights per token. Memory bandwidth: "
-        f"{bw_copy / 1e9:.1f} GB/s by memcpy (500 MB copied, read + write), {bw_read / 1e9:.1f} GB/s reading "
-        f"only; bound: {bw_copy / weight_bytes:.1f} / {bw_read / weight_bytes:.1f} tokens/s. gpt2load greedy: "
-        f"{rate:.1f} tokens/s = {100 * rate * weight_bytes / bw_copy:.0f}% / "
-        f"{100 * rate * weight_bytes / bw_read:.0f}% of the bound ({rate * weight_bytes / 1e9:.1f} GB/s)."
+        f"Memory bandwidth (memcpy of 500 MB, read + write, timed in each row): {bws[0] / 1e9:.1f} to "
+        f"{bws[-1] / 1e9:.1f} GB/s\n"
+    )
+    t.print()
+    print(
+        f"\nWeights read per decoding step: fp32 {fp32_bytes / 1e6:.0f} MB, bf16 {bf16_bytes / 1e6:.0f} MB, int8 "
+        f"{int8_bytes / 1e6:.0f} MB. 'vs gpt2load fp32 batch 1' is timed in the same row (tokens/s over tokens/s; "
+        "for bf16 prefill, over gpt2load's fp32 prefill)."
+    )
+    print(
+        f"Fidelity to fp32, teacher-forced on {text.shape[1]} tokens of README.md: int8 top-1 agreement "
+        f"{top1:.1%}, mean KL(fp32 || int8) {kl:.4f} nats; bf16 {top1_16:.1%}, {kl_16:.4f} nats "
+        "(random weights; both logits divided by the temperature giving fp32 a 3-nat mean entropy, as trained GPT-2)."
+    )
+    held = sum(t.numel() * t.element_size() for t in ours8.state_dict().values())
+    fp32_all = sum(t.numel() * t.element_size() for t in ours.parameters())
+    with tempfile.TemporaryDirectory() as tmp:
+        rss8, rss32 = resident_bytes(ours8, Path(tmp) / "int8"), resident_bytes(ours, Path(tmp) / "fp32")
+    print(
+        f"int8 weights: {held / 1e6:.0f} MB held = {held / fp32_all:.2f}x fp32's {fp32_all / 1e6:.0f} MB (the "
+        f"float token embedding, {ours.tok_emb.weight.numel() * 4 / 1e6:.0f} MB, is kept: the head has its own "
+        f"int8 copy). Resident after loading the saved form and decoding 5 tokens (fresh process, growth of "
+        f"VmRSS): int8 {rss8 / 1e6:.0f} MB, fp32 {rss32 / 1e6:.0f} MB = {rss8 / rss32:.2f}x (the memory-mapped "
+        "embedding is paged in only for the rows looked up)."
     )
     if args.profile:
         profile_decoding(ours, prompt, 50)
-    return 0 if all(r[4] for r in rows) else 1
+    return 0
 
 
 if __name__ == "__main__":

@@ -1,0 +1,95 @@
+"""Every kernel choice decodes the same tokens as the plain modules; batches decode each row as it would alone;
+the KV cache reorders rows in place."""
+
+import copy
+
+import pytest
+import torch
+from oracle import TINY, pair
+
+from gpt2load import Gpt2LoadError, beam_search, generate, left_pad
+from gpt2load.config import GPTConfig
+from gpt2load.kernels import linear, onednn_setting
+from gpt2load.model import KVCache
+from gpt2load.quant import quantize_model
+
+PROMPT = torch.tensor([[5, 17, 33, 2, 8], [9, 9, 1, 40, 77]])
+
+
+@pytest.fixture(scope="module")
+def model():
+    return pair(TINY, seed=1)[1]
+
+
+def plain_greedy(model, idx, n):
+    """The book's loop through the plain modules: in training mode no module takes a fast path (dropout is 0)."""
+    model = copy.deepcopy(model).train()
+    with torch.no_grad():
+        for _ in range(n):
+            idx = torch.cat([idx, model(idx)[:, -1].argmax(-1, keepdim=True)], 1)
+    return idx
+
+
+@pytest.mark.parametrize("setting", ["0", "1", "auto"])
+def test_every_fp32_kernel_choice_decodes_the_plain_tokens(model, monkeypatch, setting):
+    monkeypatch.setenv("GPT2LOAD_ONEDNN", setting)
+    assert torch.equal(generate(model, PROMPT, 12), plain_greedy(model, PROMPT, 12))
+    with torch.inference_mode():
+        torch.testing.assert_close(model(PROMPT), copy.deepcopy(model).train()(PROMPT).detach())
+
+
+@pytest.mark.parametrize("setting", ["0", "1", "auto"])
+@pytest.mark.parametrize("rows", [1, 3, 40])
+@pytest.mark.parametrize("gelu", [False, True])
+def test_linear_matches_f_linear_for_every_setting(monkeypatch, setting, rows, gelu):
+    monkeypatch.setenv("GPT2LOAD_ONEDNN", setting)
+    g = torch.Generator().manual_seed(rows)
+    x, w, b = torch.randn(rows, 48, generator=g), torch.randn(80, 48, generator=g), torch.randn(80, generator=g)
+    want = torch.nn.functional.linear(x, w, b)
+    want = torch.nn.functional.gelu(want, approximate="tanh") if gelu else want
+    with torch.inference_mode():
+        torch.testing.assert_close(linear(x, w, b, gelu), want, atol=1e-4, rtol=1e-4)
+
+
+def test_bad_kernel_setting_names_the_variable(monkeypatch):
+    monkeypatch.setenv("GPT2LOAD_ONEDNN", "fast")
+    with pytest.raises(Gpt2LoadError, match="GPT2LOAD_ONEDNN='fast'"):
+        onednn_setting()
+
+
+@pytest.mark.parametrize("kind", ["fp32", "int8"])
+def test_batch_of_8_rows_each_equal_their_prompt_alone(model, kind):
+    m = quantize_model(copy.deepcopy(model)) if kind == "int8" else model
+    g = torch.Generator().manual_seed(4)
+    prompts = [torch.randint(0, TINY.vocab_size, (n,), generator=g).tolist() for n in (3, 9, 1, 6, 12, 4, 7, 2)]
+    idx, mask = left_pad(prompts)
+    out = generate(m, idx, 10, attention_mask=mask)
+    for row, p in enumerate(prompts):
+        alone = generate(m, torch.tensor([p]), 10)
+        assert out[row, -10:].tolist() == alone[0, -10:].tolist(), row
+
+
+def test_cache_reorder_moves_only_changed_rows_in_place():
+    cfg = GPTConfig(vocab_size=8, context_length=6, emb_dim=4, n_heads=2, n_layers=2)
+    cache = KVCache(cfg, 4, 6)
+    for t in cache.k + cache.v:
+        t.copy_(torch.arange(t.numel(), dtype=torch.float32).view_as(t))
+    cache.pos = 3
+    before = [t.clone() for t in cache.k + cache.v]
+    buffers = [t.data_ptr() for t in cache.k + cache.v]
+    index = torch.tensor([1, 0, 2, 1])  # swap two rows, keep one, repeat one
+    cache.reorder(index)
+    assert [t.data_ptr() for t in cache.k + cache.v] == buffers  # the same memory
+    for old, new in zip(before, cache.k + cache.v, strict=True):
+        assert torch.equal(new[:, :, :3], old[index, :, :3])
+    cache.reorder(torch.tensor([0, 0]))  # fewer rows: new buffers
+    assert cache.k[0].shape[0] == 2
+
+
+def test_beam_search_is_the_same_whatever_the_kernel(model, monkeypatch):
+    results = []
+    for setting in ("0", "1"):
+        monkeypatch.setenv("GPT2LOAD_ONEDNN", setting)
+        results.append(beam_search(model, PROMPT[:1], 10, 4, eos_id=None))
+    assert torch.equal(results[0].sequences, results[1].sequences)
+    torch.testing.assert_close(results[0].scores, results[1].scores)
