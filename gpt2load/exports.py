@@ -23,7 +23,7 @@ from .config import hf_config_dict
 from .errors import Gpt2LoadError
 from .fsutil import atomic_dir, atomic_output_file, check_output, mark_file
 from .gguf import GGUF_DTYPES, export_gguf, gguf_dtype
-from .load import OWN_FORMAT, write_own
+from .layouts import OWN_FORMAT, write_own
 from .lora import ADAPTERS_KEY, ADAPTERS_NAME, lora_settings, lora_state, merge_lora, without_adapters, write_adapters
 from .model import GPTModel, causal_mask, stored_state
 from .quant import dequantize_model, quantization, refuse_quantized

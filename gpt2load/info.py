@@ -6,7 +6,8 @@ from pathlib import Path
 
 from .config import GPTConfig
 from .hub import model_dir
-from .load import inspect_path, locate
+from .layouts import inspect_path
+from .load import locate
 from .tokenizer import find_tokenizer_files, id_marker, tokenizer_from_folder
 
 

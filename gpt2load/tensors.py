@@ -19,7 +19,8 @@ from .config import GPTConfig, resolve_size
 from .convert import CONV1D, CONV1D_3D, HF, HF_PREFIX, OPENAI, NameMap, Rule, expected_shapes, from_model_layout
 from .errors import Gpt2LoadError
 from .hub import model_dir
-from .load import Source, inspect_path, model_folder, source_dtype, source_tensors
+from .layouts import Source, inspect_path, source_dtype, source_tensors
+from .load import model_folder
 
 T = TypeVar("T")
 LAYOUTS: dict[str, tuple[NameMap | None, str]] = {"book": (None, ""), "hf": (HF, HF_PREFIX), "openai": (OPENAI, "")}

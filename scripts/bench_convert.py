@@ -21,7 +21,7 @@ import torch
 
 from gpt2load.config import GPTConfig
 from gpt2load.convert import expected_shapes
-from gpt2load.load import write_own
+from gpt2load.layouts import write_own
 
 # One job in a fresh process. After loading, every weight is read once (a memory-mapped model's pages then
 # count in its RSS), and the peak-RSS mark is reset (clear_refs 5), so the peak is the export's own.

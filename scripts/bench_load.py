@@ -21,9 +21,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from tfwrite import write_checkpoint  # noqa: E402
 
+from gpt2load.cache import cache_file  # noqa: E402
 from gpt2load.config import GPTConfig  # noqa: E402
 from gpt2load.convert import OPENAI, expected_shapes, to_source_layout  # noqa: E402
-from gpt2load.load import cache_file, inspect_path  # noqa: E402
+from gpt2load.layouts import inspect_path
 
 # Peak RSS of this process since exec (VmHWM; ru_maxrss would include the parent's peak before exec).
 RSS = (
@@ -43,7 +44,7 @@ CHILD = {
         "out = m.generate(torch.tensor([[464, 3290, 318]]), max_new_tokens=1, do_sample=False, pad_token_id=0)\n" + RSS
     ),
     "convert": (
-        "import json\nfrom gpt2load.load import cached_source, inspect_path\n"
+        "import json\nfrom gpt2load.cache import cached_source\nfrom gpt2load.layouts import inspect_path\n"
         "cached_source(inspect_path(FOLDER), quiet=True)\n" + RSS
     ),
 }

@@ -12,11 +12,13 @@ from oracle import TINY, pair
 from safetensors import safe_open
 from transformers import GPT2LMHeadModel
 
+from gpt2load.cache import cache_file
 from gpt2load.config import GPTConfig
 from gpt2load.convert import HF, OPENAI, NameMap, to_source_layout
 from gpt2load.errors import Gpt2LoadError
 from gpt2load.exports import export
-from gpt2load.load import CACHE_NAME, cache_file, inspect_path, load_gpt2
+from gpt2load.layouts import CACHE_NAME, inspect_path
+from gpt2load.load import load_gpt2
 from gpt2load.model import GPTModel
 from gpt2load.tfcheckpoint import TFCheckpoint
 
@@ -258,7 +260,7 @@ def test_folder_without_a_model(tmp_path):
 
 def test_streamed_conversion_equals_in_memory_conversion(tmp_path):
     from gpt2load.convert import convert_tensors
-    from gpt2load.load import inspect_path
+    from gpt2load.layouts import inspect_path
     from gpt2load.stfile import mmap_tensors
 
     d = copy_fixture("openai-tiny", tmp_path)

@@ -139,8 +139,8 @@ def test_meta_construction_allocates_nothing():
 
 
 def test_hf_model_with_an_untied_different_head_loads_untied():
-    from gpt2load.convert import HF, strip_hf_prefix
-    from gpt2load.load import _hf_head, _untied_hf_head, convert_tensors
+    from gpt2load.convert import HF, convert_tensors, strip_hf_prefix
+    from gpt2load.layouts import _hf_head, _untied_hf_head
 
     hf = hf_model()
     state = {strip_hf_prefix(k): v.clone() for k, v in hf.state_dict().items()}

@@ -14,7 +14,8 @@ import uvicorn
 
 from .. import stfile
 from ..errors import Gpt2LoadError
-from ..load import inspect_path, load_gpt2, model_folder
+from ..layouts import inspect_path
+from ..load import load_gpt2, model_folder
 from ..templates import TEMPLATES
 from ..tokenizer import tokenizer_from_folder
 from .app import ServerState, create_app
