@@ -53,6 +53,11 @@ DTYPES = {
 }
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    """'bfloat16' for torch.bfloat16: the name configs record and pick_dtype reads back."""
+    return str(dtype).removeprefix("torch.")
+
+
 def pick_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
     if dtype is None:
         return torch.float32
@@ -103,16 +108,20 @@ def model_from_tensors(
     The head follows the tensors: no `out_head.weight` (or one equal to `tok_emb.weight`) gives a head tied
     to the embedding; a different one, an untied head; another shape or an `out_head.bias`, a classifier head
     of that shape. `tied=False` keeps a head untied even when its values equal the embedding's (a file that
-    recorded it so). Each tensor is moved and cast one at a time, so peak memory stays near one copy.
+    recorded it so). Each tensor is moved and cast one at a time, so peak memory stays near one copy. Without
+    `dtype`, the model takes the floating dtype of the first tensor (float32 if that is not a float type).
     """
-    dev, dt = pick_device(device), pick_dtype(dtype)
+    dev = pick_device(device)
+    dt = pick_dtype(dtype) if dtype is not None else None
     model = empty_model(cfg)
-    state = {name: t.to(device=dev, dtype=dt) for name, t in tensors}
+    state = {}
+    for name, t in tensors:
+        if dt is None:
+            dt = t.dtype if t.dtype in DTYPES.values() else torch.float32
+        state[name] = t.to(device=dev, dtype=dt)
     state.setdefault("out_head.weight", state["tok_emb.weight"])
     unexpected = model.load_state_dict(state, strict=False, assign=True).unexpected_keys
     if unexpected:  # e.g. q/k/v biases for a config without them: never dropped in silence
-        from .errors import Gpt2LoadError
-
         raise Gpt2LoadError(f"tensors {unexpected[:3]} have no place in a GPTModel of this config")
     if tied is False:
         model.untie_head()

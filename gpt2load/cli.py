@@ -11,7 +11,9 @@ import warnings
 from collections.abc import Callable
 
 from .errors import Gpt2LoadError
+from .finetune_cli import add_finetune_parsers
 from .fsutil import check_output
+from .train_cli import add_train_parser
 
 MAX_NEW_TOKENS = 1_000_000  # hours of decoding even for 124M: anything larger is a typo
 MAX_SEED = 2**64 - 1  # torch.manual_seed's range
@@ -156,17 +158,20 @@ def instruction_prompt(args: argparse.Namespace) -> str:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from .export import export, is_folder_output
+    from .exports import export, is_folder_output, load_dtype
     from .load import load_gpt2, model_folder
     from .lora import merge_lora
 
     # the output is checked before the (slow) load, and again by the writer
     where = model_folder(args.model, args.source, args.weights_dir, quiet=args.quiet)
     check_output(args.out, args.to, folder=is_folder_output(args.to, args.out), force=args.force, protect=[where])
-    model = load_gpt2(args.model, args.source, args.weights_dir, device="cpu", quiet=args.quiet, cache=_cache(args))
+    dtype = load_dtype(args.to, args.dtype)
+    model = load_gpt2(
+        args.model, args.source, args.weights_dir, device="cpu", dtype=dtype, quiet=args.quiet, cache=_cache(args)
+    )
     merge_lora(model)  # a model saved with --no-merge is exported as the one model it computes
     folder = where if where.is_dir() else where.parent
-    out = export(model, args.to, args.out, tokenizer_dir=folder, force=args.force, protect=[where])
+    out = export(model, args.to, args.out, tokenizer_dir=folder, dtype=args.dtype, force=args.force, protect=[where])
     print(f"wrote {out}")
     return 0
 
@@ -174,6 +179,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
 def cmd_info(args: argparse.Namespace) -> int:
     from .info import info
 
+    if args.tensors:
+        return _print_tensors(args)
     data = info(args.model, args.source, args.weights_dir)
     if args.json:
         print(json.dumps(data, indent=2))
@@ -181,6 +188,21 @@ def cmd_info(args: argparse.Namespace) -> int:
         width = max(len(key) for key in data) + 2
         for key, value in data.items():
             print(f"{key + ':':<{width}}{value}")
+    return 0
+
+
+def _print_tensors(args: argparse.Namespace) -> int:
+    from .tensors import tensor_table
+
+    rows = tensor_table(args.model, args.layout, args.source, args.weights_dir)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    width = max(len(r["name"]) for r in rows)
+    for r in rows:
+        shape = "x".join(map(str, r["shape"]))
+        print(f"{r['name']:<{width}}  {shape:<16} {r['dtype']:<9} {r['bytes']:>14,}")
+    print(f"{len(rows)} tensors, {sum(r['bytes'] for r in rows):,} bytes")
     return 0
 
 
@@ -244,10 +266,18 @@ def build_parser() -> argparse.ArgumentParser:
     _no_cache_arg(g)
     g.set_defaults(func=cmd_generate)
 
-    c = sub.add_parser("convert", help="export weights as safetensors, a transformers folder or a book .pth")
+    c = sub.add_parser(
+        "convert", help="export weights as safetensors, a transformers folder, a book .pth or GGUF (llama.cpp)"
+    )
     _model_args(c)
-    c.add_argument("--to", required=True, choices=("safetensors", "hf", "pth"))
-    c.add_argument("--out", required=True, help="output file (.safetensors, .pth) or folder (hf, safetensors)")
+    c.add_argument("--to", required=True, choices=("safetensors", "hf", "pth", "gguf"))
+    c.add_argument("--out", required=True, help="output file (.safetensors, .pth, .gguf) or folder (hf, safetensors)")
+    c.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16", "float16", "f32", "bf16", "f16", "q8_0"),
+        default=None,
+        help="float32, bfloat16 or float16 (default: as stored); for gguf f32, f16 (default), bf16 or q8_0",
+    )
     c.add_argument("--force", action="store_true", help="replace an earlier gpt2load output of this format at --out")
     c.add_argument("--quiet", action="store_true")
     _no_cache_arg(c)
@@ -256,6 +286,10 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("info", help="describe a model size or a local model")
     _model_args(i, positional=True)
     i.add_argument("--json", action="store_true")
+    i.add_argument("--tensors", action="store_true", help="list every tensor: name, shape, dtype, bytes")
+    i.add_argument(
+        "--layout", choices=("book", "hf", "openai"), default="book", help="tensor names for --tensors (default book)"
+    )
     i.set_defaults(func=cmd_info)
 
     d = sub.add_parser("download", help="download a model's files (resumable, verified)")
@@ -282,17 +316,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--log-prompts", action="store_true", help="also log prompt text (never logged otherwise)")
     s.set_defaults(func=cmd_serve)
 
-    _add_optional_commands(sub)
+    add_train_parser(sub)  # training's many flags live beside it, in train_cli.py
+    add_finetune_parsers(sub)  # and fine-tuning's in finetune_cli.py
     return parser
-
-
-def _add_optional_commands(sub) -> None:
-    """Subcommands whose parsers live beside their modules (training has many flags)."""
-    from .finetune_cli import add_finetune_parsers
-    from .train_cli import add_train_parser
-
-    add_train_parser(sub)
-    add_finetune_parsers(sub)
 
 
 def main(argv: list[str] | None = None) -> int:

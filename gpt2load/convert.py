@@ -101,20 +101,6 @@ class NameMap:
     def ignored(self, name: str) -> bool:
         return any(rx.match(name) for rx in self._ignored)
 
-    def plan(self, names: Iterable[str], where: str) -> dict[str, tuple[Rule, list[str]]]:
-        """Map every source name or fail naming the one that is neither mapped nor ignored."""
-        plan = {}
-        for name in names:
-            hit = self.match(name)
-            if hit is not None:
-                plan[name] = hit
-            elif not self.ignored(name):
-                raise Gpt2LoadError(
-                    f"tensor {name!r} in {where} is not part of the {self.label} GPT-2 layout: "
-                    "is this a GPT-2 checkpoint?"
-                )
-        return plan
-
     def inverse(self, cfg: GPTConfig) -> Iterator[tuple[str, Rule, list[str]]]:
         """(source name, rule, target names) for every source tensor of a model of this config."""
         for pattern, rule in self.rules.items():

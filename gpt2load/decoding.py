@@ -131,7 +131,8 @@ def inference(model: nn.Module) -> Iterator[None]:
     """No gradients and no dropout for the duration; the modules' train/eval modes are restored after."""
     modes = [(m, m.training) for m in model.modules()] if model.training else []
     try:
-        model.eval()
+        if modes:  # only then: eval() walks every module, a cost paid per token
+            model.eval()
         with torch.inference_mode():
             yield
     finally:

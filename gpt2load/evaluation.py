@@ -16,7 +16,7 @@ from .distributed import all_sum
 from .errors import Gpt2LoadError
 from .generation import generate
 from .model import GPTModel
-from .tokenizer import EOT_ID, encode
+from .tokenizer import EOT_ID, decode_ids, encode
 
 IGNORE_INDEX = -100  # targets with this value count for nothing (padding, masked prompts), as in PyTorch
 
@@ -99,7 +99,7 @@ def sample_text(model: GPTModel, enc, prompt: str, max_new_tokens: int = 40) -> 
     model.eval()
     out = generate(model, idx, max_new_tokens, model.cfg.context_length, temperature=0.0, eos_id=EOT_ID)
     model.train(was_training)
-    return enc.decode(out[0, idx.shape[1] :].tolist())
+    return decode_ids(enc, out[0, idx.shape[1] :].tolist())
 
 
 __all__ = [

@@ -93,7 +93,7 @@ def cmd_finetune_instruct(args: argparse.Namespace) -> int:
 
 
 def cmd_classify(args: argparse.Namespace) -> int:
-    from .classify import classify_texts
+    from .classifier import classify_texts
 
     result = classify_texts(
         args.model, args.text, source=args.source, weights_dir=args.weights_dir, device=args.device, dtype=args.dtype

@@ -76,7 +76,9 @@ def linear_for(device_type: str, dtype: torch.dtype) -> Callable:
 
 def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, gelu: bool = False) -> torch.Tensor:
     """`F.linear` (then tanh-GELU if asked) by the fastest kernel for x's device and dtype."""
-    return linear_for(x.device.type, x.dtype)(x, w, b, gelu)
+    # As one [rows, in] matrix: oneDNN may otherwise treat [B, 1, in] as B products that each read the weight.
+    y = linear_for(x.device.type, x.dtype)(x.reshape(-1, x.shape[-1]), w, b, gelu)
+    return y.view(*x.shape[:-1], y.shape[-1])
 
 
 def _adjacent(parts: list[torch.Tensor]) -> bool:

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from . import stfile
-from .build import model_from_tensors
+from .build import dtype_name, model_from_tensors
 from .config import PRESETS, GPTConfig, read_hf_config, read_hparams, read_json_object, resolve_size
 from .convert import HF, OPENAI, convert_tensors, expected_shapes, strip_hf_prefix
 from .env import env_flag, env_path
@@ -173,6 +173,23 @@ def _torch_load(p: Path) -> dict[str, torch.Tensor]:
     return state
 
 
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_ST_FLOATS = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+
+
+def source_dtype(src: Source) -> torch.dtype:
+    """The floating dtype a source stores its weights in (that of its largest tensor), read from headers."""
+    if src.kind == "openai":
+        sizes = [(e.size, e.torch_dtype) for e in TFCheckpoint(src.path).entries.values()]
+    elif src.path.suffix == ".safetensors":
+        header, _ = stfile.read_header(src.path)
+        sizes = [(e["data_offsets"][1] - e["data_offsets"][0], _ST_FLOATS.get(e["dtype"])) for e in header.values()]
+    else:
+        sizes = [(t.nbytes, t.dtype) for t in _torch_load(src.path).values() if isinstance(t, torch.Tensor)]
+    floats = [(n, d) for n, d in sizes if d in FLOAT_DTYPES]
+    return max(floats, key=lambda nd: nd[0])[1] if floats else torch.float32
+
+
 def source_tensors(src: Source) -> Iterator[tuple[str, torch.Tensor]]:
     """The model's tensors in GPTModel names, one at a time, with coverage and shape checks."""
     where = str(src.path)
@@ -277,12 +294,15 @@ def write_own(
     extra_meta: dict[str, str] | None = None,
     progress=None,
     head: dict | None = None,
+    dtype: torch.dtype = torch.float32,
 ) -> None:
-    """Write GPTModel tensors as gpt2load's own safetensors file (float32). A tied head is stored once (as
-    tok_emb); any other head (`head`, as `GPTModel.head_meta()` gives it) is stored and recorded."""
+    """Write GPTModel tensors as gpt2load's own safetensors file, each cast to `dtype` as it is written. A tied
+    head is stored once (as tok_emb); any other head (`head`, as `GPTModel.head_meta()` gives it) is stored and
+    recorded."""
     shapes = {**expected_shapes(cfg), **head_shapes(cfg, head)}
-    specs = {k: (s, torch.float32) for k, s in shapes.items()}
-    meta = {"format": OWN_FORMAT, "config": json.dumps(cfg.to_dict()), **(extra_meta or {})}
+    specs = {k: (s, dtype) for k, s in shapes.items()}
+    meta = {"format": OWN_FORMAT, "config": json.dumps(cfg.to_dict()), "dtype": dtype_name(dtype)}
+    meta.update(extra_meta or {})
     if head is not None:
         meta["head"] = json.dumps(head)
     stfile.write_streaming(path, specs, tensors, meta, progress)
@@ -328,7 +348,9 @@ def cached_source(src: Source, quiet: bool = True, cache: bool | None = None) ->
     bar = _progress_bar(src.cfg.n_params * 4, f"converting {src.folder.name}", quiet)
     try:
         meta = {"source": stamp, "source_kind": src.kind}
-        write_own(cached, src.cfg, source_tensors(src), meta, bar.update if bar else None, hf_head_meta(src))
+        # The cache keeps the source's dtype: a bfloat16 checkpoint loads as bfloat16 unless dtype= says otherwise.
+        progress = bar.update if bar else None
+        write_own(cached, src.cfg, source_tensors(src), meta, progress, hf_head_meta(src), source_dtype(src))
     except OSError as e:  # disk full, quota, read-only home: the cache is an optimisation, the load goes on
         warnings.warn(
             f"could not cache the conversion in {cached} ({e.strerror or e}); converting in memory "
@@ -426,7 +448,8 @@ def load_gpt2(
         source: where to download sizes from: "hf" (default) or "openai".
         weights_dir: the download folder (default $GPT2LOAD_WEIGHTS_DIR or ./weights).
         device: cpu, cuda, mps; default the first available of cuda, mps, cpu.
-        dtype: float32 (default), bfloat16 or float16.
+        dtype: float32, bfloat16 or float16; default the dtype the weights are stored in (float32 for
+            OpenAI's and most checkpoints; a bfloat16 or float16 file stays so).
         quiet: no progress bars.
         cache: keep the conversion of an OpenAI/HF source in gpt2load's cache folder (see `cache_dir`) so later
             loads are zero-copy; None (default) means yes unless GPT2LOAD_NO_CACHE=1, False converts in memory.

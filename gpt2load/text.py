@@ -16,7 +16,7 @@ from .decoding import check_context, check_prompt, model_device, model_vocab
 from .errors import Gpt2LoadError
 from .generation import make_generator, stream
 from .sampling import GenerationConfig
-from .tokenizer import encode
+from .tokenizer import encode, token_bytes
 
 
 def stream_text(enc: tiktoken.Encoding, token_ids: Iterable[int]) -> Iterator[str]:
@@ -27,7 +27,7 @@ def stream_text(enc: tiktoken.Encoding, token_ids: Iterable[int]) -> Iterator[st
     """
     utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
     for t in token_ids:
-        piece = utf8.decode(enc.decode_single_token_bytes(int(t)))
+        piece = utf8.decode(token_bytes(enc, int(t)))
         if piece:
             yield piece
     tail = utf8.decode(b"", final=True)
@@ -53,7 +53,7 @@ class TextTracker:
         if not final:
             self.tokens.append(token)
             self.starts.append(before)
-            self.text += self.utf8.decode(self.enc.decode_single_token_bytes(token))
+            self.text += self.utf8.decode(token_bytes(self.enc, token))
         else:
             self.text += self.utf8.decode(b"", final=True)
         longest = max((len(s) for s in self.stop), default=0)

@@ -4,6 +4,7 @@
     python scripts/bench.py load [options]       # scripts/bench_load.py
     python scripts/bench.py train [options]      # scripts/bench_train.py
     python scripts/bench.py serve [options]      # server throughput at 1/4/8 clients (scripts/bench_serve.py)
+    python scripts/bench.py convert [options]    # export MB/s and peak RSS per format (scripts/bench_convert.py)
 
 Each subcommand lives in scripts/bench_<name>.py, imported only when asked for, and exposes
 `main(argv: list[str]) -> int | None`; `python scripts/bench.py NAME --help` shows its options.
@@ -15,7 +16,13 @@ import importlib
 import sys
 from pathlib import Path
 
-COMMANDS = {"generate": "bench_generate", "load": "bench_load", "train": "bench_train", "serve": "bench_serve"}
+COMMANDS = {
+    "generate": "bench_generate",
+    "load": "bench_load",
+    "train": "bench_train",
+    "serve": "bench_serve",
+    "convert": "bench_convert",
+}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -25,14 +32,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     name = COMMANDS[argv[0]]
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    try:
-        module = importlib.import_module(name)
-    except ModuleNotFoundError as e:
-        if e.name != name:
-            raise
-        print(f"bench {argv[0]}: scripts/{name}.py does not exist yet", file=sys.stderr)
-        return 1
-    return module.main(argv[1:]) or 0
+    return importlib.import_module(name).main(argv[1:]) or 0
 
 
 if __name__ == "__main__":

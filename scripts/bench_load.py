@@ -64,7 +64,7 @@ def run_child(kind: str, folder: Path) -> tuple[float, int]:
 def make_weights(cfg: GPTConfig, root: Path) -> tuple[Path, Path]:
     """Random weights of cfg's shape as an OpenAI checkpoint folder and a transformers folder."""
     from gpt2load.build import model_from_tensors
-    from gpt2load.export import export_hf
+    from gpt2load.exports import export_hf
 
     openai_dir, hf_dir = root / "openai", root / "hf"
     if (openai_dir / "model.ckpt.index").exists() and (hf_dir / "model.safetensors").exists():

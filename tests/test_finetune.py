@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 
 from gpt2load.config import GPTConfig
 from gpt2load.errors import Gpt2LoadError
-from gpt2load.export import save_model
+from gpt2load.exports import save_model
 from gpt2load.load import load_gpt2, model_metadata
 from gpt2load.lora import lora_settings
 from gpt2load.model import GPTModel

@@ -7,7 +7,7 @@ import torch
 from helpers import TOKENIZER_DIR
 from torch import nn
 
-from gpt2load.classify import classify
+from gpt2load.classifier import classify
 from gpt2load.config import GPTConfig
 from gpt2load.errors import Gpt2LoadError
 from gpt2load.model import GPTModel

@@ -1,5 +1,6 @@
 """Greedy decoding, sampling, batching, streaming and stop strings, against transformers and the book's loop."""
 
+import json
 import math
 import warnings
 
@@ -378,3 +379,37 @@ def test_bad_tensor_inputs(tiny):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert generate(ours, PROMPT, 0).shape == PROMPT.shape
+
+
+def test_ids_past_the_tokenizer_print_a_marker(tmp_path):
+    """A nanoGPT-style padded vocabulary (50304 rows): an id with no token shows as a marker, through the CLI."""
+    from helpers import run_cli
+
+    from gpt2load import save_model
+    from gpt2load.model import GPTModel
+
+    model = GPTModel(GPTConfig(vocab_size=50304, context_length=32, emb_dim=16, n_heads=2, n_layers=1))
+    model.untie_head()
+    with torch.no_grad():  # final_norm gives the same unit vector everywhere; only row 50300 of the head sees it
+        model.final_norm.scale.zero_()
+        model.final_norm.shift.zero_()
+        model.final_norm.shift[0] = 1.0
+        model.out_head.weight.zero_()
+        model.out_head.weight[50300, 0] = 10.0
+    save_model(model, tmp_path / "padded", TOKENIZER_DIR)
+    proc = run_cli(
+        "generate",
+        "--model",
+        str(tmp_path / "padded"),
+        "--prompt",
+        "Hi",
+        "--max-new-tokens",
+        "2",
+        "--device",
+        "cpu",
+        "--json",
+    )
+    assert proc.returncode == 0, proc.stderr
+    done = json.loads(proc.stdout)["completions"][0]
+    assert done["token_ids"] == [50300, 50300]
+    assert done["text"] == "<|id:50300|><|id:50300|>"

@@ -18,7 +18,7 @@ import torch
 from helpers import TOKENIZER_DIR, assert_clean_error, run_cli
 
 from gpt2load.config import GPTConfig
-from gpt2load.export import save_model
+from gpt2load.exports import save_model
 from gpt2load.model import GPTModel
 
 CFG = GPTConfig(vocab_size=50257, context_length=32, emb_dim=16, n_heads=2, n_layers=2)

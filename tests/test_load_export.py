@@ -15,7 +15,7 @@ from transformers import GPT2LMHeadModel
 from gpt2load.config import GPTConfig
 from gpt2load.convert import HF, OPENAI, NameMap, to_source_layout
 from gpt2load.errors import Gpt2LoadError
-from gpt2load.export import export
+from gpt2load.exports import export
 from gpt2load.load import CACHE_NAME, cache_file, inspect_path, load_gpt2
 from gpt2load.model import GPTModel
 from gpt2load.tfcheckpoint import TFCheckpoint

@@ -23,7 +23,7 @@ from gpt2load.cli import main
 from gpt2load.config import GPTConfig
 from gpt2load.data import TokenWindows, WindowLoader
 from gpt2load.errors import Gpt2LoadError
-from gpt2load.export import save_model
+from gpt2load.exports import save_model
 from gpt2load.load import load_gpt2
 from gpt2load.metrics import plot_losses
 from gpt2load.model import GPTModel

@@ -19,6 +19,7 @@ import torch
 from ..beam import beam_search
 from ..model import GPTModel, KVCache
 from ..sampling import apply_repetition_penalty, mask_token, sample
+from ..tokenizer import decode_ids, token_bytes
 from .sequence import Failure, Piece, Request, Sequence, TokenInfo
 
 log = logging.getLogger("gpt2load.serve")
@@ -201,8 +202,8 @@ class Batcher:
                 info = self._logprob_info(logits[i - 1 : i], t, n) if i else TokenInfo(t, None, None, 0)
                 info.offset = len(text)
                 tokens.append(info)
-            text += self.enc.decode_single_token_bytes(t).decode("utf-8", errors="replace")
-        seq.out.append(Piece(seq.index, self.enc.decode(seq.prompt), tokens))
+            text += token_bytes(self.enc, t).decode("utf-8", errors="replace")
+        seq.out.append(Piece(seq.index, decode_ids(self.enc, seq.prompt), tokens))
 
     def _logprob_info(self, logits: torch.Tensor, token: int, n: int) -> TokenInfo:
         lp = torch.log_softmax(logits[0].float(), dim=-1)
@@ -280,7 +281,7 @@ class Batcher:
                 seq = Sequence(request, i * request.n + j, prompt, self.enc, vocab, self.cache.device)
                 new = res.sequences[j, len(prompt) : len(prompt) + int(res.lengths[j])].tolist()
                 if p.echo:
-                    seq.out.append(Piece(seq.index, self.enc.decode(prompt), []))
+                    seq.out.append(Piece(seq.index, decode_ids(self.enc, prompt), []))
                 reason = None
                 for t in new:
                     reason = seq.accept(t, None, self.eos)

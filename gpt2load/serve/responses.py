@@ -6,6 +6,7 @@ import time
 
 import tiktoken
 
+from ..tokenizer import token_bytes
 from .protocol import Job
 from .sequence import Finish, Piece, TokenInfo
 
@@ -40,7 +41,7 @@ class Answer:
         return {"id": self.id, "object": kind, "created": self.created, "model": self.model}
 
     def _token_text(self, t: int) -> str:
-        return self.enc.decode_single_token_bytes(t).decode("utf-8", errors="replace")
+        return token_bytes(self.enc, t).decode("utf-8", errors="replace")
 
     def logprobs(self, tokens: list[TokenInfo]) -> dict | None:
         """Log-probabilities in the completions shape, or the chat shape (`content`)."""
@@ -57,7 +58,7 @@ class Answer:
 
     def _chat_token(self, t: TokenInfo) -> dict:
         def one(token: int, logprob: float) -> dict:
-            raw = self.enc.decode_single_token_bytes(token)
+            raw = token_bytes(self.enc, token)
             return {"token": raw.decode("utf-8", errors="replace"), "logprob": logprob, "bytes": list(raw)}
 
         return {**one(t.id, t.logprob), "top_logprobs": [one(i, lp) for i, lp in t.top or []]}
