@@ -34,7 +34,7 @@ def save_final(
     net: GPTModel, out: Path, tokenizer_dir: Path, metadata: dict[str, str] | None = None, merge: bool = True
 ) -> Path:
     """The trained model in `out/final` (gpt2load's own form; LoRA adapters merged unless `merge` is False, see
-    export.save_finetuned), and the same files at the top of `out` as hard links (no second copy on disk), so
+    exports.save_finetuned), and the same files at the top of `out` as hard links (no second copy on disk), so
     `--model OUT` and `--model OUT/final` both load it."""
     final = save_finetuned(net, out / "final", tokenizer_dir, metadata or {}, merge)
     for f in sorted(final.iterdir()):
@@ -151,7 +151,7 @@ def train_on_files(
         cache_dir: where token caches go (default out/tokens).
         quiet: no download/tokenizing messages.
         lora_rank, lora_alpha, lora_targets: train LoRA adapters only (see lora.add_lora).
-        merge: save the adapters merged into the model (False: beside it, see export.save_finetuned).
+        merge: save the adapters merged into the model (False: beside it, see exports.save_finetuned).
         **options: passed to `train` (max_steps, epochs, grad_accum, lr, ..., resume, sample_prompt).
     """
     check_positive(batch_size=batch_size, context_length=context_length, stride=stride)
