@@ -242,6 +242,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         api_key=args.api_key,
         device=args.device,
         dtype=args.dtype,
+        quantize=args.quantize,
         max_batch_size=args.max_batch_size,
         max_queue=args.max_queue,
         max_tokens_limit=args.max_tokens_limit,
@@ -327,6 +328,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
     s.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 requests")
     s.add_argument("--dtype", choices=("float32", "bfloat16"), default=None)
+    s.add_argument("--quantize", choices=("int8",), default=None, help="int8 weight-only Linear layers and head")
     s.add_argument("--device", default=None, help="cpu, cuda, mps (default: cuda, then mps, then cpu)")
     s.add_argument("--max-batch-size", type=int, default=8, help="sequences decoded together (default 8)")
     s.add_argument("--max-queue", type=int, default=64, help="requests waiting for a slot before 503 (default 64)")

@@ -371,3 +371,11 @@ def test_command_line_errors_are_one_line(tiny_dir):
         taken.listen()
         port = str(taken.getsockname()[1])
         assert_clean_error(run_cli("serve", "--model", str(tiny_dir), "--port", port), "cannot listen", port)
+
+
+def test_quantized_server_equals_the_int8_model(tiny_dir, enc):
+    """`serve --quantize int8` decodes what load_gpt2(quantize="int8") decodes."""
+    want = greedy(load_gpt2(tiny_dir, device="cpu", quantize="int8"), enc, PROMPT, 8)
+    with ServeProcess("--model", str(tiny_dir), "--quantize", "int8") as s:
+        r = client(s).completions.create(model="tiny", prompt=PROMPT, max_tokens=8, temperature=0)
+    assert r.choices[0].text == want["text"]

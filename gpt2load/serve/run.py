@@ -87,6 +87,7 @@ def serve(
     max_queue: int = 64,
     max_tokens_limit: int | None = None,
     log_prompts: bool = False,
+    quantize: str | None = None,
 ) -> None:
     """Serve a model over HTTP with OpenAI's API and a page at `/`, until interrupted.
 
@@ -97,6 +98,7 @@ def serve(
         max_queue: requests that may wait for a free row; past that, 503 with Retry-After.
         max_tokens_limit: the most tokens one completion may ask for (default: the context window).
         log_prompts: also log prompt text (never logged otherwise).
+        quantize: "int8" for int8 weight-only Linear layers and head (as `load_gpt2`).
     """
     _check_flags(port, max_batch_size, max_queue, max_tokens_limit)
     if not log.handlers:  # our own logger only: one line per request on stderr
@@ -117,7 +119,7 @@ def serve(
 
     def load() -> None:
         try:
-            gpt = load_gpt2(where, device=device, dtype=dtype, quiet=True)
+            gpt = load_gpt2(where, device=device, dtype=dtype, quiet=True, quantize=quantize)
             state.batcher = Batcher(gpt, enc, max_batch_size, max_queue)
             log.info(f"ready: {model_id} ({src.cfg.n_params / 1e6:.0f}M parameters), batches of {max_batch_size}")
         except BaseException as e:  # the server stops and the error is reported as the command's own
