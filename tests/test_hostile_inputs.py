@@ -1,11 +1,13 @@
-"""Hostile and mistaken inputs, table-driven: each case writes a bad file, runs the CLI in a subprocess under a
-3 GB address-space cap, and expects one `gpt2load: error:` line naming the problem, exit 1, no traceback, and
-nothing written into the user's folder."""
+"""Hostile and mistaken inputs, table-driven: each case writes a bad file, runs the CLI in a subprocess under an
+address-space cap of 3 GB above what importing gpt2load takes, and expects one `gpt2load: error:` line naming
+the problem, exit 1, no traceback, and nothing written into the user's folder."""
 
 from __future__ import annotations
 
 import json
+import os
 import struct
+import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -17,7 +19,19 @@ from helpers import OPENAI_TINY, TOKENIZER_DIR, add_tokenizer, assert_clean_erro
 sys.path.insert(0, str(Path(__file__).parents[1] / "scripts"))
 from tfwrite import tensor_entry, write_index  # noqa: E402
 
-MEMORY_LIMIT = 3 * 2**30  # far above what any of these needs to fail; far below what an unchecked size takes
+HEADROOM = 3 * 2**30  # far above what any of these needs to fail; far below what an unchecked size takes
+
+
+@pytest.fixture(scope="module")
+def memory_limit() -> int:
+    """The cap: the address space `import gpt2load` takes here (a CUDA build of torch maps GBs more than the CPU
+    build without touching them), plus the headroom."""
+    code = "import gpt2load; print(next(l.split()[1] for l in open('/proc/self/status') if l.startswith('VmPeak')))"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    return int(out.stdout) * 1024 + HEADROOM
+
+
 GENERATE = ("generate", "--prompt", "A", "--max-new-tokens", "1", "--device", "cpu", "--model")
 
 
@@ -204,11 +218,11 @@ def _files(root: Path) -> dict[str, int]:
 
 
 @pytest.mark.parametrize(("make", "needle"), [pytest.param(m, n, id=i) for i, m, n in CASES])
-def test_hostile_input_is_one_clean_line(tmp_path, make, needle):
+def test_hostile_input_is_one_clean_line(tmp_path, make, needle, memory_limit):
     made = make(tmp_path)
     model, extra, env = made if isinstance(made, tuple) else (made, (), {})
     before = _files(tmp_path)
-    proc = run_cli(*GENERATE, str(model), *extra, env=env, memory_limit=MEMORY_LIMIT)
+    proc = run_cli(*GENERATE, str(model), *extra, env=env, memory_limit=memory_limit)
     assert proc.returncode == 1, (proc.returncode, proc.stderr[-2000:])
     assert_clean_error(proc, needle)
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
