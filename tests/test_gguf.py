@@ -7,6 +7,8 @@ GPT2LOAD_REQUIRE_LLAMA is set, as in CI).
 
 import importlib.util
 import os
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -157,6 +159,27 @@ def test_convert_cli_to_gguf_from_a_transformers_folder(lm, tmp_path):
     assert np.array_equal(pos, lm.pos_emb.weight.detach().numpy())  # kept f32
     proc = run_cli("convert", "--model", str(tmp_path / "m"), "--to", "pth", "--dtype", "q8_0", "--out", "x.pth")
     assert_clean_error(proc, "q8_0", "--to gguf")
+
+
+def test_convert_cli_from_an_openai_checkpoint_to_gguf(lm, files, tmp_path):
+    """OpenAI's TensorFlow layout straight to GGUF: the file holds exactly what exporting the model gives."""
+    sys.path.insert(0, str(Path(__file__).parents[1] / "scripts"))
+    from tfwrite import write_checkpoint
+
+    from gpt2load.convert import OPENAI, to_source_layout
+
+    state = {k: v.detach() for k, v in lm.stored_state().items()}
+    hparams = {"n_vocab": 50257, "n_ctx": 96, "n_embd": 64, "n_head": 4, "n_layer": 2}
+    write_checkpoint(tmp_path / "openai", to_source_layout(state, OPENAI, lm.cfg), hparams)
+    add_tokenizer(tmp_path / "openai")
+    out = tmp_path / "from-tf.gguf"
+    proc = run_cli("convert", "--model", str(tmp_path / "openai"), "--to", "gguf", "--dtype", "f32", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    got = {t.name: np.array(t.data) for t in gguf.GGUFReader(out).tensors}
+    want = {t.name: np.array(t.data) for t in gguf.GGUFReader(files["f32"]).tensors}
+    assert got.keys() == want.keys() and "blk.0.attn_qkv.weight" in got
+    for name in want:
+        assert np.array_equal(got[name], want[name]), name
 
 
 @pytest.fixture(scope="module")
