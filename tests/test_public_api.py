@@ -47,8 +47,9 @@ def test_the_readme_functions_run_on_a_tiny_model(tmp_path):
     assert out.shape == (1, idx.shape[1] + 3) and torch.equal(out[:, : idx.shape[1]], idx)
     assert len(list(gpt2load.generate_stream(model, idx, max_new_tokens=3))) == 3
     beams = gpt2load.beam_search(model, idx, max_new_tokens=3, num_beams=2)
-    assert beams is not None
-    assert isinstance(gpt2load.complete(model, tok, "Hello", max_new_tokens=2), (dict, list, str, tuple, object))
+    assert beams.sequences.shape[0] == 1 and torch.equal(beams.sequences[0, : idx.shape[1]], idx[0])
+    done = gpt2load.complete(model, tok, "Hello", max_new_tokens=2)
+    assert done["prompt_ids"] == tok.encode("Hello") and 1 <= len(done["completions"][0]["token_ids"]) <= 2
     padded, mask = gpt2load.left_pad([[1, 2, 3], [4]])
     assert padded.shape == mask.shape == (2, 3) and mask.tolist() == [[1, 1, 1], [0, 0, 1]]
 
