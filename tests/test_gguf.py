@@ -182,6 +182,19 @@ def test_convert_cli_from_an_openai_checkpoint_to_gguf(lm, files, tmp_path):
         assert np.array_equal(got[name], want[name]), name
 
 
+def test_convert_cli_from_a_trained_instruction_model_folder_to_gguf(lm, files, tmp_path):
+    """What `train`/`finetune instruct` leave (gpt2load's folder, with a prompt template recorded) converts too."""
+    from gpt2load.exports import save_model
+
+    save_model(lm, tmp_path / "run", TOKENIZER_DIR, metadata={"prompt_template": "alpaca"})
+    out = tmp_path / "run.gguf"
+    proc = run_cli("convert", "--model", str(tmp_path / "run"), "--to", "gguf", "--dtype", "f32", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    got = {t.name: np.array(t.data) for t in gguf.GGUFReader(out).tensors}
+    want = {t.name: np.array(t.data) for t in gguf.GGUFReader(files["f32"]).tensors}
+    assert got.keys() == want.keys() and all(np.array_equal(got[k], want[k]) for k in want)
+
+
 @pytest.fixture(scope="module")
 def llama_cpp():
     import llama_cpp
