@@ -69,11 +69,19 @@ class ServeProcess:
             self.stop()
             raise RuntimeError(f"the server did not start:\n{self.log()}")
         deadline = time.monotonic() + timeout
-        while httpx.get(self.url + "/health").status_code != 200:
+        while not self._ready():
             if time.monotonic() > deadline or self.proc.poll() is not None:
                 self.stop()
                 raise RuntimeError(f"the server did not become ready:\n{self.log()}")
             time.sleep(0.1)
+
+    def _ready(self) -> bool:
+        """/health answers 200; a refused connection (the socket is announced a moment before it accepts) is not
+        ready yet, not a failure."""
+        try:
+            return httpx.get(self.url + "/health").status_code == 200
+        except httpx.ConnectError:
+            return False
 
     def _read(self) -> None:
         for line in self.proc.stderr:
