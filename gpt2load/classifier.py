@@ -57,7 +57,7 @@ def classify(
     if width > model.cfg.context_length:
         raise Gpt2LoadError(f"max_length {width} exceeds the model's context length {model.cfg.context_length}")
     ids = encode_texts(tokenizer, texts, width, "the texts")
-    device = model.tok_emb.weight.device
+    device = model.pos_emb.weight.device
     was_training = model.training
     model.eval()
     results = []

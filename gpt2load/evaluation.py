@@ -94,7 +94,7 @@ def evaluate(
 def sample_text(model: GPTModel, enc, prompt: str, max_new_tokens: int = 40) -> str:
     """Greedy continuation of `prompt` (stops at <|endoftext|>), for a glance at what the model learned."""
     ids = encode(enc, prompt) or [EOT_ID]
-    idx = torch.tensor([ids[-model.cfg.context_length :]], device=model.tok_emb.weight.device)
+    idx = torch.tensor([ids[-model.cfg.context_length :]], device=model.pos_emb.weight.device)
     was_training = model.training
     model.eval()
     out = generate(model, idx, max_new_tokens, model.cfg.context_length, temperature=0.0, eos_id=EOT_ID)

@@ -16,6 +16,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from . import stfile
 from .build import dtype_name, pick_dtype
@@ -51,7 +52,7 @@ def float_dtype(dtype: str | torch.dtype) -> torch.dtype:
 
 def export_dtype(model: GPTModel, dtype: str | torch.dtype | None) -> torch.dtype:
     """The dtype to write: the one asked for, else the model's own."""
-    return model.tok_emb.weight.dtype if dtype is None else float_dtype(dtype)
+    return model.pos_emb.weight.dtype if dtype is None else float_dtype(dtype)  # tok_emb may be int8
 
 
 def load_dtype(to: str, dtype: str | None) -> torch.dtype | None:
@@ -66,12 +67,6 @@ def _stored_tensors(model: GPTModel, dtype: torch.dtype) -> Iterator[tuple[str, 
     (int8 weights and their scales as they are)."""
     for k, v in stored_state(model).items():
         yield k, v.detach().to("cpu", dtype if v.is_floating_point() and not k.endswith(".weight_scale") else v.dtype)
-
-
-def _int8_head(model: GPTModel) -> dict:
-    """The head record of a quantized model: always its own (int8) tensor."""
-    head = model.out_head
-    return {"tied": False, "shape": [head.out_features, head.in_features], "bias": head.bias is not None}
 
 
 def float_model(model: GPTModel, to: str, dequantize: bool = False) -> GPTModel:
@@ -116,15 +111,16 @@ def save_model(
     prompt_template); `write_extra(folder)` adds files to a folder before it appears (e.g. LoRA adapters)."""
     path, dt = Path(path), export_dtype(model, dtype)
     quantized = quantization(model)
-    cfg, head = model.real_config(), _int8_head(model) if quantized else model.head_meta()
+    cfg, head = model.real_config(), model.head_meta()
+    quant = {"quantized": quantized, "float_embedding": bool(quantized) and isinstance(model.tok_emb, nn.Embedding)}
     if path.suffix == ".safetensors":
         check_output(path, "safetensors", folder=False, force=force, protect=protect)
-        write_own(path, cfg, _stored_tensors(model, dt), metadata, head=head, dtype=dt, quantized=quantized)
+        write_own(path, cfg, _stored_tensors(model, dt), metadata, head=head, dtype=dt, **quant)
         mark_file(path, "safetensors")
         return path
     with atomic_dir(path, "safetensors", force=force, protect=protect) as tmp:
         tensors = _stored_tensors(model, dt)
-        write_own(tmp / "model.safetensors", cfg, tensors, metadata, head=head, dtype=dt, quantized=quantized)
+        write_own(tmp / "model.safetensors", cfg, tensors, metadata, head=head, dtype=dt, **quant)
         own = {"model_type": OWN_FORMAT, "config": cfg.to_dict(), "torch_dtype": dtype_name(dt)}
         (tmp / "config.json").write_text(json.dumps(own, indent=2) + "\n")
         _copy_tokenizer(Path(tokenizer_dir) if tokenizer_dir else None, tmp, ("encoder.json", "vocab.bpe"))

@@ -286,11 +286,12 @@ def write_own(
     head: dict | None = None,
     dtype: torch.dtype = torch.float32,
     quantized: str | None = None,
+    float_embedding: bool = False,
 ) -> None:
     """Write GPTModel tensors as gpt2load's own safetensors file, each cast to `dtype` as it is written. A tied
     head is stored once (as tok_emb); any other head (`head`, as `GPTModel.head_meta()` gives it) is stored and
-    recorded. `quantized` ("int8"): the Linear weights are stored as int8 + scales (see
-    `quant.quantized_names`), and recorded."""
+    recorded. `quantized` ("int8"): the Linear weights and the token embedding (unless `float_embedding`, a
+    model loaded from a 0.x file) are stored as int8 + scales (see `quant.quantized_names`), and recorded."""
     shapes = {**expected_shapes(cfg), **head_shapes(cfg, head)}
     specs = {k: (s, dtype) for k, s in shapes.items()}
     meta = {"format": OWN_FORMAT, "config": json.dumps(cfg.to_dict()), "dtype": dtype_name(dtype)}
@@ -298,7 +299,7 @@ def write_own(
     if head is not None:
         meta["head"] = json.dumps(head)
     if quantized is not None:
-        specs = quantized_names(shapes, shapes)
+        specs = quantized_names(shapes, shapes, embedding=not float_embedding)
         # int8 matrices first, from the aligned start of the data: the int8 kernel reads them in place when
         # their sizes keep the next one aligned (all GPT-2 widths are multiples of 64)
         specs = dict(sorted(specs.items(), key=lambda kv: kv[1][1] != torch.int8))

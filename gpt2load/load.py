@@ -20,7 +20,7 @@ from .kernels import aligned_int8
 from .layouts import MODEL_MARKERS, WEIGHT_SUFFIXES, Source, head_shapes, inspect_path, source_tensors
 from .lora import ADAPTERS_KEY, load_adapters
 from .model import GPTModel
-from .quant import QUANTIZATIONS, check_quantize, quantize_model, quantized_names
+from .quant import QUANTIZATIONS, Int8Embedding, check_quantize, quantize_model, quantized_names
 from .tokenizer import tokenizer_from_folder
 
 
@@ -143,7 +143,8 @@ def quantized_from_file(
     header, meta = stfile.read_header(path)
     head = json.loads(meta.get("head") or "{}")
     shapes = {**expected_shapes(cfg), **head_shapes(cfg, head)}
-    want = quantized_names(shapes, shapes)
+    embedding = "tok_emb.weight" not in header  # 0.x files kept a float embedding beside an int8 head
+    want = quantized_names(shapes, shapes, embedding)
     for name, (shape, dt) in want.items():
         got = header.get(name)
         if got is None or tuple(got["shape"]) != tuple(shape) or got["dtype"] != stfile.ST_NAMES[dt]:
@@ -156,13 +157,19 @@ def quantized_from_file(
     if extra:
         raise Gpt2LoadError(f"tensor {extra[0]!r} in {path} is not part of an {kind} GPTModel: save it again")
     dev, dt = pick_device(device), pick_dtype(dtype)
-    model = quantize_model(empty_model(cfg), kind)
+    model = empty_model(cfg)
+    if head and not head.get("tied", True):  # the shell gets the recorded head (a classifier's shape, a bias)
+        model._fit_head(tuple(head.get("shape", (cfg.vocab_size, cfg.emb_dim))), bool(head.get("bias")))
+        model.untie_head()
+    model = quantize_model(model, kind, embedding)
     state = {
         k: v.to(dev, dt if v.is_floating_point() and not k.endswith(".weight_scale") else v.dtype)
         for k, v in stfile.mmap_tensors(path).items()
     }
     state = {k: aligned_int8(v) if k.endswith(".qweight") and v.device.type == "cpu" else v for k, v in state.items()}
     model.load_state_dict(state, strict=True, assign=True)
+    if isinstance(model.tok_emb, Int8Embedding):
+        model.tok_emb.output_like(model.pos_emb.weight)
     return model.eval()
 
 

@@ -17,7 +17,7 @@ from torch import nn
 from .config import GPTConfig
 from .errors import Gpt2LoadError
 from .kernels import Stacked, fast_enabled, int8_linear, is_stock, linear
-from .quant import Int8Linear
+from .quant import Int8Embedding, Int8Linear
 
 
 class KVCache:
@@ -216,31 +216,44 @@ class GPTModel(nn.Module):
 
     @property
     def head_tied(self) -> bool:
-        """True when the output head uses the token embedding's Parameter itself."""
+        """True when the output head uses the token embedding's Parameter itself (int8: its int8 matrix)."""
+        if isinstance(self.tok_emb, Int8Embedding):
+            return getattr(self.out_head, "qweight", None) is self.tok_emb.qweight
         return getattr(self.out_head, "weight", None) is self.tok_emb.weight
 
     def tie_head(self) -> None:
         """Make the output head use the token embedding's Parameter (one tensor, GPT-2's layout)."""
+        emb = self.tok_emb
+        if isinstance(emb, Int8Embedding) and isinstance(self.out_head, Int8Linear):
+            if tuple(self.out_head.qweight.shape) == tuple(emb.qweight.shape):
+                self.out_head.qweight, self.out_head.weight_scale = emb.qweight, emb.weight_scale
+                return
         w = getattr(self.out_head, "weight", None)
-        if w is None or tuple(w.shape) != tuple(self.tok_emb.weight.shape):
+        if w is None or tuple(w.shape) != (emb.num_embeddings, emb.embedding_dim) or isinstance(emb, Int8Embedding):
             got = "no weight" if w is None else f"a weight of shape {list(w.shape)}"
             raise Gpt2LoadError(
-                f"out_head has {got}, so it cannot share tok_emb.weight {list(self.tok_emb.weight.shape)}"
+                f"out_head has {got}, so it cannot share tok_emb's [{emb.num_embeddings}, {emb.embedding_dim}] "
+                "weight (an int8 embedding shares only with an int8 head)"
             )
-        self.out_head.weight = self.tok_emb.weight
+        self.out_head.weight = emb.weight
 
     tie_weights = tie_head  # the name earlier versions used
 
     def untie_head(self) -> None:
         """Give the output head its own copy of the token embedding (as the book's load_weights_into_gpt does)."""
-        if self.head_tied:
-            w = self.tok_emb.weight
-            self.out_head.weight = nn.Parameter(w.detach().clone(), requires_grad=w.requires_grad)
+        if not self.head_tied:
+            return
+        if isinstance(self.tok_emb, Int8Embedding):
+            head = self.out_head
+            head.qweight, head.weight_scale = head.qweight.clone(), head.weight_scale.clone()
+            return
+        w = self.tok_emb.weight
+        self.out_head.weight = nn.Parameter(w.detach().clone(), requires_grad=w.requires_grad)
 
     def head_meta(self) -> dict:
         """What gpt2load's files record about the head: tied or not, its [out, in] shape, whether it has a bias."""
         head = self.out_head
-        w, b = getattr(head, "weight", None), getattr(head, "bias", None)
+        w, b = getattr(head, "weight", getattr(head, "qweight", None)), getattr(head, "bias", None)
         if not isinstance(w, torch.Tensor) or w.dim() != 2:
             raise Gpt2LoadError(
                 f"out_head is a {type(head).__name__} without a [out, in] weight: gpt2load's files hold a linear "
@@ -254,8 +267,8 @@ class GPTModel(nn.Module):
         return replace(self.cfg, drop_rate=p)
 
     def is_derived(self, name: str) -> bool:
-        """True for a state_dict entry no file needs to store: the head's weight while it is tied."""
-        return name == "out_head.weight" and self.head_tied
+        """True for a state_dict entry no file needs to store: the head's weight (int8: and scales) while tied."""
+        return name in ("out_head.weight", "out_head.qweight", "out_head.weight_scale") and self.head_tied
 
     def stored_state(self) -> dict[str, torch.Tensor]:
         """The state_dict without derived entries: what gpt2load's files and checkpoints hold."""
@@ -270,6 +283,8 @@ class GPTModel(nn.Module):
         (gpt2load's stored form of a tied model) keeps a tied head tied.
         """
         state = {k: v for k, v in state_dict.items() if not k.endswith(".att.mask")}
+        if isinstance(self.tok_emb, Int8Embedding):
+            return self._load_int8(state, strict, assign)
         head, emb = state.get("out_head.weight"), state.get("tok_emb.weight")
         if head is None and emb is not None and self.head_tied:  # gpt2load's stored form: the tied head once
             state["out_head.weight"] = head = emb
@@ -282,6 +297,18 @@ class GPTModel(nn.Module):
         result = super().load_state_dict(state, strict=strict, assign=assign)
         if tie or (head is None and self.head_tied):
             self.tie_head()  # assign=True puts new Parameters in: share the embedding's again
+        return result
+
+    def _load_int8(self, state: dict, strict: bool, assign: bool):
+        """An int8 model's state: a tied head is stored once, as tok_emb's int8 matrix and scales."""
+        tied = self.head_tied
+        if tied and "out_head.qweight" not in state:
+            for part in ("qweight", "weight_scale"):
+                if f"tok_emb.{part}" in state:
+                    state[f"out_head.{part}"] = state[f"tok_emb.{part}"]
+        result = super().load_state_dict(state, strict=strict, assign=assign)
+        if tied and state.get("out_head.qweight") is state.get("tok_emb.qweight"):
+            self.tie_head()
         return result
 
     def _fit_head(self, shape: tuple[int, ...], bias: bool) -> None:
@@ -334,7 +361,7 @@ class GPTModel(nn.Module):
         return head(x)
 
     def new_cache(self, batch: int, max_len: int | None = None) -> KVCache:
-        w = self.tok_emb.weight
+        w = self.pos_emb.weight  # the model's device and float dtype (tok_emb may be int8)
         return KVCache(self.cfg, batch, max_len or self.cfg.context_length, device=w.device, dtype=w.dtype)
 
 

@@ -3,12 +3,13 @@
 Both libraries hold the same random weights of the real 124M shape. Each case is warmed up, then run --reps
 times alternating the two libraries (so load changes hit both alike); the table shows medians and whether both
 produced the same tokens. Rows: fp32 greedy, beam search and prefill; bfloat16 greedy and prefill (both
-libraries in bf16); int8 weight-only greedy (against transformers in fp32, and against gpt2load's own fp32) with
-its fidelity to fp32 on a teacher-forced 512-token text; greedy over 8 left-padded prompts. Also the CPU, its
-flags that matter (AMX, AVX512-BF16, VNNI), the memory bandwidth, and each decoding row's share of the bound
-(weights read per step / bandwidth).
+libraries in bf16); int8 weight-only greedy (against transformers in fp32, and against gpt2load's own fp32)
+with its fidelity to fp32 on a teacher-forced 512-token text; greedy over 8 left-padded prompts; fp32 greedy
+and beam search at the 1558M shape (random weights written once to a temporary folder in transformers'
+layout, loaded by both libraries from there). Also the CPU, its flags that matter (AMX, AVX512-BF16, VNNI),
+the memory bandwidth, and each decoding row's share of the bound (weights read per step / bandwidth).
 
-    python scripts/bench.py generate [--reps 3] [--profile]
+    python scripts/bench.py generate [--reps 3] [--sizes 124M,1558M] [--profile]
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))  # the oracle: same weights in both
 
 from helpers import TOKENIZER_DIR  # noqa: E402
-from oracle import pair  # noqa: E402
+from oracle import hf_config, pair  # noqa: E402
 
 from gpt2load import generate, left_pad  # noqa: E402
 from gpt2load.beam import beam_search  # noqa: E402
@@ -87,23 +88,95 @@ def rss():
     fields = dict(ln.split(":", 1) for ln in open("/proc/self/status"))
     return int(fields["VmRSS"].split()[0]) * 1024
 before = rss()
-model = load_gpt2(sys.argv[1], device="cpu")
+model = load_gpt2(sys.argv[1], device="cpu", quantize=sys.argv[2] or None)
 generate(model, torch.tensor([[1, 2, 3]]), 5)
 print(rss() - before)
 """
 
 
-def resident_bytes(model, folder: Path) -> int:
+def resident_bytes(model, folder: Path, quantize: str = "") -> int:
     """How much a fresh process's resident memory grows to load `model` from gpt2load's own form (saved in
-    `folder`) and decode 5 tokens: the weights it really touches, memory-mapped or copied."""
+    `folder`, quantized on loading if `quantize`) and decode 5 tokens: the weights it really touches,
+    memory-mapped or copied, and the decoding's own buffers."""
     import subprocess
 
     from gpt2load import save_model
 
-    save_model(model, folder)
+    if not folder.exists():
+        save_model(model, folder)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    out = subprocess.run([sys.executable, "-c", _RSS_PROBE, str(folder)], capture_output=True, text=True, env=env)
+    cmd = [sys.executable, "-c", _RSS_PROBE, str(folder), quantize]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
     return int(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 else -1
+
+
+def held_bytes(model) -> int:
+    """Bytes of the model's parameters and buffers, each tensor once (a tied head shares the embedding's)."""
+    seen = {t.data_ptr(): t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()]}
+    return sum(seen.values())
+
+
+def big_pair(size: str, folder: Path):
+    """transformers and gpt2load models of `size` with the same random weights, written once to `folder` as a
+    transformers folder (safetensors) and loaded from there by each library (gpt2load through its cache)."""
+    from safetensors.torch import save_file
+    from transformers import GPT2LMHeadModel
+
+    from gpt2load import load_gpt2
+
+    cfg = GPTConfig.from_name(size)
+    hf_cfg = hf_config(cfg)
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in GPT2LMHeadModel(hf_cfg).state_dict().items()}
+    gen = torch.Generator().manual_seed(0)
+    tensors = {}
+    for name, shape in shapes.items():
+        if name == "lm_head.weight":
+            continue  # tied to wte
+        t = torch.randn(shape, generator=gen)
+        # as tests/oracle.py: nonzero biases and LayerNorms, a wide embedding so greedy choices are not near-ties
+        scale = 0.5 if name.endswith("wte.weight") else 0.1 if name.endswith("bias") or ".ln_" in name else 0.02
+        t.mul_(scale)
+        if ".ln_" in name and name.endswith("weight"):
+            t.add_(1.0)
+        tensors[name] = t
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    del tensors
+    hf_cfg.save_pretrained(folder)
+    hf = GPT2LMHeadModel.from_pretrained(folder).eval()
+    os.environ["GPT2LOAD_CACHE_DIR"] = str(folder / "cache")
+    return hf, load_gpt2(folder, device="cpu", quiet=True), cfg
+
+
+def big_rows(t: Table, size: str, n: int, nb: int, k: int) -> None:
+    """fp32 greedy and beam-search rows at `size`."""
+    with tempfile.TemporaryDirectory() as tmp:
+        hf, ours, cfg = big_pair(size, Path(tmp))
+        hf.generation_config.eos_token_id = None
+        hf.generation_config.pad_token_id = 0
+        prompt = torch.randint(0, cfg.vocab_size, (1, 10), generator=torch.Generator().manual_seed(1))
+        step_bytes = weight_bytes(ours)
+        t.case(
+            f"{size} fp32 greedy, {n} new tokens",
+            lambda: hf.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False, max_new_tokens=n),
+            lambda: generate(ours, prompt, n),
+            n,
+            "tok/s",
+            step_bytes,
+            n,
+        )
+        t.case(
+            f"{size} fp32 beam search, {k} beams, {nb} new tokens",
+            lambda: hf.generate(
+                prompt, attention_mask=torch.ones_like(prompt), do_sample=False, num_beams=k, max_new_tokens=nb
+            ),
+            lambda: beam_search(ours, prompt, nb, k, eos_id=None).sequences,
+            nb,
+            "tok/s",
+            step_bytes,
+            nb,
+        )
 
 
 def profile_decoding(model, idx, steps: int) -> None:
@@ -160,6 +233,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--beams", type=int, default=4)
     p.add_argument("--prefill", type=int, default=1000, help="prefill: prompt length")
     p.add_argument("--batch", type=int, default=8, help="prompts decoded together")
+    p.add_argument("--sizes", default="124M,1558M", help="124M rows always; 1558M adds its greedy and beam rows")
+    p.add_argument("--big-tokens", type=int, default=20, help="1558M rows: new tokens (greedy and beam)")
     p.add_argument("--profile", action="store_true", help="also profile gpt2load's decoding by operator")
     args = p.parse_args(argv)
 
@@ -228,12 +303,16 @@ def main(argv: list[str] | None = None) -> int:
         n,
         **base,
     )
+    for size in (s.strip() for s in args.sizes.split(",")):
+        if size not in ("124M", ""):
+            big_rows(t, size, args.big_tokens, args.big_tokens, k)
     top1, kl = fidelity(ours, ours8, text, entropy=3.0)
     top1_16, kl_16 = fidelity(ours, ours16, text, entropy=3.0)
 
     print(
         f"\ngpt2load vs transformers {transformers.__version__} (torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads, 124M shape, random weights, median of {args.reps} alternating runs; "
+        f"{torch.get_num_threads()} threads, 124M shape unless a row says otherwise, random weights, median of "
+        f"{args.reps} alternating runs; "
         f"1-minute load average before the run {load:.1f})\n"
     )
     print(f"CPU: {cpu}; " + ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in flags.items()))
@@ -253,16 +332,16 @@ def main(argv: list[str] | None = None) -> int:
         f"{top1:.1%}, mean KL(fp32 || int8) {kl:.4f} nats; bf16 {top1_16:.1%}, {kl_16:.4f} nats "
         "(random weights; both logits divided by the temperature giving fp32 a 3-nat mean entropy, as trained GPT-2)."
     )
-    held = sum(t.numel() * t.element_size() for t in ours8.state_dict().values())
-    fp32_all = sum(t.numel() * t.element_size() for t in ours.parameters())
+    held, fp32_all = held_bytes(ours8), held_bytes(ours)
     with tempfile.TemporaryDirectory() as tmp:
         rss8, rss32 = resident_bytes(ours8, Path(tmp) / "int8"), resident_bytes(ours, Path(tmp) / "fp32")
+        rss8q = resident_bytes(ours, Path(tmp) / "fp32", "int8")
     print(
-        f"int8 weights: {held / 1e6:.0f} MB held = {held / fp32_all:.2f}x fp32's {fp32_all / 1e6:.0f} MB (the "
-        f"float token embedding, {ours.tok_emb.weight.numel() * 4 / 1e6:.0f} MB, is kept: the head has its own "
-        f"int8 copy). Resident after loading the saved form and decoding 5 tokens (fresh process, growth of "
-        f"VmRSS): int8 {rss8 / 1e6:.0f} MB, fp32 {rss32 / 1e6:.0f} MB = {rss8 / rss32:.2f}x (the memory-mapped "
-        "embedding is paged in only for the rows looked up)."
+        f"int8 weights held: {held / 1e6:.0f} MB = {held / fp32_all:.2f}x fp32's {fp32_all / 1e6:.0f} MB (the tied "
+        "head and the token embedding share one int8 matrix). Resident-memory growth of a fresh process that "
+        f"loads and decodes 5 tokens: fp32 {rss32 / 1e6:.0f} MB; int8 saved form {rss8 / 1e6:.0f} MB = "
+        f"{rss8 / fp32_all:.2f}x fp32's weights; fp32 file quantized on loading {rss8q / 1e6:.0f} MB = "
+        f"{rss8q / fp32_all:.2f}x (growth includes decoding's buffers and torch's first-call allocations)."
     )
     if args.profile:
         profile_decoding(ours, prompt, 50)

@@ -10,7 +10,15 @@ from oracle import TINY, pair
 from torch import nn
 
 from gpt2load import Gpt2LoadError, export, generate, load_gpt2, save_model, train
-from gpt2load.quant import Int8Linear, dequantize_model, fidelity, quantization, quantize_model, quantize_weight
+from gpt2load.quant import (
+    Int8Embedding,
+    Int8Linear,
+    dequantize_model,
+    fidelity,
+    quantization,
+    quantize_model,
+    quantize_weight,
+)
 from gpt2load.stfile import read_header
 
 # The bounds the bench also reports on a 512-token text of the 124M shape.
@@ -33,8 +41,15 @@ def test_every_linear_and_the_head_become_int8(models):
     assert quantization(q) == "int8" and quantization(fp32) is None
     assert not any(type(m) is nn.Linear for m in q.modules())
     assert isinstance(q.out_head, Int8Linear) and q.out_head.qweight.dtype == torch.int8
-    assert q.tok_emb.weight.dtype == torch.float32  # embeddings stay float; the tied head got an int8 copy
-    assert torch.equal(q.tok_emb.weight, fp32.tok_emb.weight)
+    # the tied head and the token embedding share one int8 matrix; the position embedding stays float
+    assert isinstance(q.tok_emb, Int8Embedding) and q.head_tied
+    assert q.out_head.qweight is q.tok_emb.qweight and q.out_head.weight_scale is q.tok_emb.weight_scale
+    assert q.pos_emb.weight.dtype == torch.float32 and torch.equal(q.pos_emb.weight, fp32.pos_emb.weight)
+    idx = text(7)
+    with torch.inference_mode():  # a lookup is the dequantized row: within half a step of the float row
+        got, want = q.tok_emb(idx), fp32.tok_emb(idx)
+    step = q.tok_emb.weight_scale[idx][..., None]
+    assert got.dtype == torch.float32 and bool(((got - want).abs() <= step / 2 + 1e-6).all())
     float_bytes = sum(t.numel() * t.element_size() for t in fp32.parameters())
     int8_bytes = sum(t.numel() * t.element_size() for t in q.state_dict().values())
     assert int8_bytes < float_bytes  # (the tiny model is mostly embedding: the 124M ratio is in the bench)
@@ -76,7 +91,8 @@ def test_saved_int8_reloads_as_int8_with_the_same_outputs(models, tmp_path):
     header, meta = read_header(tmp_path / "q" / "model.safetensors")
     assert meta["quantized"] == "int8"
     assert header["trf_blocks.0.att.W_query.qweight"]["dtype"] == "I8"
-    assert header["out_head.qweight"]["dtype"] == "I8" and "trf_blocks.0.att.W_query.weight" not in header
+    assert header["tok_emb.qweight"]["dtype"] == "I8" and "trf_blocks.0.att.W_query.weight" not in header
+    assert "out_head.qweight" not in header and "tok_emb.weight" not in header  # the tied head: stored once
     back = load_gpt2(tmp_path / "q", device="cpu")
     assert quantization(back) == "int8"
     for (k, a), (k2, b) in zip(q.state_dict().items(), back.state_dict().items(), strict=True):
@@ -84,7 +100,8 @@ def test_saved_int8_reloads_as_int8_with_the_same_outputs(models, tmp_path):
     prompt = text(5, seed=2)
     assert torch.equal(generate(back, prompt, 10), generate(q, prompt, 10))
     bf16 = load_gpt2(tmp_path / "q", device="cpu", dtype="bfloat16")  # activations in bf16, weights int8
-    assert bf16.tok_emb.weight.dtype == torch.bfloat16 and bf16.out_head.qweight.dtype == torch.int8
+    assert bf16.pos_emb.weight.dtype == torch.bfloat16 and bf16.out_head.qweight.dtype == torch.int8
+    assert bf16.head_tied and bf16.tok_emb(prompt).dtype == torch.bfloat16
     assert generate(bf16, prompt, 3).shape == (1, 8)
 
 
@@ -134,3 +151,82 @@ def test_cli_generate_int8_and_convert_refusal(models, tmp_path):
     )
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "hf" / "config.json").is_file()
+
+
+def test_int8_files_of_gpt2load_0x_still_load(models, tmp_path):
+    """0.x files kept the float token embedding and gave the head its own int8 copy: they load as they are
+    (and save back in that form)."""
+    fp32, _ = models
+    old = quantize_model(copy.deepcopy(fp32), embedding=False)
+    assert type(old.tok_emb) is nn.Embedding and isinstance(old.out_head, Int8Linear) and not old.head_tied
+    save_model(old, tmp_path / "old")
+    header, meta = read_header(tmp_path / "old" / "model.safetensors")
+    assert header["tok_emb.weight"]["dtype"] == "F32" and header["out_head.qweight"]["dtype"] == "I8"
+    back = load_gpt2(tmp_path / "old", device="cpu")
+    assert type(back.tok_emb) is nn.Embedding and quantization(back) == "int8"
+    prompt = text(5, seed=4)
+    assert torch.equal(generate(back, prompt, 8), generate(old, prompt, 8))
+    save_model(back, tmp_path / "again")
+    assert read_header(tmp_path / "again" / "model.safetensors")[0].keys() == header.keys()
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_int8_classifier_and_untied_heads_round_trip(models, tmp_path, bias):
+    fp32, _ = models
+    for name, head in (("cls", nn.Linear(TINY.emb_dim, 3, bias=bias)), ("lm", None)):
+        m = copy.deepcopy(fp32)
+        if head is None:
+            m.untie_head()
+        else:
+            m.out_head = head
+        q = quantize_model(m)
+        assert not q.head_tied and isinstance(q.tok_emb, Int8Embedding)
+        save_model(q, tmp_path / f"{name}{bias}")
+        back = load_gpt2(tmp_path / f"{name}{bias}", device="cpu")
+        assert not back.head_tied and back.head_meta() == q.head_meta()
+        for (k, a), (k2, b) in zip(q.state_dict().items(), back.state_dict().items(), strict=True):
+            assert k == k2 and torch.equal(a, b), k
+        with torch.inference_mode():
+            assert torch.equal(back(text()), q(text()))
+
+
+def test_dequantized_tied_model_is_tied_again(models):
+    _, q = models
+    f = dequantize_model(copy.deepcopy(q))
+    assert quantization(f) is None and f.head_tied and type(f.tok_emb) is nn.Embedding
+    torch.testing.assert_close(f.tok_emb.weight, q.tok_emb.dequantized())
+
+
+def test_quantizing_a_loaded_model_lets_go_of_the_float_file(tmp_path):
+    """load_gpt2(quantize="int8") from a float file: the process holds about a quarter of the float bytes (the
+    float file's pages are released), measured as resident memory in a fresh process."""
+    import json
+    import subprocess
+    import sys
+
+    from gpt2load.config import GPTConfig
+
+    cfg = GPTConfig(vocab_size=50257, context_length=256, emb_dim=384, n_heads=6, n_layers=4)
+    _, big = pair(cfg, seed=0)
+    save_model(big, tmp_path / "f")
+    float_bytes = sum(p.numel() * 4 for p in big.parameters())
+    probe = (
+        "import json, sys, torch\n"
+        "from gpt2load import generate, load_gpt2\n"
+        "def rss():\n"
+        "    return int(dict(ln.split(':', 1) for ln in open('/proc/self/status'))['VmRSS'].split()[0]) * 1024\n"
+        "before = rss()\n"
+        "m = load_gpt2(sys.argv[1], device='cpu', quantize=sys.argv[2] or None)\n"
+        "loaded = rss() - before\n"
+        "generate(m, torch.tensor([[1, 2, 3]]), 4)\n"
+        "print(json.dumps([loaded, rss() - before]))\n"
+    )
+    grown = {}
+    for kind in ("", "int8"):
+        out = subprocess.run([sys.executable, "-c", probe, str(tmp_path / "f"), kind], capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr
+        grown[kind] = json.loads(out.stdout.strip().splitlines()[-1])
+    assert grown[""][1] > 0.8 * float_bytes  # decoding touches every float weight: the probe sees them
+    # int8 weights are a quarter of float32's (+ a little allocator slack); float pages are not kept
+    assert grown["int8"][0] < 0.4 * float_bytes, (grown, float_bytes)
+    assert grown["int8"][1] < 0.5 * grown[""][1], (grown, float_bytes)

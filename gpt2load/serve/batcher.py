@@ -37,7 +37,7 @@ class SlotCache:
     """
 
     def __init__(self, model: GPTModel, rows: int) -> None:
-        cfg, w = model.cfg, model.tok_emb.weight
+        cfg, w = model.cfg, model.pos_emb.weight  # device and float dtype (tok_emb may be int8)
         self.shape = (rows, cfg.n_heads, 0, cfg.emb_dim // cfg.n_heads)
         self.n_layers, self.limit, self.device, self.dtype = cfg.n_layers, cfg.context_length, w.device, w.dtype
         self.k: list[torch.Tensor] = []
