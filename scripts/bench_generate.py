@@ -70,14 +70,15 @@ def cpu_info() -> tuple[str, dict[str, bool]]:
 
 
 def weight_bytes(model) -> int:
-    """Bytes one decoding step reads: every weight but the embeddings (one row each is looked up)."""
+    """Bytes one decoding step reads: every weight but the float embeddings (one row each is looked up); the
+    head's matrix, tied or not (an int8 model's tok_emb.qweight is the head's)."""
     seen = {}
     for name, t in [*model.named_parameters(), *model.named_buffers()]:
-        if not name.endswith("_emb.weight"):
+        if name not in ("tok_emb.weight", "pos_emb.weight"):
             seen[t.data_ptr()] = t.numel() * t.element_size()
-    head = model.out_head
-    if getattr(head, "weight", None) is model.tok_emb.weight:  # the tied head reads the embedding matrix
-        seen[head.weight.data_ptr()] = head.weight.numel() * head.weight.element_size()
+    w = getattr(model.out_head, "weight", None)
+    if w is not None:
+        seen[w.data_ptr()] = w.numel() * w.element_size()
     return sum(seen.values())
 
 
@@ -89,15 +90,16 @@ def rss():
     return int(fields["VmRSS"].split()[0]) * 1024
 before = rss()
 model = load_gpt2(sys.argv[1], device="cpu", quantize=sys.argv[2] or None)
+loaded = rss() - before
 generate(model, torch.tensor([[1, 2, 3]]), 5)
-print(rss() - before)
+print(loaded, rss() - before)
 """
 
 
-def resident_bytes(model, folder: Path, quantize: str = "") -> int:
+def resident_bytes(model, folder: Path, quantize: str = "") -> tuple[int, int]:
     """How much a fresh process's resident memory grows to load `model` from gpt2load's own form (saved in
-    `folder`, quantized on loading if `quantize`) and decode 5 tokens: the weights it really touches,
-    memory-mapped or copied, and the decoding's own buffers."""
+    `folder`, quantized on loading if `quantize`), then to decode 5 tokens: the weights it really touches,
+    memory-mapped (paged in when used) or copied, and then also decoding's own buffers."""
     import subprocess
 
     from gpt2load import save_model
@@ -107,7 +109,10 @@ def resident_bytes(model, folder: Path, quantize: str = "") -> int:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, "-c", _RSS_PROBE, str(folder), quantize]
     out = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    return int(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 else -1
+    if out.returncode:
+        return -1, -1
+    loaded, decoded = out.stdout.strip().splitlines()[-1].split()
+    return int(loaded), int(decoded)
 
 
 def held_bytes(model) -> int:
@@ -215,7 +220,7 @@ class Table:
 
     def print(self) -> None:
         print(
-            "| case | transformers | gpt2load | vs transformers | vs gpt2load fp32 batch 1 | same tokens | "
+            "| case | transformers | gpt2load | vs transformers | vs base (see below) | same tokens | "
             "share of bandwidth bound (memcpy GB/s then) |"
         )
         print("|---|---:|---:|---:|---:|:---:|---:|")
@@ -235,6 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=8, help="prompts decoded together")
     p.add_argument("--sizes", default="124M,1558M", help="124M rows always; 1558M adds its greedy and beam rows")
     p.add_argument("--big-tokens", type=int, default=20, help="1558M rows: new tokens (greedy and beam)")
+    p.add_argument("--baseline", metavar="REV", help="also time gpt2load at git revision REV in the fp32 rows")
     p.add_argument("--profile", action="store_true", help="also profile gpt2load's decoding by operator")
     args = p.parse_args(argv)
 
@@ -269,7 +275,17 @@ def main(argv: list[str] | None = None) -> int:
         )
 
     base = {"base_fn": greedy(hf, ours)[1], "base_work": n}  # gpt2load fp32 batch 1, timed within the row
-    t.case(f"fp32 greedy, {n} new tokens", *greedy(hf, ours), n, "tok/s", fp32_bytes, n)
+    old = {}  # the fp32 rows' base: gpt2load at --baseline, on the same weights
+    if args.baseline:
+        from bench_baseline import baseline_model
+
+        pkg, old_model = baseline_model(args.baseline, ours)
+        old = {
+            "greedy": {"base_fn": lambda: pkg.generate(old_model, prompt, n), "base_work": n},
+            "beam": {"base_fn": lambda: pkg.beam_search(old_model, prompt, nb, k, eos_id=None)[0], "base_work": nb},
+            "prefill": {"base_fn": lambda: pkg.generate(old_model, long_prompt, 1), "base_work": P},
+        }
+    t.case(f"fp32 greedy, {n} new tokens", *greedy(hf, ours), n, "tok/s", fp32_bytes, n, **old.get("greedy", {}))
     t.case(
         f"fp32 beam search, {k} beams, {nb} new tokens",
         lambda: hf.generate(prompt, attention_mask=ones(prompt), do_sample=False, num_beams=k, max_new_tokens=nb),
@@ -278,8 +294,15 @@ def main(argv: list[str] | None = None) -> int:
         "tok/s",
         fp32_bytes,
         nb,
+        **old.get("beam", {}),
     )
-    t.case(f"fp32 prefill, {P}-token prompt", *greedy(hf, ours, long_prompt, 1), P, "prompt tok/s")
+    t.case(
+        f"fp32 prefill, {P}-token prompt",
+        *greedy(hf, ours, long_prompt, 1),
+        P,
+        "prompt tok/s",
+        **old.get("prefill", {}),
+    )
     t.case(f"bf16 greedy, {n} new tokens", *greedy(hf16, ours16), n, "tok/s", bf16_bytes, n, **base)
     t.case(
         f"bf16 prefill, {P}-token prompt",
@@ -324,8 +347,9 @@ def main(argv: list[str] | None = None) -> int:
     t.print()
     print(
         f"\nWeights read per decoding step: fp32 {fp32_bytes / 1e6:.0f} MB, bf16 {bf16_bytes / 1e6:.0f} MB, int8 "
-        f"{int8_bytes / 1e6:.0f} MB. 'vs gpt2load fp32 batch 1' is timed in the same row (tokens/s over tokens/s; "
-        "for bf16 prefill, over gpt2load's fp32 prefill)."
+        f"{int8_bytes / 1e6:.0f} MB. 'vs base' is timed in the same row (tokens/s over tokens/s): for bf16, int8 and "
+        "batch rows the base is gpt2load's fp32 batch-1 greedy (for bf16 prefill, its fp32 prefill)"
+        + (f"; for the 124M fp32 rows, gpt2load at {args.baseline} on the same weights." if args.baseline else ".")
     )
     print(
         f"Fidelity to fp32, teacher-forced on {text.shape[1]} tokens of README.md: int8 top-1 agreement "
@@ -338,10 +362,11 @@ def main(argv: list[str] | None = None) -> int:
         rss8q = resident_bytes(ours, Path(tmp) / "fp32", "int8")
     print(
         f"int8 weights held: {held / 1e6:.0f} MB = {held / fp32_all:.2f}x fp32's {fp32_all / 1e6:.0f} MB (the tied "
-        "head and the token embedding share one int8 matrix). Resident-memory growth of a fresh process that "
-        f"loads and decodes 5 tokens: fp32 {rss32 / 1e6:.0f} MB; int8 saved form {rss8 / 1e6:.0f} MB = "
-        f"{rss8 / fp32_all:.2f}x fp32's weights; fp32 file quantized on loading {rss8q / 1e6:.0f} MB = "
-        f"{rss8q / fp32_all:.2f}x (growth includes decoding's buffers and torch's first-call allocations)."
+        "head and the token embedding share one int8 matrix). Resident-memory growth of a fresh process, after "
+        f"loading int8: {rss8[0] / 1e6:.0f} MB from the saved int8 form = {rss8[0] / fp32_all:.2f}x fp32's weights, "
+        f"{rss8q[0] / 1e6:.0f} MB quantizing the fp32 file on loading = {rss8q[0] / fp32_all:.2f}x; after decoding "
+        f"5 tokens (decoding's own buffers added): fp32 {rss32[1] / 1e6:.0f} MB, int8 {rss8[1] / 1e6:.0f} and "
+        f"{rss8q[1] / 1e6:.0f} MB."
     )
     if args.profile:
         profile_decoding(ours, prompt, 50)
