@@ -127,9 +127,10 @@ def left_pad(
 
 
 @contextmanager
-def inference(model: nn.Module) -> Iterator[None]:
-    """No gradients and no dropout for the duration; the modules' train/eval modes are restored after."""
-    modes = [(m, True) for m in model.modules() if m.training]  # the modules to put back in training mode
+def inference(model: nn.Module, modules: Sequence[nn.Module] | None = None) -> Iterator[None]:
+    """No gradients and no dropout for the duration; the modules' train/eval modes are restored after.
+    `modules`: `list(model.modules())` when the caller holds it (a decoder, once per generation, not per step)."""
+    modes = [(m, True) for m in (model.modules() if modules is None else modules) if m.training]
     try:
         if modes:  # model.eval() walks every module with Python calls: skip it when all are in eval mode
             model.eval()
@@ -149,6 +150,7 @@ class _Rows:
 
     def __init__(self, model: nn.Module, idx: torch.Tensor, context_size: int | None) -> None:
         self.model = model
+        self.modules = list(model.modules())  # walked at each step for train/eval modes: listed once
         self.window = check_context(model, context_size)
         self.seq = idx.clone()
         self.length = idx.shape[1]  # columns of `seq` filled
@@ -184,7 +186,7 @@ class WindowDecoder(_Rows):
         self.logits = self._run()
 
     def _run(self) -> torch.Tensor:
-        with inference(self.model):
+        with inference(self.model, self.modules):
             out = self.model(self.seq[:, max(0, self.length - self.window) : self.length])
         return out[:, -1].float()
 
@@ -226,7 +228,7 @@ class CachedDecoder(_Rows):
         self.logits = self._encode(P - kept)
 
     def _call(self, chunk: torch.Tensor, **kw) -> torch.Tensor:
-        with inference(self.model):
+        with inference(self.model, self.modules):
             out = self.model(chunk, cache=self.cache, last_only=True, **kw)
         return out[:, -1].float()
 

@@ -20,6 +20,7 @@ import torch
 from .build import dtype_name
 from .errors import Gpt2LoadError
 from .model import GPTModel
+from .quant import refuse_quantized
 from .stfile import atomic_path
 from .tokenizer import EOT, EOT_ID, find_tokenizer_files, read_ranks
 
@@ -131,7 +132,13 @@ def gguf_tensor_parts(model: GPTModel) -> Iterator[tuple[str, list[torch.Tensor]
 
 
 def check_exportable(model: GPTModel) -> None:
-    """Refuse models llama.cpp's gpt2 architecture cannot run: a head that does not predict the vocabulary."""
+    """Refuse models llama.cpp's gpt2 architecture cannot run: a head that does not predict the vocabulary;
+    and gpt2load's int8 weights, which are not a GGUF type."""
+    refuse_quantized(
+        model,
+        "GGUF files do not hold in gpt2load's form",
+        "export with dequantize=True (--dequantize), or from the float model with --dtype q8_0",
+    )
     rows = model.out_head.weight.shape[0]
     if rows != model.cfg.vocab_size or getattr(model.out_head, "bias", None) is not None:
         raise Gpt2LoadError(

@@ -24,17 +24,15 @@ def _no_global_hooks() -> bool:
     return not (
         _module._global_forward_hooks
         or _module._global_forward_pre_hooks
-        or _module._global_backward_hooks
         or getattr(_module, "_global_forward_hooks_always_called", None)
     )
 
 
 def is_stock(modules: Iterable[nn.Module], types: Iterable[type]) -> bool:
-    """True when each module is exactly of its type (not a subclass, not a replacement) and has no hooks."""
+    """True when each module is exactly of its type (not a subclass, not a replacement) and no forward hook is
+    registered on it or globally. (Backward hooks do not matter: fast paths run only without autograd.)"""
     for m, cls in zip(modules, types, strict=True):
-        if type(m) is not cls or m._forward_hooks or m._forward_pre_hooks or m._backward_hooks:
-            return False
-        if getattr(m, "_backward_pre_hooks", None):
+        if type(m) is not cls or m._forward_hooks or m._forward_pre_hooks:
             return False
     return _no_global_hooks()
 
@@ -50,8 +48,11 @@ def _plain(x, w, b, gelu=False):
 
 
 def _onednn(x, w, b, gelu=False):
-    op = torch.ops.mkldnn._linear_pointwise
+    op = _ops.get("linear") or _ops.setdefault("linear", torch.ops.mkldnn._linear_pointwise)  # looked up once
     return op(x, w, b, "gelu", [], "tanh") if gelu else op(x, w, b, "none", [], "")
+
+
+_ops: dict[str, Callable] = {}
 
 
 @functools.cache
@@ -78,13 +79,19 @@ def _rows_bucket(rows: int) -> int:
     return 1 if rows <= 1 else 16 if rows <= 16 else 256 if rows <= 256 else 4096
 
 
-def _seconds(fn, reps: int = 3) -> float:
-    fn()  # warm-up: first calls allocate and pack
+_COLD_BYTES = 48 << 20  # weights timed in turn until this much: more than the caches hold, as in decoding
+
+
+def _seconds(fn, weights: list[torch.Tensor], reps: int = 2) -> float:
+    """Best time of `reps` passes calling `fn` on each of `weights` in turn, after a pass of warm-up (the first
+    call allocates and packs)."""
     best = float("inf")
-    for _ in range(reps):
+    for rep in range(reps + 1):
         start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
+        for w in weights:
+            fn(w)
+        if rep:
+            best = min(best, time.perf_counter() - start)
     return best
 
 
@@ -93,9 +100,14 @@ _chosen: dict[tuple, Callable] = {}  # (dtype, rows bucket, weight shape, bias, 
 
 def _calibrated(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, gelu: bool) -> Callable:
     """The faster of F.linear and oneDNN on this shape at this thread count, measured once per process; oneDNN
-    only if it also agrees with F.linear on this very input."""
-    key = (x.dtype, _rows_bucket(x.numel() // x.shape[-1]), tuple(w.shape), b is not None, gelu)
-    key += (torch.get_num_threads(),)
+    only if it also agrees with F.linear on this very input.
+
+    Decoding reads every weight from memory at each step (a model does not fit in the caches), and which kernel
+    streams a weight faster is not which one wins on a weight already in cache: for up to 16 rows, each kernel is
+    timed over copies of the weight that together exceed the caches. With more rows the arithmetic dominates
+    and the weight itself is timed."""
+    rows = _rows_bucket(x.numel() // x.shape[-1])
+    key = (x.dtype, rows, w.shape, b is None, gelu, torch.get_num_threads())
     kernel = _chosen.get(key)
     if kernel is None:
         kernel = _plain
@@ -103,9 +115,12 @@ def _calibrated(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, gelu: 
             ref, got = _plain(x, w, b, gelu), _onednn(x, w, b, gelu)
             tol = 1e-4 if x.dtype == torch.float32 else 5e-2
             if torch.allclose(got.float(), ref.float(), atol=tol, rtol=tol):
-                t_plain = _seconds(lambda: _plain(x, w, b, gelu))
-                if _seconds(lambda: _onednn(x, w, b, gelu)) < t_plain:
+                size = w.numel() * w.element_size()
+                weights = [w] + [w.clone() for _ in range(min(31, _COLD_BYTES // size) if rows <= 16 else 0)]
+                t_plain = _seconds(lambda m: _plain(x, m, b, gelu), weights)
+                if _seconds(lambda m: _onednn(x, m, b, gelu), weights) < t_plain:
                     kernel = _onednn
+                del weights
         except RuntimeError:
             pass
         _chosen[key] = kernel
@@ -115,10 +130,16 @@ def _calibrated(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, gelu: 
 def onednn_setting() -> str:
     """GPT2LOAD_ONEDNN, read at each call: "0" never uses oneDNN's private op, "1" always (where it works),
     unset or "auto" measures both per shape."""
-    value = os.environ.get("GPT2LOAD_ONEDNN", "auto").strip().lower() or "auto"
+    raw = os.environ.get("GPT2LOAD_ONEDNN")
+    if raw is None:
+        return "auto"
+    value = raw.strip().lower() or "auto"
     if value not in ("0", "1", "auto"):
         raise Gpt2LoadError(f"GPT2LOAD_ONEDNN={value!r} is not 0, 1 or auto: set one of them, or unset it")
     return value
+
+
+_FAST_DTYPES = (torch.float32, torch.bfloat16)
 
 
 def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, gelu: bool = False) -> torch.Tensor:
@@ -126,17 +147,21 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, gelu: bool 
 
     On CPU, oneDNN's matmul reads the [out, in] weights of nn.Linear at close to memory bandwidth on some CPUs
     and not on others, so it is chosen by measuring (see `onednn_setting`); it is a private op, so it is also
-    checked against `F.linear` before it is used.
+    checked against `F.linear` before it is used. Decoding calls this about 50 times per token: the checks are
+    kept to a few attribute reads (on a 2-vCPU machine, Python work between two matmuls costs more than itself,
+    as torch's idle worker thread is descheduled meanwhile).
     """
-    if x.device.type != "cpu" or w.dtype != x.dtype or not onednn_works(x.dtype):
+    dtype = x.dtype
+    if dtype not in _FAST_DTYPES or w.dtype is not dtype or not x.is_cpu or not onednn_works(dtype):
         return _plain(x, w, b, gelu)
     setting = onednn_setting()
     if setting == "0":
         return _plain(x, w, b, gelu)
+    if x.dim() == 3 and x.shape[0] == 1:  # [1, T, in]: one product as it is
+        return (_onednn if setting == "1" else _calibrated(x, w, b, gelu))(x, w, b, gelu)
     # As one [rows, in] matrix: oneDNN may otherwise treat [B, 1, in] as B products that each read the weight.
     flat = x.reshape(-1, x.shape[-1])
-    fn = _onednn if setting == "1" else _calibrated(flat, w, b, gelu)
-    y = fn(flat, w, b, gelu)
+    y = (_onednn if setting == "1" else _calibrated(flat, w, b, gelu))(flat, w, b, gelu)
     return y.view(*x.shape[:-1], y.shape[-1])
 
 

@@ -9,7 +9,7 @@ from helpers import assert_clean_error, run_cli
 from oracle import TINY, pair
 from torch import nn
 
-from gpt2load import Gpt2LoadError, export, generate, load_gpt2, save_model, train
+from gpt2load import Gpt2LoadError, export, export_gguf, generate, load_gpt2, save_model, train
 from gpt2load.quant import (
     Int8Embedding,
     Int8Linear,
@@ -125,10 +125,13 @@ def test_quantized_model_refuses_training(models):
 
 def test_exports_refuse_int8_unless_dequantized(models, tmp_path):
     fp32, q = models
-    for to in ("hf", "pth"):
+    for to in ("hf", "pth", "gguf"):
         with pytest.raises(Gpt2LoadError, match="int8 .*dequantize"):
             export(q, to, tmp_path / f"{to}-out")
         assert not (tmp_path / f"{to}-out").exists()
+    with pytest.raises(Gpt2LoadError, match="int8 .*dequantize"):
+        export_gguf(q, tmp_path / "direct.gguf")
+    assert not (tmp_path / "direct.gguf").exists()
     out = export(q, "pth", tmp_path / "m.pth", dequantize=True)
     back = load_gpt2(out, device="cpu", n_heads=TINY.n_heads)
     assert quantization(back) is None and quantization(q) == "int8"  # the model itself is unchanged
