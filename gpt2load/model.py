@@ -199,7 +199,7 @@ class TransformerBlock(nn.Module):
             # Stock children without hooks, no dropout at inference: their forwards directly, without the
             # module-call machinery (a few microseconds each, a tenth of a decoding step over all layers).
             h = self.att.forward(self.norm1.forward(x), cache, layer, attn_mask, last_only)
-            x = x[:, -h.shape[1] :] + h
+            x = (x if h.shape[1] == x.shape[1] else x[:, -h.shape[1] :]) + h
             return x + self.ff.forward(self.norm2.forward(x))
         h = self.norm1(x)
         # last_only is passed only when used, so a user's attention module with the book's signature still works

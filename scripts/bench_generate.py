@@ -362,11 +362,11 @@ def main(argv: list[str] | None = None) -> int:
         rss8q = resident_bytes(ours, Path(tmp) / "fp32", "int8")
     print(
         f"int8 weights held: {held / 1e6:.0f} MB = {held / fp32_all:.2f}x fp32's {fp32_all / 1e6:.0f} MB (the tied "
-        "head and the token embedding share one int8 matrix). Resident-memory growth of a fresh process, after "
-        f"loading int8: {rss8[0] / 1e6:.0f} MB from the saved int8 form = {rss8[0] / fp32_all:.2f}x fp32's weights, "
-        f"{rss8q[0] / 1e6:.0f} MB quantizing the fp32 file on loading = {rss8q[0] / fp32_all:.2f}x; after decoding "
-        f"5 tokens (decoding's own buffers added): fp32 {rss32[1] / 1e6:.0f} MB, int8 {rss8[1] / 1e6:.0f} and "
-        f"{rss8q[1] / 1e6:.0f} MB."
+        "head and the token embedding share one int8 matrix). Resident-memory growth of a fresh process: "
+        f"quantizing the fp32 file on loading, {rss8q[0] / 1e6:.0f} MB once loaded = {rss8q[0] / fp32_all:.2f}x fp32's "
+        f"weights; after decoding 5 tokens (decoding's own buffers added, the same in each): fp32 "
+        f"{rss32[1] / 1e6:.0f} MB, int8 from its saved form {rss8[1] / 1e6:.0f} MB = {rss8[1] / rss32[1]:.2f}x, "
+        f"int8 quantized on loading {rss8q[1] / 1e6:.0f} MB = {rss8q[1] / rss32[1]:.2f}x."
     )
     if args.profile:
         profile_decoding(ours, prompt, 50)
