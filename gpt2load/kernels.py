@@ -147,22 +147,42 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, gelu: bool 
 
     On CPU, oneDNN's matmul reads the [out, in] weights of nn.Linear at close to memory bandwidth on some CPUs
     and not on others, so it is chosen by measuring (see `onednn_setting`); it is a private op, so it is also
-    checked against `F.linear` before it is used. Decoding calls this about 50 times per token: the checks are
-    kept to a few attribute reads (on a 2-vCPU machine, Python work between two matmuls costs more than itself,
-    as torch's idle worker thread is descheduled meanwhile).
+    checked against `F.linear` before it is used. Decoding calls this about 50 times per token, so the choice
+    is remembered per weight, input shape and setting: on a 2-vCPU machine Python work between two matmuls
+    costs more than itself (torch's idle worker thread is descheduled meanwhile).
     """
+    key = (w.data_ptr(), w.shape, w.dtype, x.shape, x.dtype, x.is_cpu, b is None, gelu)
+    key += (os.environ.get("GPT2LOAD_ONEDNN"), torch.get_num_threads())
+    fn = _resolved.get(key)
+    if fn is None:
+        if len(_resolved) > 4096:  # many shapes (prompts of every length): start over
+            _resolved.clear()
+        fn = _resolved[key] = _resolve(x, w, b, gelu)
+    return fn(x, w, b, gelu)
+
+
+_resolved: dict[tuple, Callable] = {}
+
+
+def _resolve(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, gelu: bool) -> Callable:
+    """The kernel `linear` uses for these operands (they are not kept: only their shapes and dtypes matter)."""
     dtype = x.dtype
     if dtype not in _FAST_DTYPES or w.dtype is not dtype or not x.is_cpu or not onednn_works(dtype):
-        return _plain(x, w, b, gelu)
+        return _plain
     setting = onednn_setting()
     if setting == "0":
-        return _plain(x, w, b, gelu)
+        return _plain
     if x.dim() == 3 and x.shape[0] == 1:  # [1, T, in]: one product as it is
-        return (_onednn if setting == "1" else _calibrated(x, w, b, gelu))(x, w, b, gelu)
+        return _onednn if setting == "1" else _calibrated(x, w, b, gelu)
     # As one [rows, in] matrix: oneDNN may otherwise treat [B, 1, in] as B products that each read the weight.
     flat = x.reshape(-1, x.shape[-1])
-    y = (_onednn if setting == "1" else _calibrated(flat, w, b, gelu))(flat, w, b, gelu)
-    return y.view(*x.shape[:-1], y.shape[-1])
+    kernel = _onednn if setting == "1" else _calibrated(flat, w, b, gelu)
+
+    def flattened(x, w, b, gelu):
+        y = kernel(x.reshape(-1, x.shape[-1]), w, b, gelu)
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+    return flattened
 
 
 @functools.cache
