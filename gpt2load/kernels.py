@@ -148,10 +148,10 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, gelu: bool 
     On CPU, oneDNN's matmul reads the [out, in] weights of nn.Linear at close to memory bandwidth on some CPUs
     and not on others, so it is chosen by measuring (see `onednn_setting`); it is a private op, so it is also
     checked against `F.linear` before it is used. Decoding calls this about 50 times per token, so the choice
-    is remembered per weight, input shape and setting: on a 2-vCPU machine Python work between two matmuls
+    is remembered per weight shape, input shape and setting: on a 2-vCPU machine Python work between two matmuls
     costs more than itself (torch's idle worker thread is descheduled meanwhile).
     """
-    key = (w.data_ptr(), w.shape, w.dtype, x.shape, x.dtype, x.is_cpu, b is None, gelu)
+    key = (w.shape, w.dtype, x.shape, x.dtype, x.is_cpu, b is None, gelu)
     key += (os.environ.get("GPT2LOAD_ONEDNN"), torch.get_num_threads())
     fn = _resolved.get(key)
     if fn is None:

@@ -6,8 +6,10 @@ decoding speed is measured on this machine rather than read off an older table f
 
 from __future__ import annotations
 
+import atexit
 import importlib
 import io
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -15,6 +17,8 @@ import tempfile
 from pathlib import Path
 
 import torch
+
+from gpt2load import generate
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -34,7 +38,9 @@ def import_revision(rev: str, folder: Path):
 def baseline_model(rev: str, model, folder: Path | None = None):
     """(gpt2load_base, its GPTModel holding `model`'s weights). Raises if that model does not decode the same
     greedy tokens as `model` (then the comparison would not be of equal work)."""
-    folder = Path(folder or tempfile.mkdtemp(prefix="gpt2load-base-"))
+    if folder is None:
+        folder = Path(tempfile.mkdtemp(prefix="gpt2load-base-"))
+        atexit.register(shutil.rmtree, folder, True)
     base = import_revision(rev, folder)
     cfg = base.GPTConfig(**{k: getattr(model.cfg, k) for k in base.GPTConfig.__dataclass_fields__})
     old = base.GPTModel(cfg).eval()
@@ -42,15 +48,9 @@ def baseline_model(rev: str, model, folder: Path | None = None):
     state.setdefault("out_head.weight", state["tok_emb.weight"])
     old.load_state_dict(state, strict=False)
     prompt = torch.arange(1, 9)[None]
-    if not torch.equal(base.generate(old, prompt, 8), _current_generate()(model, prompt, 8)):
+    if not torch.equal(base.generate(old, prompt, 8), generate(model, prompt, 8)):
         raise RuntimeError(f"gpt2load at {rev} decodes other tokens from the same weights: not comparable")
     return base, old
-
-
-def _current_generate():
-    from gpt2load import generate
-
-    return generate
 
 
 __all__ = ["baseline_model", "import_revision"]
