@@ -55,6 +55,39 @@ def _onednn(x, w, b, gelu=False):
 _ops: dict[str, Callable] = {}
 
 
+def split_pieces(out: int, threads: int) -> int:
+    """How many row blocks `_split` cuts an [out, in] weight into: a multiple of the thread count that divides
+    `out` if one does (up to 8 per thread), else two per thread and a remainder; 0 when blocks would be tiny."""
+    step = max(threads, 1)
+    for s in range(step, 8 * step + 1, step):
+        if s >= 2 and out % s == 0 and out // s >= 64:
+            return s
+    s = max(2, 2 * step)
+    return s if out // s >= 64 else 0
+
+
+def _split(x, w, b, gelu=False):
+    """x [M, in] times w [out, in].T as a batch of matrix-vector products over row blocks of w (torch.bmm).
+
+    Batched, each thread streams its own blocks of the weight with a matrix-vector kernel: for a few rows this
+    reads weights at close to memory bandwidth, where `F.linear` (a matrix-matrix kernel) and oneDNN's op
+    reach about half and three quarters of it on some CPUs. Rows past the last whole block go through F.linear.
+    """
+    (out, d), M = w.shape, x.shape[0]
+    s = split_pieces(out, torch.get_num_threads())
+    o = out // s
+    main = o * s
+    xt = x.t().expand(s, d, M)  # the same x for every block, without copies
+    blocks = w[:main].view(s, o, d)
+    y = torch.bmm(blocks, xt) if b is None else torch.baddbmm(b[:main].view(s, o, 1), blocks, xt)
+    y = y.view(main, M).t()
+    if main < out:
+        y = torch.cat((y, F.linear(x, w[main:], None if b is None else b[main:])), 1)
+    elif M > 1:
+        y = y.contiguous()
+    return F.gelu(y, approximate="tanh") if gelu else y
+
+
 @functools.cache
 def onednn_works(dtype: torch.dtype) -> bool:
     """Whether oneDNN's private matmul op exists here and agrees with `F.linear` on a small case."""
@@ -95,31 +128,36 @@ def _seconds(fn, weights: list[torch.Tensor], reps: int = 2) -> float:
     return best
 
 
-_chosen: dict[tuple, Callable] = {}  # (dtype, rows bucket, weight shape, bias, gelu, threads) -> kernel
+_chosen: dict[tuple, Callable] = {}  # (kernels, dtype, rows bucket, weight shape, bias, gelu, threads) -> kernel
 
 
-def _calibrated(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, gelu: bool) -> Callable:
-    """The faster of F.linear and oneDNN on this shape at this thread count, measured once per process; oneDNN
-    only if it also agrees with F.linear on this very input.
+def _calibrated(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, gelu: bool, kernels: tuple) -> Callable:
+    """The fastest of `kernels` (F.linear first) on this shape at this thread count, measured once per process;
+    another kernel only if it also agrees with F.linear on this very input.
 
     Decoding reads every weight from memory at each step (a model does not fit in the caches), and which kernel
     streams a weight faster is not which one wins on a weight already in cache: for up to 16 rows, each kernel is
     timed over copies of the weight that together exceed the caches. With more rows the arithmetic dominates
     and the weight itself is timed."""
     rows = _rows_bucket(x.numel() // x.shape[-1])
-    key = (x.dtype, rows, w.shape, b is None, gelu, torch.get_num_threads())
+    key = (kernels, x.dtype, rows, w.shape, b is None, gelu, torch.get_num_threads())
     kernel = _chosen.get(key)
     if kernel is None:
         kernel = _plain
         try:
-            ref, got = _plain(x, w, b, gelu), _onednn(x, w, b, gelu)
+            ref = _plain(x, w, b, gelu)
             tol = 1e-4 if x.dtype == torch.float32 else 5e-2
-            if torch.allclose(got.float(), ref.float(), atol=tol, rtol=tol):
+            agree = [
+                k for k in kernels[1:] if torch.allclose(k(x, w, b, gelu).float(), ref.float(), atol=tol, rtol=tol)
+            ]
+            if agree:
                 size = w.numel() * w.element_size()
                 weights = [w] + [w.clone() for _ in range(min(31, _COLD_BYTES // size) if rows <= 16 else 0)]
-                t_plain = _seconds(lambda m: _plain(x, m, b, gelu), weights)
-                if _seconds(lambda m: _onednn(x, m, b, gelu), weights) < t_plain:
-                    kernel = _onednn
+                best = _seconds(lambda m: _plain(x, m, b, gelu), weights)
+                for k in agree:
+                    t = _seconds(lambda m, k=k: k(x, m, b, gelu), weights)
+                    if t < best:
+                        kernel, best = k, t
                 del weights
         except RuntimeError:
             pass
@@ -127,9 +165,29 @@ def _calibrated(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, gelu: 
     return kernel
 
 
+_KERNELS = {"plain": _plain, "onednn": _onednn, "split": _split}
+
+
+def matmul_setting() -> str:
+    """The kernel choice the environment asks for, read at each call: GPT2LOAD_MATMUL=plain|onednn|split forces
+    one (where it works), GPT2LOAD_ONEDNN=0 never uses oneDNN's private op and =1 always does; otherwise
+    (unset, "auto") every kernel is measured per shape. Returns "auto", "no-onednn" or a kernel's name."""
+    forced = os.environ.get("GPT2LOAD_MATMUL", "").strip().lower() or "auto"
+    if forced not in ("auto", *_KERNELS):
+        raise Gpt2LoadError(
+            f"GPT2LOAD_MATMUL={forced!r} is not one of auto, plain, onednn, split: set one of them, or unset it"
+        )
+    onednn = onednn_setting()
+    if forced != "auto":
+        if (onednn == "0" and forced == "onednn") or (onednn == "1" and forced != "onednn"):
+            raise Gpt2LoadError(f"GPT2LOAD_MATMUL={forced} contradicts GPT2LOAD_ONEDNN={onednn}: unset one of them")
+        return forced
+    return {"0": "no-onednn", "1": "onednn"}.get(onednn, "auto")
+
+
 def onednn_setting() -> str:
     """GPT2LOAD_ONEDNN, read at each call: "0" never uses oneDNN's private op, "1" always (where it works),
-    unset or "auto" measures both per shape."""
+    unset or "auto" measures it against the other kernels per shape."""
     raw = os.environ.get("GPT2LOAD_ONEDNN")
     if raw is None:
         return "auto"
@@ -145,14 +203,14 @@ _FAST_DTYPES = (torch.float32, torch.bfloat16)
 def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, gelu: bool = False) -> torch.Tensor:
     """`F.linear` (then tanh-GELU if asked) by the fastest kernel for x's device, dtype and shape.
 
-    On CPU, oneDNN's matmul reads the [out, in] weights of nn.Linear at close to memory bandwidth on some CPUs
-    and not on others, so it is chosen by measuring (see `onednn_setting`); it is a private op, so it is also
-    checked against `F.linear` before it is used. Decoding calls this about 50 times per token, so the choice
-    is remembered per weight shape, input shape and setting: on a 2-vCPU machine Python work between two matmuls
-    costs more than itself (torch's idle worker thread is descheduled meanwhile).
+    On CPU there are three ways to do it: F.linear, oneDNN's op (reads the weights of nn.Linear at close to
+    memory bandwidth on some CPUs and not on others; private, so also checked against F.linear before use) and
+    `_split` (a batch of matrix-vector products over row blocks of the weight, fastest for a few rows here).
+    Which one is chosen by measuring (see `matmul_setting`). Decoding calls this about 50 times per token, so
+    the choice is remembered per weight shape, input shape, setting and thread count.
     """
-    key = (w.shape, w.dtype, x.shape, x.dtype, x.is_cpu, b is None, gelu)
-    key += (os.environ.get("GPT2LOAD_ONEDNN"), torch.get_num_threads())
+    key = (w.shape, w.dtype, x.shape, x.dtype, x.is_cpu, b is None, gelu, w.is_contiguous())
+    key += (os.environ.get("GPT2LOAD_MATMUL"), os.environ.get("GPT2LOAD_ONEDNN"), torch.get_num_threads())
     fn = _resolved.get(key)
     if fn is None:
         if len(_resolved) > 4096:  # many shapes (prompts of every length): start over
@@ -167,16 +225,27 @@ _resolved: dict[tuple, Callable] = {}
 def _resolve(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, gelu: bool) -> Callable:
     """The kernel `linear` uses for these operands (they are not kept: only their shapes and dtypes matter)."""
     dtype = x.dtype
-    if dtype not in _FAST_DTYPES or w.dtype is not dtype or not x.is_cpu or not onednn_works(dtype):
+    if dtype not in _FAST_DTYPES or w.dtype is not dtype or not x.is_cpu:
         return _plain
-    setting = onednn_setting()
-    if setting == "0":
-        return _plain
-    if x.dim() == 3 and x.shape[0] == 1:  # [1, T, in]: one product as it is
-        return _onednn if setting == "1" else _calibrated(x, w, b, gelu)
-    # As one [rows, in] matrix: oneDNN may otherwise treat [B, 1, in] as B products that each read the weight.
+    setting = matmul_setting()
     flat = x.reshape(-1, x.shape[-1])
-    kernel = _onednn if setting == "1" else _calibrated(flat, w, b, gelu)
+    kernels = [_plain]
+    if setting in ("auto", "onednn") and onednn_works(dtype):
+        kernels.append(_onednn)
+    if setting in ("auto", "no-onednn", "split") and flat.shape[0] <= 16 and w.is_contiguous():
+        if split_pieces(w.shape[0], torch.get_num_threads()):
+            kernels.append(_split)
+    if setting in _KERNELS:  # forced: that kernel where it works, else F.linear
+        kernel = _KERNELS[setting] if _KERNELS[setting] in kernels else _plain
+    else:  # as one [rows, in] matrix: oneDNN may otherwise treat [B, 1, in] as B products that each read w
+        kernel = _calibrated(flat, w, b, gelu, tuple(kernels)) if len(kernels) > 1 else _plain
+    if kernel is _plain or x.dim() == 2 or (kernel is _onednn and x.dim() == 3 and x.shape[0] == 1):
+        return kernel
+    return _flat(kernel)
+
+
+def _flat(kernel: Callable) -> Callable:
+    """`kernel` on x of any rank, as one [rows, in] matrix."""
 
     def flattened(x, w, b, gelu):
         y = kernel(x.reshape(-1, x.shape[-1]), w, b, gelu)
@@ -286,4 +355,15 @@ class Stacked:
         return self.value
 
 
-__all__ = ["Stacked", "aligned_int8", "fast_enabled", "int8_linear", "is_stock", "linear", "onednn_setting", "stacked"]
+__all__ = [
+    "Stacked",
+    "aligned_int8",
+    "fast_enabled",
+    "int8_linear",
+    "is_stock",
+    "linear",
+    "matmul_setting",
+    "onednn_setting",
+    "split_pieces",
+    "stacked",
+]

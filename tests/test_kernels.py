@@ -9,16 +9,25 @@ from oracle import TINY, pair
 
 from gpt2load import Gpt2LoadError, beam_search, generate, left_pad
 from gpt2load.config import GPTConfig
-from gpt2load.kernels import linear, onednn_setting
+from gpt2load.kernels import linear, matmul_setting, onednn_setting, split_pieces
 from gpt2load.model import KVCache
 from gpt2load.quant import quantize_model
 
 PROMPT = torch.tensor([[5, 17, 33, 2, 8], [9, 9, 1, 40, 77]])
 
 
+# Wide enough that `_split` cuts every matmul into blocks (a prime vocabulary: blocks plus a remainder row)
+WIDE = GPTConfig(vocab_size=257, context_length=64, emb_dim=128, n_heads=4, n_layers=2)
+
+
 @pytest.fixture(scope="module")
 def model():
     return pair(TINY, seed=1)[1]
+
+
+@pytest.fixture(scope="module")
+def wide():
+    return pair(WIDE, seed=2)[1]
 
 
 def plain_greedy(model, idx, n):
@@ -49,6 +58,58 @@ def test_linear_matches_f_linear_for_every_setting(monkeypatch, setting, rows, g
     want = torch.nn.functional.gelu(want, approximate="tanh") if gelu else want
     with torch.inference_mode():
         torch.testing.assert_close(linear(x, w, b, gelu), want, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("kernel", ["plain", "onednn", "split", "auto"])
+def test_every_forced_kernel_decodes_the_plain_tokens(wide, monkeypatch, kernel):
+    monkeypatch.setenv("GPT2LOAD_MATMUL", kernel)
+    prompt = torch.randint(0, WIDE.vocab_size, (2, 7), generator=torch.Generator().manual_seed(3))
+    assert torch.equal(generate(wide, prompt, 12), plain_greedy(wide, prompt, 12))
+    idx, mask = left_pad([prompt[0, 2:].tolist(), prompt[1].tolist()])
+    out = generate(wide, idx, 8, attention_mask=mask)
+    assert torch.equal(out[0, -8:], generate(wide, prompt[:1, 2:], 8)[0, -8:])
+    beams = beam_search(wide, prompt[:1], 8, 3, eos_id=None)
+    monkeypatch.setenv("GPT2LOAD_MATMUL", "plain")
+    plain = beam_search(wide, prompt[:1], 8, 3, eos_id=None)
+    assert torch.equal(beams.sequences, plain.sequences)
+    torch.testing.assert_close(beams.scores, plain.scores)
+
+
+@pytest.mark.parametrize("out", [256, 257])  # blocks only; blocks and a remainder row
+@pytest.mark.parametrize("rows", [1, 5, 16])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("gelu", [False, True])
+def test_split_kernel_matches_f_linear(monkeypatch, out, rows, bias, gelu):
+    monkeypatch.setenv("GPT2LOAD_MATMUL", "split")
+    g = torch.Generator().manual_seed(out + rows)
+    x, w = torch.randn(2, rows, 96, generator=g), torch.randn(out, 96, generator=g)
+    b = torch.randn(out, generator=g) if bias else None
+    want = torch.nn.functional.linear(x, w, b)
+    want = torch.nn.functional.gelu(want, approximate="tanh") if gelu else want
+    with torch.inference_mode():
+        got = linear(x, w, b, gelu)
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+        assert got.shape == (2, rows, out) and got.is_contiguous()
+
+
+def test_split_pieces_divide_the_rows_or_leave_a_remainder():
+    assert split_pieces(768, 2) == 2 and split_pieces(3072, 4) == 4 and split_pieces(2304, 3) == 3
+    assert split_pieces(50257, 2) == 4  # prime-ish vocabulary: 4 blocks of 12564 rows and 1 row more
+    assert split_pieces(100, 2) == 0  # blocks would be tiny: not used
+
+
+def test_matmul_settings_that_cannot_hold_name_the_variables(monkeypatch):
+    monkeypatch.setenv("GPT2LOAD_MATMUL", "fastest")
+    with pytest.raises(Gpt2LoadError, match="GPT2LOAD_MATMUL='fastest'"):
+        matmul_setting()
+    monkeypatch.setenv("GPT2LOAD_MATMUL", "split")
+    monkeypatch.setenv("GPT2LOAD_ONEDNN", "1")
+    with pytest.raises(Gpt2LoadError, match="contradicts GPT2LOAD_ONEDNN=1"):
+        matmul_setting()
+    monkeypatch.setenv("GPT2LOAD_ONEDNN", "0")
+    assert matmul_setting() == "split"
+    monkeypatch.delenv("GPT2LOAD_MATMUL")
+    assert matmul_setting() == "no-onednn"
 
 
 def test_bad_kernel_setting_names_the_variable(monkeypatch):
