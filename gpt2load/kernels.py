@@ -113,7 +113,7 @@ def onednn_works(dtype: torch.dtype) -> bool:
 
 def _rows_bucket(rows: int) -> int:
     """Calibration buckets of the number of rows a matmul sees (decoding, batches/beams, prompts)."""
-    return 1 if rows <= 1 else 16 if rows <= 16 else 256 if rows <= 256 else 4096
+    return 1 if rows <= 1 else 4 if rows <= 4 else 16 if rows <= 16 else 256 if rows <= 256 else 4096
 
 
 _COLD_BYTES = 48 << 20  # weights timed in turn until this much: more than the caches hold, as in decoding
