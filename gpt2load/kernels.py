@@ -83,7 +83,7 @@ def _split(x, w, b, gelu=False):
     if b is None:
         y = torch.bmm(blocks, xt)
     else:
-        y = torch.baddbmm((b if whole else b[:main]).view(s, o, 1), blocks, xt)
+        y = torch.baddbmm((b if whole else b[:main]).reshape(s, o, 1), blocks, xt)
     y = y.view(main, M).t()
     if main < out:
         y = torch.cat((y, F.linear(x, w[main:], None if b is None else b[main:])), 1)
