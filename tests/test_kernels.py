@@ -92,6 +92,16 @@ def test_split_kernel_matches_f_linear(monkeypatch, out, rows, bias, gelu):
         assert got.shape == (2, rows, out) and got.is_contiguous()
 
 
+def test_split_kernel_takes_empty_inputs_and_strided_biases(monkeypatch):
+    monkeypatch.setenv("GPT2LOAD_MATMUL", "split")
+    g = torch.Generator().manual_seed(7)
+    w, b = torch.randn(256, 96, generator=g), torch.randn(512, generator=g)[::2]  # same shape, other strides
+    with torch.inference_mode():
+        for x in (torch.randn(3, 96, generator=g), torch.randn(0, 96), torch.randn(2, 0, 96)):
+            for bias in (b.contiguous(), b):
+                torch.testing.assert_close(linear(x, w, bias), torch.nn.functional.linear(x, w, bias))
+
+
 def test_split_pieces_divide_the_rows_or_leave_a_remainder():
     assert split_pieces(768, 2) == 2 and split_pieces(3072, 4) == 4 and split_pieces(2304, 3) == 3
     assert split_pieces(50257, 2) == 4  # prime-ish vocabulary: 4 blocks of 12564 rows and 1 row more
