@@ -55,6 +55,7 @@ def _onednn(x, w, b, gelu=False):
 _ops: dict[str, Callable] = {}
 
 
+@functools.cache  # `_split` asks at every call
 def split_pieces(out: int, threads: int) -> int:
     """How many row blocks `_split` cuts an [out, in] weight into: a multiple of the thread count that divides
     `out` if one does (up to 8 per thread), else two per thread and a remainder; 0 when blocks would be tiny."""
@@ -255,6 +256,7 @@ def _flat(kernel: Callable) -> Callable:
         y = kernel(x.reshape(-1, x.shape[-1]), w, b, gelu)
         return y.view(*x.shape[:-1], y.shape[-1])
 
+    flattened.kernel = kernel  # which kernel runs (for tests)
     return flattened
 
 
