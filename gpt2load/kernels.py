@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules import module as _module
 
+from . import native
 from .errors import Gpt2LoadError
 
 
@@ -136,9 +137,18 @@ def _seconds(fn, weights: list[torch.Tensor], reps: int = 2) -> float:
 _chosen: dict[tuple, Callable] = {}  # (kernels, dtype, rows bucket, weight shape, bias, gelu, threads) -> kernel
 
 
-def _calibrated(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, gelu: bool, kernels: tuple) -> Callable:
-    """The fastest of `kernels` (F.linear first) on this shape at this thread count, measured once per process;
-    another kernel only if it also agrees with F.linear on this very input.
+def calibrated(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    b: torch.Tensor | None,
+    gelu: bool,
+    kernels: tuple,
+    extra: tuple = (),
+    ref: Callable | None = None,
+) -> Callable:
+    """The fastest of `kernels`, called `k(x, w, b, gelu, *extra)`, on this shape at this thread count, measured
+    once per process; another kernel than the first only if it also agrees with `ref` (default: the first) on
+    this very input.
 
     Decoding reads every weight from memory at each step (a model does not fit in the caches), and which kernel
     streams a weight faster is not which one wins on a weight already in cache: for up to 16 rows, each kernel is
@@ -148,19 +158,19 @@ def _calibrated(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, gelu: 
     key = (kernels, x.dtype, rows, w.shape, b is None, gelu, torch.get_num_threads())
     kernel = _chosen.get(key)
     if kernel is None:
-        kernel = _plain
+        kernel = kernels[0]
         try:
-            ref = _plain(x, w, b, gelu)
+            want = (ref or kernel)(x, w, b, gelu, *extra).float()
             tol = 1e-4 if x.dtype == torch.float32 else 5e-2
             agree = [
-                k for k in kernels[1:] if torch.allclose(k(x, w, b, gelu).float(), ref.float(), atol=tol, rtol=tol)
+                k for k in kernels[1:] if torch.allclose(k(x, w, b, gelu, *extra).float(), want, atol=tol, rtol=tol)
             ]
             if agree:
                 size = w.numel() * w.element_size()
                 weights = [w] + [w.clone() for _ in range(min(31, _COLD_BYTES // size) if rows <= 16 else 0)]
-                best = _seconds(lambda m: _plain(x, m, b, gelu), weights)
+                best = _seconds(lambda m: kernel(x, m, b, gelu, *extra), weights)
                 for k in agree:
-                    t = _seconds(lambda m, k=k: k(x, m, b, gelu), weights)
+                    t = _seconds(lambda m, k=k: k(x, m, b, gelu, *extra), weights)
                     if t < best:
                         kernel, best = k, t
                 del weights
@@ -170,22 +180,32 @@ def _calibrated(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, gelu: 
     return kernel
 
 
-_KERNELS = {"plain": _plain, "onednn": _onednn, "split": _split}
+def _native(x, w, b, gelu=False):
+    """gpt2load's own matrix-vector kernel (native.py): float32 and bfloat16 weights read at close to the same
+    bytes per second, so bfloat16 decoding reads its half of the bytes in about half the time."""
+    y = native.gemv(x, w, b)
+    return F.gelu(y, approximate="tanh") if gelu else y
+
+
+_KERNELS = {"plain": _plain, "onednn": _onednn, "split": _split, "native": _native}
 
 
 def matmul_setting() -> str:
-    """The kernel choice the environment asks for, read at each call: GPT2LOAD_MATMUL=plain|onednn|split forces
-    one (where it works), GPT2LOAD_ONEDNN=0 never uses oneDNN's private op and =1 always does; otherwise
-    (unset, "auto") every kernel is measured per shape. Returns "auto", "no-onednn" or a kernel's name."""
+    """The kernel choice the environment asks for, read at each call: GPT2LOAD_MATMUL=plain|onednn|split|native
+    forces one (where it works), GPT2LOAD_ONEDNN=0 never uses oneDNN's private op and =1 always does,
+    GPT2LOAD_NATIVE=0 never builds or uses gemv.c; otherwise (unset, "auto") every kernel is measured per shape.
+    Returns "auto", "no-onednn" or a kernel's name."""
     forced = os.environ.get("GPT2LOAD_MATMUL", "").strip().lower() or "auto"
     if forced not in ("auto", *_KERNELS):
         raise Gpt2LoadError(
-            f"GPT2LOAD_MATMUL={forced!r} is not one of auto, plain, onednn, split: set one of them, or unset it"
+            f"GPT2LOAD_MATMUL={forced!r} is not one of auto, {', '.join(_KERNELS)}: set one of them, or unset it"
         )
     onednn = onednn_setting()
     if forced != "auto":
         if (onednn == "0" and forced == "onednn") or (onednn == "1" and forced != "onednn"):
             raise Gpt2LoadError(f"GPT2LOAD_MATMUL={forced} contradicts GPT2LOAD_ONEDNN={onednn}: unset one of them")
+        if forced == "native" and native.native_setting() == "0":
+            raise Gpt2LoadError("GPT2LOAD_MATMUL=native contradicts GPT2LOAD_NATIVE=0: unset one of them")
         return forced
     return {"0": "no-onednn", "1": "onednn"}.get(onednn, "auto")
 
@@ -208,14 +228,15 @@ _FAST_DTYPES = (torch.float32, torch.bfloat16)
 def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, gelu: bool = False) -> torch.Tensor:
     """`F.linear` (then tanh-GELU if asked) by the fastest kernel for x's device, dtype and shape.
 
-    On CPU there are three ways to do it: F.linear, oneDNN's op (reads the weights of nn.Linear at close to
-    memory bandwidth on some CPUs and not on others; private, so also checked against F.linear before use) and
-    `_split` (a batch of matrix-vector products over row blocks of the weight, fastest for a few rows here).
+    On CPU there are four ways to do it: F.linear, oneDNN's op (reads the weights of nn.Linear at close to
+    memory bandwidth on some CPUs and not on others; private, so also checked against F.linear before use),
+    `_split` (a batch of matrix-vector products over row blocks of the weight, fastest for one float32 row here)
+    and `_native` (gpt2load's own C kernel, fastest for bfloat16 weights and several rows here).
     Which one is chosen by measuring (see `matmul_setting`). Decoding calls this about 50 times per token, so
     the choice is remembered per weight shape, input shape, setting and thread count.
     """
     key = (w.shape, w.dtype, x.shape, x.dtype, x.is_cpu, b is None, gelu, w.is_contiguous())
-    key += (os.environ.get("GPT2LOAD_MATMUL"), os.environ.get("GPT2LOAD_ONEDNN"), torch.get_num_threads())
+    key += tuple(os.environ.get(v) for v in _SETTINGS) + (torch.get_num_threads(),)
     fn = _resolved.get(key)
     if fn is None:
         if len(_resolved) > 4096:  # many shapes (prompts of every length): start over
@@ -225,6 +246,7 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, gelu: bool 
 
 
 _resolved: dict[tuple, Callable] = {}
+_SETTINGS = ("GPT2LOAD_MATMUL", "GPT2LOAD_ONEDNN", "GPT2LOAD_NATIVE")  # part of `linear`'s memo key
 
 
 def _resolve(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, gelu: bool) -> Callable:
@@ -240,10 +262,14 @@ def _resolve(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, gelu: boo
     if setting in ("auto", "no-onednn", "split") and flat.shape[0] <= 16 and w.is_contiguous():
         if split_pieces(w.shape[0], torch.get_num_threads()):
             kernels.append(_split)
+    if setting in ("auto", "no-onednn", "native") and native.usable(flat, w):
+        kernels.append(_native)
+    if setting == "native" and not native.available():  # (forced, it still leaves prompts to F.linear)
+        raise Gpt2LoadError(f"GPT2LOAD_MATMUL=native, but gpt2load's kernel is unavailable: {native.why_unavailable()}")
     if setting in _KERNELS:  # forced: that kernel where it works, else F.linear
         kernel = _KERNELS[setting] if _KERNELS[setting] in kernels else _plain
     else:  # as one [rows, in] matrix: oneDNN may otherwise treat [B, 1, in] as B products that each read w
-        kernel = _calibrated(flat, w, b, gelu, tuple(kernels)) if len(kernels) > 1 else _plain
+        kernel = calibrated(flat, w, b, gelu, tuple(kernels)) if len(kernels) > 1 else _plain
     if kernel is _plain or x.dim() == 2 or (kernel is _onednn and x.dim() == 3 and x.shape[0] == 1):
         return kernel
     return _flat(kernel)
@@ -258,51 +284,6 @@ def _flat(kernel: Callable) -> Callable:
 
     flattened.kernel = kernel  # which kernel runs (for tests)
     return flattened
-
-
-@functools.cache
-def int8pack_works() -> bool:
-    """Whether torch's int8 weight-only matmul exists here and agrees with a dequantized matmul."""
-    try:
-        gen = torch.Generator().manual_seed(0)
-        x = torch.randn(3, 64, generator=gen)
-        q = torch.randint(-127, 128, (40, 64), generator=gen, dtype=torch.int8)
-        s = torch.rand(40, generator=gen) / 100
-        with torch.inference_mode():
-            got = torch.ops.aten._weight_int8pack_mm(x.bfloat16(), q, s.bfloat16()).float()
-        return torch.allclose(got, x @ (q.float() * s[:, None]).t(), atol=5e-2, rtol=2e-2)
-    except (AttributeError, RuntimeError):
-        return False
-
-
-def aligned_int8(q: torch.Tensor) -> torch.Tensor:
-    """q itself when the int8 kernel can read it in place (contiguous, 64-byte aligned), else an aligned copy."""
-    return q if q.is_contiguous() and q.data_ptr() % 64 == 0 else q.clone(memory_format=torch.contiguous_format)
-
-
-def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
-    """x @ (q * scale[:, None]).T + b for int8 weights q [out, in] and per-output-channel scales [out].
-
-    On CPU this is torch's int8 weight-only kernel, which reads one byte per weight; it computes in bfloat16
-    (its fast path), so float32 activations are rounded to bfloat16 on the way in. GPT2LOAD_INT8PACK=0, or a
-    torch without it, or weights not 64-byte aligned, dequantizes the weights and multiplies in x's dtype (exact,
-    slow; `aligned_int8` gives weights the kernel can read).
-    """
-    shape = x.shape
-    # The kernel reads the weights with aligned vector loads for 4+ rows: misaligned memory would crash it.
-    aligned = q.is_contiguous() and q.data_ptr() % 64 == 0
-    if (
-        aligned
-        and x.device.type == "cpu"
-        and os.environ.get("GPT2LOAD_INT8PACK", "1").strip() != "0"
-        and int8pack_works()
-    ):
-        flat = x.reshape(-1, shape[-1]).to(torch.bfloat16)
-        y = torch.ops.aten._weight_int8pack_mm(flat, q, scale.to(torch.bfloat16)).to(x.dtype)
-        y = y.view(*shape[:-1], q.shape[0])
-    else:
-        y = F.linear(x, q.to(x.dtype) * scale.to(x.dtype)[:, None])
-    return y if b is None else y + b.to(x.dtype)
 
 
 def _adjacent(parts: list[torch.Tensor]) -> bool:
@@ -363,9 +344,7 @@ class Stacked:
 
 __all__ = [
     "Stacked",
-    "aligned_int8",
     "fast_enabled",
-    "int8_linear",
     "is_stock",
     "linear",
     "matmul_setting",

@@ -16,7 +16,7 @@ from .config import GPTConfig, resolve_size
 from .convert import expected_shapes
 from .errors import Gpt2LoadError
 from .hub import download
-from .kernels import aligned_int8
+from .int8mm import aligned_int8
 from .layouts import MODEL_MARKERS, WEIGHT_SUFFIXES, Source, head_shapes, inspect_path, source_tensors
 from .lora import ADAPTERS_KEY, load_adapters
 from .model import GPTModel

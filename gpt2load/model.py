@@ -16,7 +16,8 @@ from torch import nn
 
 from .config import GPTConfig
 from .errors import Gpt2LoadError
-from .kernels import Stacked, fast_enabled, int8_linear, is_stock, linear
+from .int8mm import int8_linear
+from .kernels import Stacked, fast_enabled, is_stock, linear
 from .quant import Int8Embedding, Int8Linear
 
 

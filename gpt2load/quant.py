@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .errors import Gpt2LoadError
-from .kernels import int8_linear
+from .int8mm import int8_linear
 
 QUANTIZATIONS = ("int8",)
 

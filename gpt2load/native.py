@@ -1,0 +1,156 @@
+"""gpt2load's own matrix-vector kernel (gemv.c): built once per machine with the C compiler, loaded with ctypes.
+
+Decoding reads every weight once per token: torch's kernels stream float32 weights at up to about 70% of memory
+bandwidth for one row here, but bfloat16 and int8 weights at a fraction of it. gemv.c reads all three at close to
+the same bytes per second, so half or a quarter of the bytes take about half or a quarter of the time. It is one
+more candidate for `kernels.linear`'s per-shape measurement, never assumed faster.
+
+Built with `$CC` (else `cc`) for this CPU (-march=native) into $XDG_CACHE_HOME/gpt2load/native (else
+~/.cache/...), named by a hash of the source, the compiler and the CPU, so a shared home folder on another CPU
+builds its own. No compiler, a failed build or GPT2LOAD_NATIVE=0: the kernel is simply not a candidate.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import subprocess
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from .env import env_path
+from .errors import Gpt2LoadError
+
+_SOURCE = Path(__file__).with_name("gemv.c")
+_FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
+_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2}
+MAX_ROWS = 16  # beyond a few rows the arithmetic dominates and torch's matrix-matrix kernels win
+
+
+def native_setting() -> str:
+    """GPT2LOAD_NATIVE, read at each call: "0" never builds or uses gemv.c, "auto" (or unset) measures it."""
+    value = os.environ.get("GPT2LOAD_NATIVE", "").strip().lower() or "auto"
+    if value not in ("0", "auto"):
+        raise Gpt2LoadError(f"GPT2LOAD_NATIVE={value!r} is not 0 or auto: set one of them, or unset it")
+    return value
+
+
+def _cpu_identity() -> str:
+    try:
+        text = Path("/proc/cpuinfo").read_text(errors="replace")
+    except OSError:
+        return platform.processor()
+    lines = [ln for ln in text.splitlines() if ln.startswith(("model name", "flags"))]
+    return "\n".join(sorted(set(lines)))
+
+
+def _build_dir() -> Path:
+    return (env_path("XDG_CACHE_HOME") or Path.home() / ".cache") / "gpt2load" / "native"
+
+
+def _compile(cc: str, target: Path) -> str | None:
+    """Compile gemv.c into `target` (written beside it, then renamed: never half-written); None or the error."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".so.part")
+    os.close(fd)
+    try:
+        run = subprocess.run([cc, *_FLAGS, "-o", tmp, str(_SOURCE)], capture_output=True, text=True, timeout=120)
+        if run.returncode != 0:
+            return (run.stderr.strip().splitlines() or ["failed"])[-1]
+        os.replace(tmp, target)
+        return None
+    except (OSError, subprocess.SubprocessError) as e:
+        return str(e)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+@functools.cache
+def _library() -> tuple[Callable | None, str]:
+    """(the kernel, "") or (None, why not): built or found once per process."""
+    cc = os.environ.get("CC", "").strip() or "cc"
+    try:
+        version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError) as e:
+        return None, f"no C compiler ({cc}: {e})"
+    key = hashlib.sha256("\0".join([_SOURCE.read_text(), version, _cpu_identity(), *_FLAGS]).encode()).hexdigest()
+    name = f"gemv-{key[:20]}.so"
+    why = None
+    for folder in (_build_dir(), Path(tempfile.gettempdir()) / f"gpt2load-native-{os.getuid()}"):
+        target = folder / name
+        try:
+            if not target.exists():
+                why = _compile(cc, target)
+                if why is not None:
+                    continue
+            fn = ctypes.CDLL(str(target)).gpt2load_gemv
+        except OSError as e:  # a folder we cannot write to, or a file we cannot load: try the next
+            why = str(e)
+            continue
+        fn.restype = ctypes.c_int
+        fn.argtypes = [ctypes.c_int, *[ctypes.c_void_p] * 2, ctypes.c_int, *[ctypes.c_void_p] * 3]
+        fn.argtypes += [ctypes.c_int64] * 3 + [ctypes.c_int]
+        return fn, ""
+    return None, f"building {_SOURCE.name} failed: {why}"
+
+
+def available() -> bool:
+    """Whether the kernel may be used here (GPT2LOAD_NATIVE is not 0 and it builds and loads)."""
+    return native_setting() != "0" and _library()[0] is not None
+
+
+def why_unavailable() -> str:
+    if native_setting() == "0":
+        return "GPT2LOAD_NATIVE=0"
+    return _library()[1]
+
+
+def usable(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """Whether `gemv` takes these operands (it is then still measured against the other kernels)."""
+    rows = x.numel() // max(1, x.shape[-1])
+    return (
+        x.device.type == "cpu"
+        and w.device.type == "cpu"
+        and x.dtype in (torch.float32, torch.bfloat16)
+        and w.dtype in _CODES
+        and w.dim() == 2
+        and w.is_contiguous()
+        and 0 < rows <= MAX_ROWS
+        and available()
+    )
+
+
+def gemv(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, scale: torch.Tensor | None = None) -> torch.Tensor:
+    """x [M, in] @ (w [out, in] * scale[:, None]).T + b, in x's dtype (float32 or bfloat16), for operands that
+    `usable` accepted. w is float32, bfloat16 or int8 (int8 with per-row scales)."""
+    fn = _library()[0]
+    x = x.contiguous()
+    if b is not None:
+        b = b.to(x.dtype).contiguous()
+    if scale is not None:
+        scale = scale.to(torch.float32).contiguous()
+    (m, k), n = x.shape, w.shape[0]
+    y = torch.empty(m, n, dtype=x.dtype)
+    status = fn(
+        _CODES[w.dtype],
+        w.data_ptr(),
+        None if scale is None else scale.data_ptr(),
+        _CODES[x.dtype],
+        None if b is None else b.data_ptr(),
+        x.data_ptr(),
+        y.data_ptr(),
+        m,
+        n,
+        k,
+        torch.get_num_threads(),
+    )
+    if status:
+        raise MemoryError("gemv.c could not allocate its float32 copy of the activations")
+    return y
