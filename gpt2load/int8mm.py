@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import functools
 import os
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
 from . import native
-from .kernels import calibrated, matmul_setting
+from .kernels import SETTINGS, calibrated, matmul_setting
 
 
 @functools.cache
@@ -58,11 +59,24 @@ def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, b: torch.
     aligned (`aligned_int8` makes them so) use gpt2load's kernel where it applies, else dequantize the weights and
     multiply in x's dtype (exact, slow).
     """
-    shape = x.shape
-    flat = x.reshape(-1, shape[-1])
+    flat = x.reshape(-1, x.shape[-1])
+    key = (q.shape, flat.shape, x.dtype, x.device, b is None, q.is_contiguous(), q.data_ptr() % 64 == 0)
+    key += tuple(os.environ.get(v) for v in (*SETTINGS, "GPT2LOAD_INT8PACK")) + (torch.get_num_threads(),)
+    kernel = chosen.get(key)
+    if kernel is None:
+        if len(chosen) > 4096:  # many shapes (prompts of every length): start over
+            chosen.clear()
+        kernel = chosen[key] = _choose(flat, q, scale, b)
+    return kernel(flat, q, b, False, scale).view(*x.shape[:-1], q.shape[0])
+
+
+chosen: dict[tuple, Callable] = {}  # `int8_linear`'s kernel per shape and setting
+
+
+def _choose(flat: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, b: torch.Tensor | None) -> Callable:
     # torch's kernel reads the weights with aligned vector loads for 4+ rows: misaligned memory would crash it.
     pack = (
-        x.device.type == "cpu"
+        flat.device.type == "cpu"
         and q.is_contiguous()
         and q.data_ptr() % 64 == 0
         and os.environ.get("GPT2LOAD_INT8PACK", "1").strip() != "0"
@@ -71,7 +85,5 @@ def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, b: torch.
     setting = matmul_setting()
     own = setting in ("auto", "no-onednn", "native") and native.usable(flat, q)
     if own and pack and setting != "native":
-        kernel = calibrated(flat, q, b, False, (_int8pack, _int8native), (scale,), ref=_exact)
-    else:
-        kernel = _int8native if own else _int8pack if pack else _exact
-    return kernel(flat, q, b, False, scale).view(*shape[:-1], q.shape[0])
+        return calibrated(flat, q, b, False, (_int8pack, _int8native), (scale,), ref=_exact)
+    return _int8native if own else _int8pack if pack else _exact

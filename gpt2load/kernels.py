@@ -236,7 +236,7 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, gelu: bool 
     the choice is remembered per weight shape, input shape, setting and thread count.
     """
     key = (w.shape, w.dtype, x.shape, x.dtype, x.is_cpu, b is None, gelu, w.is_contiguous())
-    key += tuple(os.environ.get(v) for v in _SETTINGS) + (torch.get_num_threads(),)
+    key += tuple(os.environ.get(v) for v in SETTINGS) + (torch.get_num_threads(),)
     fn = _resolved.get(key)
     if fn is None:
         if len(_resolved) > 4096:  # many shapes (prompts of every length): start over
@@ -246,7 +246,7 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, gelu: bool 
 
 
 _resolved: dict[tuple, Callable] = {}
-_SETTINGS = ("GPT2LOAD_MATMUL", "GPT2LOAD_ONEDNN", "GPT2LOAD_NATIVE")  # part of `linear`'s memo key
+SETTINGS = ("GPT2LOAD_MATMUL", "GPT2LOAD_ONEDNN", "GPT2LOAD_NATIVE")  # part of `linear`'s memo key
 
 
 def _resolve(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, gelu: bool) -> Callable:

@@ -1,0 +1,154 @@
+"""gpt2load's own matrix-vector kernel (gemv.c): the same products as F.linear for every weight dtype, row count and
+odd width, built once per machine into the cache folder (never half-written), and a clear error where it cannot."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from oracle import pair
+from test_kernels import WIDE, plain_greedy
+
+from gpt2load import Gpt2LoadError, beam_search, generate, kernels, left_pad, native
+from gpt2load.int8mm import chosen as int8_chosen
+from gpt2load.kernels import linear, matmul_setting
+from gpt2load.quant import quantize_model, quantize_weight
+
+
+@pytest.fixture(scope="module")
+def wide():
+    return pair(WIDE, seed=5)[1]
+
+
+def reference(x, w, b, scale=None):
+    """In float64, from the very values the kernel reads."""
+    w = w.double() * (scale.double()[:, None] if scale is not None else 1)
+    return F.linear(x.double(), w, None if b is None else b.double())
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 8, 9, 16])
+@pytest.mark.parametrize("width", [96, 100, 7])  # whole vectors; a tail past the last vector; less than one
+@pytest.mark.parametrize("wdtype", ["float32", "bfloat16", "int8"])
+@pytest.mark.parametrize("xdtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_gemv_matches_a_float64_matmul(rows, width, wdtype, xdtype, bias):
+    g = torch.Generator().manual_seed(rows * 1000 + width)
+    xd, wd = getattr(torch, xdtype), getattr(torch, wdtype)
+    x = torch.randn(rows, width, generator=g).to(xd)
+    w = torch.randn(37, width, generator=g)
+    scale = None
+    if wd == torch.int8:
+        w, scale = quantize_weight(w)
+    else:
+        w = w.to(wd)
+    b = torch.randn(37, generator=g).to(xd) if bias else None
+    assert native.usable(x, w)
+    got = native.gemv(x, w, b, scale)
+    assert got.dtype == xd and got.shape == (rows, 37)
+    want = reference(x, w, b, scale)
+    tol = 1e-5 if xd == torch.float32 else 1e-2  # float32 sums in another order; bfloat16's rounding of the result
+    torch.testing.assert_close(got.double(), want.to(xd).double(), atol=tol, rtol=tol)
+
+
+def test_gemv_reads_strided_inputs_and_keeps_nan():
+    g = torch.Generator().manual_seed(1)
+    x, w, b = torch.randn(4, 64, generator=g), torch.randn(40, 32, generator=g), torch.randn(80, generator=g)
+    x = x[:, ::2]  # not contiguous: copied in
+    got = native.gemv(x, w, b[::2])
+    torch.testing.assert_close(got.double(), reference(x, w, b[::2]), atol=1e-5, rtol=1e-5)
+    x = x.contiguous()
+    x[1, 3] = float("nan")
+    got = native.gemv(x, w, None)
+    assert got[1].isnan().all() and not got[[0, 2, 3]].isnan().any()
+    assert native.gemv(x.bfloat16(), w.bfloat16(), None)[1].isnan().all()
+
+
+def test_forced_native_decodes_the_plain_tokens_and_really_runs(wide, monkeypatch):
+    monkeypatch.setenv("GPT2LOAD_MATMUL", "native")
+    kernels._resolved.clear()
+    prompt = torch.randint(0, WIDE.vocab_size, (2, 7), generator=torch.Generator().manual_seed(3))
+    assert torch.equal(generate(wide, prompt, 12), plain_greedy(wide, prompt, 12))
+    idx, mask = left_pad([prompt[0, 2:].tolist(), prompt[1].tolist()])
+    out = generate(wide, idx, 8, attention_mask=mask)
+    assert torch.equal(out[0, -8:], generate(wide, prompt[:1, 2:], 8)[0, -8:])
+    beams = beam_search(wide, prompt[:1], 8, 3, eos_id=None)
+    # every matmul above had at most 16 rows: all of them ran gemv.c
+    assert {getattr(fn, "kernel", fn) for fn in kernels._resolved.values()} == {kernels._native}
+    monkeypatch.setenv("GPT2LOAD_MATMUL", "plain")
+    plain = beam_search(wide, prompt[:1], 8, 3, eos_id=None)
+    assert torch.equal(beams.sequences, plain.sequences)
+    torch.testing.assert_close(beams.scores, plain.scores, atol=1e-4, rtol=1e-4)
+
+
+def test_bfloat16_and_int8_models_run_gemv_when_forced(wide, monkeypatch):
+    monkeypatch.setenv("GPT2LOAD_MATMUL", "native")
+    prompt = torch.randint(0, WIDE.vocab_size, (1, 5), generator=torch.Generator().manual_seed(4))
+    bf16 = copy.deepcopy(wide).to(torch.bfloat16)
+    kernels._resolved.clear()
+    with torch.inference_mode():
+        got = bf16(prompt).float()
+    assert {getattr(fn, "kernel", fn) for fn in kernels._resolved.values()} == {kernels._native}
+    monkeypatch.setenv("GPT2LOAD_MATMUL", "plain")
+    with torch.inference_mode():
+        torch.testing.assert_close(got, bf16(prompt).float(), atol=0.1, rtol=0.05)  # bf16 rounding in each
+    q = quantize_model(copy.deepcopy(wide))
+    monkeypatch.setenv("GPT2LOAD_MATMUL", "native")
+    int8_chosen.clear()
+    out = generate(q, prompt, 8)
+    assert {fn.__name__ for fn in int8_chosen.values()} == {"_int8native"}
+    monkeypatch.setenv("GPT2LOAD_MATMUL", "plain")
+    monkeypatch.setenv("GPT2LOAD_INT8PACK", "0")  # dequantized weights through F.linear
+    assert torch.equal(out, generate(q, prompt, 8))
+
+
+def test_native_settings_that_cannot_hold_name_the_variables(monkeypatch):
+    monkeypatch.setenv("GPT2LOAD_NATIVE", "yes")
+    with pytest.raises(Gpt2LoadError, match="GPT2LOAD_NATIVE='yes'"):
+        native.native_setting()
+    monkeypatch.setenv("GPT2LOAD_NATIVE", "0")
+    assert not native.available() and native.why_unavailable() == "GPT2LOAD_NATIVE=0"
+    monkeypatch.setenv("GPT2LOAD_MATMUL", "native")
+    with pytest.raises(Gpt2LoadError, match="contradicts GPT2LOAD_NATIVE=0"):
+        matmul_setting()
+
+
+def test_native_off_is_never_used(wide, monkeypatch):
+    monkeypatch.setenv("GPT2LOAD_NATIVE", "0")
+    kernels._resolved.clear()
+    generate(wide, torch.tensor([[1, 2, 3]]), 4)
+    assert kernels._native not in {getattr(fn, "kernel", fn) for fn in kernels._resolved.values()}
+
+
+@pytest.fixture
+def fresh_build(monkeypatch, tmp_path):
+    """An empty cache folder and no library loaded yet; the process's library is back afterwards."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    native._library.cache_clear()
+    yield tmp_path
+    native._library.cache_clear()
+
+
+def test_the_build_lands_whole_in_the_cache_folder(fresh_build):
+    assert native.available()
+    built = sorted(p.name for p in (fresh_build / "cache" / "gpt2load" / "native").iterdir())
+    assert len(built) == 1 and built[0].startswith("gemv-") and built[0].endswith(".so")  # no partial file left
+    x, w = torch.randn(2, 16), torch.randn(5, 16)
+    torch.testing.assert_close(native.gemv(x, w, None).double(), reference(x, w, None), atol=1e-5, rtol=1e-5)
+
+
+def test_a_failed_build_leaves_no_file_and_forcing_says_why(fresh_build, monkeypatch):
+    monkeypatch.setenv("CC", "false")  # a "compiler" that fails
+    assert not native.available()
+    assert "building gemv.c failed" in native.why_unavailable()
+    assert not list((fresh_build / "cache").rglob("*.so*")) and not list((fresh_build / "tmp").rglob("*.so*"))
+    monkeypatch.setenv("CC", str(fresh_build / "no-such-compiler"))
+    native._library.cache_clear()
+    assert "no C compiler" in native.why_unavailable()
+    x, w = torch.randn(1, 16), torch.randn(5, 16)
+    with torch.inference_mode():
+        torch.testing.assert_close(linear(x, w, None), F.linear(x, w), atol=1e-5, rtol=1e-5)  # others still work
+        monkeypatch.setenv("GPT2LOAD_MATMUL", "native")
+        with pytest.raises(Gpt2LoadError, match="GPT2LOAD_MATMUL=native, but gpt2load's kernel is unavailable"):
+            linear(x, w, None)
