@@ -31,20 +31,21 @@ def reference(x, w, b, scale=None):
 @pytest.mark.parametrize("wdtype", ["float32", "bfloat16", "int8"])
 @pytest.mark.parametrize("xdtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("bias", [True, False])
-def test_gemv_matches_a_float64_matmul(rows, width, wdtype, xdtype, bias):
+@pytest.mark.parametrize("outs", [37, 2, 1])  # weight rows in pairs, and one left over; a single pair; one row
+def test_gemv_matches_a_float64_matmul(rows, width, wdtype, xdtype, bias, outs):
     g = torch.Generator().manual_seed(rows * 1000 + width)
     xd, wd = getattr(torch, xdtype), getattr(torch, wdtype)
     x = torch.randn(rows, width, generator=g).to(xd)
-    w = torch.randn(37, width, generator=g)
+    w = torch.randn(outs, width, generator=g)
     scale = None
     if wd == torch.int8:
         w, scale = quantize_weight(w)
     else:
         w = w.to(wd)
-    b = torch.randn(37, generator=g).to(xd) if bias else None
+    b = torch.randn(outs, generator=g).to(xd) if bias else None
     assert native.usable(x, w)
     got = native.gemv(x, w, b, scale)
-    assert got.dtype == xd and got.shape == (rows, 37)
+    assert got.dtype == xd and got.shape == (rows, outs)
     want = reference(x, w, b, scale)
     tol = 1e-5 if xd == torch.float32 else 1e-2  # float32 sums in another order; bfloat16's rounding of the result
     torch.testing.assert_close(got.double(), want.to(xd).double(), atol=tol, rtol=tol)
