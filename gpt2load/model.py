@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .attn import causal_attention, sdpa_causal
 from .config import GPTConfig
 from .errors import Gpt2LoadError
 from .int8mm import int8_linear
@@ -159,18 +160,15 @@ class MultiHeadAttention(nn.Module):
         if last_only and T > 1:  # the other positions are only needed for their keys and values
             q = q[:, :, -1:]
             attn_mask = None if attn_mask is None else attn_mask[..., -1:, :]
-        Tq, Tk = q.shape[2], k.shape[2]
+        Tq = q.shape[2]
         p = self.dropout.p if self.training else 0.0
         if attn_mask is not None:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=p)
-        elif Tq == 1:
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=p)  # the newest position sees everything
-        elif Tk == Tq:
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
-        else:  # a chunk appended after cached positions: causal with an offset
-            allowed = torch.ones(Tq, Tk, dtype=torch.bool, device=x.device).tril(Tk - Tq)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=p)
-        y = y.transpose(1, 2).reshape(B, Tq, self.d_out)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=p).transpose(1, 2)
+        elif q.dtype is torch.bfloat16 and fast_enabled(self):
+            y = causal_attention(q, k, v)  # torch's or attend.c, measured
+        else:
+            y = sdpa_causal(q, k, v, dropout_p=p)
+        y = y.reshape(B, Tq, self.d_out)
         if fast_enabled(self) and is_stock((self.out_proj,), (nn.Linear,)):
             return linear(y, self.out_proj.weight, self.out_proj.bias)
         return self.out_proj(y)

@@ -1,13 +1,15 @@
-"""gpt2load's own matrix-vector kernel (gemv.c): built once per machine with the C compiler, loaded with ctypes.
+"""gpt2load's own C kernels, built once per machine with the C compiler and loaded with ctypes.
 
-Decoding reads every weight once per token: torch's kernels stream float32 weights at up to about 70% of memory
-bandwidth for one row here, but bfloat16 and int8 weights at a fraction of it. gemv.c reads all three at close to
-the same bytes per second, so half or a quarter of the bytes take about half or a quarter of the time. It is one
-more candidate for `kernels.linear`'s per-shape measurement, never assumed faster.
+gemv.c, the matrix-vector product: decoding reads every weight once per token; torch's kernels stream float32
+weights at up to about 70% of memory bandwidth for one row here, but bfloat16 and int8 weights at a fraction of
+it. gemv.c reads all three at close to the same bytes per second, so half or a quarter of the bytes take about half
+or a quarter of the time. attend.c, causal attention over bfloat16 (AVX-512 only): torch's CPU flash attention
+is no faster in bfloat16 than in float32. Each is one more candidate for a measurement per shape
+(`kernels.linear`, `int8mm.int8_linear`, `attn.causal_attention`), never assumed faster.
 
 Built with `$CC` (else `cc`) for this CPU (-march=native) into $XDG_CACHE_HOME/gpt2load/native (else
-~/.cache/...), named by a hash of the source, the compiler and the CPU, so a shared home folder on another CPU
-builds its own. No compiler, a failed build or GPT2LOAD_NATIVE=0: the kernel is simply not a candidate.
+~/.cache/...), named by a hash of the sources, the compiler and the CPU, so a shared home folder on another CPU
+builds its own. No compiler, a failed build or GPT2LOAD_NATIVE=0: the kernels are simply not candidates.
 """
 
 from __future__ import annotations
@@ -19,7 +21,6 @@ import os
 import platform
 import subprocess
 import tempfile
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -27,7 +28,7 @@ import torch
 from .env import env_path
 from .errors import Gpt2LoadError
 
-_SOURCE = Path(__file__).with_name("gemv.c")
+_SOURCES = [Path(__file__).with_name(n) for n in ("gemv.c", "attend.c")]
 _FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
 _CODES = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2}
 MAX_ROWS = 16  # beyond a few rows the arithmetic dominates and torch's matrix-matrix kernels win
@@ -55,12 +56,13 @@ def _build_dir() -> Path:
 
 
 def _compile(cc: str, target: Path) -> str | None:
-    """Compile gemv.c into `target` (written beside it, then renamed: never half-written); None or the error."""
+    """Compile the C sources into `target` (written beside it, then renamed: never half-written); None or the error."""
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".so.part")
     os.close(fd)
     try:
-        run = subprocess.run([cc, *_FLAGS, "-o", tmp, str(_SOURCE)], capture_output=True, text=True, timeout=120)
+        cmd = [cc, *_FLAGS, "-o", tmp, *map(str, _SOURCES)]
+        run = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
         if run.returncode != 0:
             return (run.stderr.strip().splitlines() or ["failed"])[-1]
         os.replace(tmp, target)
@@ -73,15 +75,16 @@ def _compile(cc: str, target: Path) -> str | None:
 
 
 @functools.cache
-def _library() -> tuple[Callable | None, str]:
-    """(the kernel, "") or (None, why not): built or found once per process."""
+def _library() -> tuple[ctypes.CDLL | None, str]:
+    """(the library, "") or (None, why not): built or found once per process."""
     cc = os.environ.get("CC", "").strip() or "cc"
     try:
         version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.SubprocessError) as e:
         return None, f"no C compiler ({cc}: {e})"
-    key = hashlib.sha256("\0".join([_SOURCE.read_text(), version, _cpu_identity(), *_FLAGS]).encode()).hexdigest()
-    name = f"gemv-{key[:20]}.so"
+    sources = [f.read_text() for f in _SOURCES]
+    key = hashlib.sha256("\0".join([*sources, version, _cpu_identity(), *_FLAGS]).encode()).hexdigest()
+    name = f"kernels-{key[:20]}.so"
     why = None
     for folder in (_build_dir(), Path(tempfile.gettempdir()) / f"gpt2load-native-{os.getuid()}"):
         target = folder / name
@@ -90,15 +93,25 @@ def _library() -> tuple[Callable | None, str]:
                 why = _compile(cc, target)
                 if why is not None:
                     continue
-            fn = ctypes.CDLL(str(target)).gpt2load_gemv
+            lib = ctypes.CDLL(str(target))
         except OSError as e:  # a folder we cannot write to, or a file we cannot load: try the next
             why = str(e)
             continue
+        fn = lib.gpt2load_gemv
         fn.restype = ctypes.c_int
         fn.argtypes = [ctypes.c_int, *[ctypes.c_void_p] * 2, ctypes.c_int, *[ctypes.c_void_p] * 3]
         fn.argtypes += [ctypes.c_int64] * 3 + [ctypes.c_int]
-        return fn, ""
-    return None, f"building {_SOURCE.name} failed: {why}"
+        fn = lib.gpt2load_attend
+        fn.restype = ctypes.c_int
+        fn.argtypes = [
+            *[ctypes.c_void_p] * 4,
+            *[ctypes.c_int64] * 5,
+            *[ctypes.c_void_p] * 3,
+            ctypes.c_float,
+            ctypes.c_int,
+        ]
+        return lib, ""
+    return None, f"building {' and '.join(f.name for f in _SOURCES)} failed: {why}"
 
 
 def available() -> bool:
@@ -130,7 +143,7 @@ def usable(x: torch.Tensor, w: torch.Tensor) -> bool:
 def gemv(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, scale: torch.Tensor | None = None) -> torch.Tensor:
     """x [M, in] @ (w [out, in] * scale[:, None]).T + b, in x's dtype (float32 or bfloat16), for operands that
     `usable` accepted. w is float32, bfloat16 or int8 (int8 with per-row scales)."""
-    fn = _library()[0]
+    fn = _library()[0].gpt2load_gemv
     x = x.contiguous()
     if b is not None:
         b = b.to(x.dtype).contiguous()
@@ -153,4 +166,37 @@ def gemv(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, scale: torch.
     )
     if status:
         raise MemoryError("gemv.c could not allocate its float32 copy of the activations")
+    return y
+
+
+def attend_usable(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether `attend` takes these operands: bfloat16 [B, H, T, D] on CPU, D a multiple of 16, the last dimension
+    contiguous, at least as many keys as queries, on an AVX-512 CPU."""
+    lib = _library()[0] if native_setting() != "0" else None
+    return (
+        lib is not None
+        and all(
+            t.device.type == "cpu" and t.dtype == torch.bfloat16 and t.dim() == 4 and t.stride(-1) == 1
+            for t in (q, k, v)
+        )
+        and q.shape[:2] == k.shape[:2]
+        and k.shape == v.shape
+        and q.shape[3] == k.shape[3]
+        and q.shape[3] % 16 == 0
+        and 0 < q.shape[2] <= k.shape[2]
+        and bool(lib.gpt2load_attend_supported())
+    )
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+    """Causal attention of q [B, H, Tq, D] over k, v [B, H, Tk, D] (query i sees keys up to i + Tk - Tq) for
+    operands `attend_usable` accepted: y [B, Tq, H, D], bfloat16, sums in float32 (attend.c)."""
+    B, H, Tq, D = q.shape
+    y = torch.empty(B, Tq, H, D, dtype=q.dtype)
+    strides = [(ctypes.c_int64 * 3)(*t.stride()[:3]) for t in (q, k, v)]
+    scale = D**-0.5 if scale is None else scale
+    fn = _library()[0].gpt2load_attend
+    args = (q.data_ptr(), k.data_ptr(), v.data_ptr(), y.data_ptr(), B, H, Tq, k.shape[2], D, *strides, scale)
+    if fn(*args, torch.get_num_threads()):
+        raise MemoryError("attend.c could not allocate its repacked keys and values")
     return y

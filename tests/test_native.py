@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from oracle import pair
 from test_kernels import WIDE, plain_greedy
 
-from gpt2load import Gpt2LoadError, beam_search, generate, kernels, left_pad, native
+from gpt2load import Gpt2LoadError, attn, beam_search, generate, kernels, left_pad, native
 from gpt2load.int8mm import chosen as int8_chosen
 from gpt2load.kernels import linear, matmul_setting
 from gpt2load.quant import quantize_model, quantize_weight
@@ -134,7 +134,7 @@ def fresh_build(monkeypatch, tmp_path):
 def test_the_build_lands_whole_in_the_cache_folder(fresh_build):
     assert native.available()
     built = sorted(p.name for p in (fresh_build / "cache" / "gpt2load" / "native").iterdir())
-    assert len(built) == 1 and built[0].startswith("gemv-") and built[0].endswith(".so")  # no partial file left
+    assert len(built) == 1 and built[0].startswith("kernels-") and built[0].endswith(".so")  # no partial file left
     x, w = torch.randn(2, 16), torch.randn(5, 16)
     torch.testing.assert_close(native.gemv(x, w, None).double(), reference(x, w, None), atol=1e-5, rtol=1e-5)
 
@@ -142,7 +142,7 @@ def test_the_build_lands_whole_in_the_cache_folder(fresh_build):
 def test_a_failed_build_leaves_no_file_and_forcing_says_why(fresh_build, monkeypatch):
     monkeypatch.setenv("CC", "false")  # a "compiler" that fails
     assert not native.available()
-    assert "building gemv.c failed" in native.why_unavailable()
+    assert "building gemv.c and attend.c failed" in native.why_unavailable()
     assert not list((fresh_build / "cache").rglob("*.so*")) and not list((fresh_build / "tmp").rglob("*.so*"))
     monkeypatch.setenv("CC", str(fresh_build / "no-such-compiler"))
     native._library.cache_clear()
@@ -153,3 +153,11 @@ def test_a_failed_build_leaves_no_file_and_forcing_says_why(fresh_build, monkeyp
         monkeypatch.setenv("GPT2LOAD_MATMUL", "native")
         with pytest.raises(Gpt2LoadError, match="GPT2LOAD_MATMUL=native, but gpt2load's kernel is unavailable"):
             linear(x, w, None)
+        monkeypatch.setenv("GPT2LOAD_MATMUL", "auto")
+        q = torch.zeros(1, 1, 3, 16, dtype=torch.bfloat16)
+        torch.testing.assert_close(attn.causal_attention(q, q, q), attn.sdpa_causal(q, q, q))  # torch's attention
+        monkeypatch.setenv("GPT2LOAD_ATTENTION", "native")
+        attn._chosen.clear()
+        with pytest.raises(Gpt2LoadError, match="GPT2LOAD_ATTENTION=native, but gpt2load's attention is unavailable"):
+            attn.causal_attention(q, q, q)
+    attn._chosen.clear()
