@@ -42,7 +42,8 @@ static inline __m256i to_bf16(__m512 x) { /* round to nearest even; NaN stays Na
 }
 
 static inline __m512 exp_neg(__m512 x) { /* e^x for x <= 0: 2^n * e^(f ln 2), |f| <= 1/2, degree-6 polynomial */
-    const __m512 t = _mm512_max_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)), _mm512_set1_ps(-127.0f));
+    /* MAXPS returns its second operand when either is NaN: x second, so a NaN score stays NaN */
+    const __m512 t = _mm512_max_ps(_mm512_set1_ps(-127.0f), _mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)));
     const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     const __m512 y = _mm512_mul_ps(_mm512_sub_ps(t, n), _mm512_set1_ps(0.693147181f));
     __m512 p = _mm512_set1_ps(1.0f / 720);
@@ -139,20 +140,25 @@ static void block(const uint16_t *q, int64_t qt, const uint16_t *kp, const uint1
             scores(nq, q, qt, kp + kb * 16 * D, i0, D, scale, s + kb * 16, width);
     }
     float inv[QB];
-    for (int r = 0; r < nq; r++) { /* softmax over keys 0 .. i0 + r + off; probabilities 0 past that */
-        float *sr = s + r * width;
+    for (int r = 0; r < nq; r++) { /* softmax over keys 0 .. n - 1 (the values product reads no further) */
+        const float *sr = s + r * width;
         uint16_t *pr_r = pr + r * width;
-        const int64_t n = i0 + r + off + 1;
-        for (int64_t j = n; j < width; j++) sr[j] = -__builtin_inff();
-        __m512 mx = _mm512_set1_ps(-__builtin_inff());
-        for (int64_t j = 0; j < width; j += 16) mx = _mm512_max_ps(mx, _mm512_loadu_ps(sr + j));
+        const int64_t n = i0 + r + off + 1, full = n / 16 * 16;
+        const __mmask16 tail = (__mmask16)((1u << (n - full)) - 1);
+        const __m512 none = _mm512_set1_ps(-__builtin_inff());
+        __m512 mx = _mm512_mask_loadu_ps(none, tail, sr + full);
+        for (int64_t j = 0; j < full; j += 16) mx = _mm512_max_ps(mx, _mm512_loadu_ps(sr + j));
         const __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
         __m512 sum = _mm512_setzero_ps();
-        for (int64_t j = 0; j < width; j += 16) {
-            const __mmask16 live = j + 16 <= n ? 0xffff : j >= n ? 0 : (__mmask16)((1u << (n - j)) - 1);
-            const __m512 e = _mm512_maskz_mov_ps(live, exp_neg(_mm512_sub_ps(_mm512_loadu_ps(sr + j), m)));
+        for (int64_t j = 0; j < full; j += 16) {
+            const __m512 e = exp_neg(_mm512_sub_ps(_mm512_loadu_ps(sr + j), m));
             sum = _mm512_add_ps(sum, e);
             _mm256_storeu_si256((__m256i *)(pr_r + j), to_bf16(e));
+        }
+        if (tail) {
+            const __m512 e = _mm512_maskz_mov_ps(tail, exp_neg(_mm512_sub_ps(_mm512_loadu_ps(sr + full), m)));
+            sum = _mm512_add_ps(sum, e);
+            _mm256_storeu_si256((__m256i *)(pr_r + full), to_bf16(e));
         }
         inv[r] = 1.0f / _mm512_reduce_add_ps(sum);
     }
@@ -192,7 +198,7 @@ int gpt2load_attend(const uint16_t *q, const uint16_t *k, const uint16_t *v, uin
         }
         float *s = (float *)malloc((size_t)(QB * nkb * 16) * sizeof(float));
         uint16_t *pr = (uint16_t *)malloc((size_t)(QB * nkb * 16) * 2);
-        if (!s || !pr) {
+        if (!s || !pr) { /* this thread's blocks are left unwritten: the caller raises on the status */
 #pragma omp atomic write
             failed = 1;
         }

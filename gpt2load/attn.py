@@ -48,8 +48,12 @@ def _native(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Attention of q [B, H, Tq, D] over k, v [B, H, Tk, D], query i seeing keys up to i + Tk - Tq, without
-    dropout: [B, Tq, H, D] (not necessarily contiguous)."""
-    if q.dtype is not torch.bfloat16 or not q.is_cpu:
+    dropout: [B, Tq, H, D] (not necessarily contiguous). For inference: inputs that need gradients take torch's."""
+    if (
+        q.dtype is not torch.bfloat16
+        or not q.is_cpu
+        or (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))
+    ):
         return _sdpa(q, k, v)
     setting = attention_setting()
     if setting == "sdpa":
@@ -73,11 +77,11 @@ def _bucket(n: int) -> int:
 
 def _choose(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, setting: str) -> Callable:
     usable = native.attend_usable(q, k, v)
-    if setting == "native":
+    if setting == "native":  # wherever it applies (checked at each call)
         if not usable and not native.attend_usable(*(torch.zeros(1, 1, 1, 16, dtype=torch.bfloat16),) * 3):
             why = native.why_unavailable() or "it needs an AVX-512 CPU"
             raise Gpt2LoadError(f"GPT2LOAD_ATTENTION=native, but gpt2load's attention is unavailable: {why}")
-        return _native if usable else _sdpa
+        return _native
     if not usable:
         return _sdpa
     want = _sdpa(q, k, v).float()

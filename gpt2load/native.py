@@ -51,13 +51,18 @@ def _cpu_identity() -> str:
     return "\n".join(sorted(set(lines)))
 
 
+def _private(path: Path) -> bool:
+    """Whether `path` is ours and nobody else can write to it (a library there runs as our code)."""
+    st = path.stat()
+    return st.st_uid == os.getuid() and not st.st_mode & 0o022
+
+
 def _build_dir() -> Path:
     return (env_path("XDG_CACHE_HOME") or Path.home() / ".cache") / "gpt2load" / "native"
 
 
 def _compile(cc: str, target: Path) -> str | None:
     """Compile the C sources into `target` (written beside it, then renamed: never half-written); None or the error."""
-    target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".so.part")
     os.close(fd)
     try:
@@ -89,10 +94,18 @@ def _library() -> tuple[ctypes.CDLL | None, str]:
     for folder in (_build_dir(), Path(tempfile.gettempdir()) / f"gpt2load-native-{os.getuid()}"):
         target = folder / name
         try:
+            folder.parent.mkdir(parents=True, exist_ok=True)
+            folder.mkdir(mode=0o700, exist_ok=True)
+            if not _private(folder):  # e.g. a shared /tmp where someone else made the folder first
+                why = f"{folder} is not private to this user (owner or permissions)"
+                continue
             if not target.exists():
                 why = _compile(cc, target)
                 if why is not None:
                     continue
+            if not _private(target):
+                why = f"{target} is not private to this user (owner or permissions)"
+                continue
             lib = ctypes.CDLL(str(target))
         except OSError as e:  # a folder we cannot write to, or a file we cannot load: try the next
             why = str(e)
@@ -135,6 +148,7 @@ def usable(x: torch.Tensor, w: torch.Tensor) -> bool:
         and w.dtype in _CODES
         and w.dim() == 2
         and w.is_contiguous()
+        and x.shape[-1] == w.shape[1]
         and 0 < rows <= MAX_ROWS
         and available()
     )
@@ -144,12 +158,18 @@ def gemv(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, scale: torch.
     """x [M, in] @ (w [out, in] * scale[:, None]).T + b, in x's dtype (float32 or bfloat16), for operands that
     `usable` accepted. w is float32, bfloat16 or int8 (int8 with per-row scales)."""
     fn = _library()[0].gpt2load_gemv
+    n = w.shape[0]
+    if x.dim() != 2 or x.shape[1] != w.shape[1] or any(t is not None and t.numel() != n for t in (b, scale)):
+        sizes = ", ".join(
+            f"{name} {list(t.shape)}" for name, t in (("x", x), ("w", w), ("b", b), ("scale", scale)) if t is not None
+        )
+        raise ValueError(f"gemv: shapes do not fit ({sizes})")
     x = x.contiguous()
     if b is not None:
         b = b.to(x.dtype).contiguous()
     if scale is not None:
         scale = scale.to(torch.float32).contiguous()
-    (m, k), n = x.shape, w.shape[0]
+    m, k = x.shape
     y = torch.empty(m, n, dtype=x.dtype)
     status = fn(
         _CODES[w.dtype],
@@ -182,6 +202,7 @@ def attend_usable(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
         and q.shape[:2] == k.shape[:2]
         and k.shape == v.shape
         and q.shape[3] == k.shape[3]
+        and q.shape[3] > 0
         and q.shape[3] % 16 == 0
         and 0 < q.shape[2] <= k.shape[2]
         and bool(lib.gpt2load_attend_supported())
@@ -197,6 +218,9 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | Non
     scale = D**-0.5 if scale is None else scale
     fn = _library()[0].gpt2load_attend
     args = (q.data_ptr(), k.data_ptr(), v.data_ptr(), y.data_ptr(), B, H, Tq, k.shape[2], D, *strides, scale)
-    if fn(*args, torch.get_num_threads()):
+    status = fn(*args, torch.get_num_threads())
+    if status == 2:
+        raise RuntimeError("attend.c was built without AVX-512: check attend_usable first")
+    if status:
         raise MemoryError("attend.c could not allocate its repacked keys and values")
     return y

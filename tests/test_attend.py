@@ -44,6 +44,8 @@ def float64_attention(q, k, v):
         (1, 2, 5, 21, 16),  # a chunk after cached positions, an odd number of keys
         (3, 4, 1, 60, 64),  # one new token seeing everything
         (2, 4, 17, 33, 80),  # dimensions past a multiple of 64
+        (1, 2, 19, 40, 48),  # several query blocks after an odd number of cached keys; 3 blocks of 16 dimensions
+        (1, 1, 9, 9, 112),
         (1, 1, 1, 1, 16),
     ],
 )
@@ -59,11 +61,16 @@ def test_attend_matches_float64_attention(B, H, Tq, Tk, D):
 
 
 @needs_attend
-def test_attend_keeps_nan_where_it_is_seen():
+@pytest.mark.parametrize("where", ["q", "k", "v"])
+def test_attend_keeps_nan_where_it_is_seen(where):
+    """A NaN in a query spoils its row; in a key or a value, the rows that see it, and no other (torch's math
+    attention spreads it to every row of the head: 0 x NaN)."""
     q, k, v = operands(1, 2, 20, 20, 32)
-    v[:, :, 12, 3] = float("nan")
-    got = native.attend(q, k, v)
-    assert got[:, 12:].isnan().any(-1).all() and not got[:, :12].isnan().any()
+    {"q": q, "k": k, "v": v}[where][:, 1, 12, 3] = float("nan")
+    got = native.attend(q, k, v).isnan().any(-1)  # [B, T, H]
+    want = torch.zeros_like(got)
+    want[:, 12 : 13 if where == "q" else None, 1] = True
+    assert torch.equal(got, want)
 
 
 def test_attend_refuses_what_it_does_not_take():
@@ -72,6 +79,7 @@ def test_attend_refuses_what_it_does_not_take():
     assert not native.attend_usable(q[..., :24], k[..., :24], v[..., :24])  # not a multiple of 16
     assert not native.attend_usable(k, q[:, :, :4], q[:, :, :4])  # more queries than keys
     assert not native.attend_usable(q, k.transpose(-1, -2), v)  # last dimension not contiguous
+    assert not native.attend_usable(q[..., :0], k[..., :0], v[..., :0])
 
 
 def attention_calls(monkeypatch):
@@ -106,9 +114,10 @@ def test_forced_native_runs_in_a_bfloat16_model(wide16, monkeypatch):
 def test_measured_choice_decodes_as_torch_attention(wide16, monkeypatch):
     prompt = torch.randint(0, WIDE.vocab_size, (1, 40), generator=torch.Generator().manual_seed(6))
     attn._chosen.clear()
+    calls = attention_calls(monkeypatch)
     with torch.inference_mode():
         auto = wide16(prompt).float()
-    assert attn._chosen and set(attn._chosen.values()) <= {attn._native, attn._sdpa}
+    assert list(attn._chosen) and calls  # measured: gpt2load's attention ran and was compared
     monkeypatch.setenv("GPT2LOAD_ATTENTION", "sdpa")
     with torch.inference_mode():
         torch.testing.assert_close(auto, wide16(prompt).float(), atol=0.1, rtol=0.05)

@@ -2,6 +2,7 @@
 odd width, built once per machine into the cache folder (never half-written), and a clear error where it cannot."""
 
 import copy
+import os
 
 import pytest
 import torch
@@ -161,3 +162,24 @@ def test_a_failed_build_leaves_no_file_and_forcing_says_why(fresh_build, monkeyp
         with pytest.raises(Gpt2LoadError, match="GPT2LOAD_ATTENTION=native, but gpt2load's attention is unavailable"):
             attn.causal_attention(q, q, q)
     attn._chosen.clear()
+
+
+def test_gemv_refuses_shapes_that_do_not_fit():
+    x, w = torch.randn(1, 40), torch.randn(2, 16)
+    assert not native.usable(x, w)
+    for args in ((x, w, None), (x[:, :16], w, torch.randn(1)), (x[:, :16], w.to(torch.int8), None, torch.ones(3))):
+        with pytest.raises(ValueError, match="gemv: shapes do not fit"):
+            native.gemv(*args)
+
+
+def test_a_library_folder_others_can_write_to_is_not_used(fresh_build):
+    """A library in a folder another user could write to would run their code: it is built elsewhere."""
+    shared = fresh_build / "cache" / "gpt2load" / "native"
+    shared.mkdir(parents=True)
+    shared.chmod(0o777)
+    assert native.available()
+    assert not list(shared.iterdir())  # built in the private temporary folder instead
+    assert len(list((fresh_build / "tmp").rglob("kernels-*.so"))) == 1
+    native._library.cache_clear()
+    (fresh_build / "tmp" / f"gpt2load-native-{os.getuid()}").chmod(0o757)
+    assert not native.available() and "is not private to this user" in native.why_unavailable()
