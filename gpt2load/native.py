@@ -57,6 +57,19 @@ def _private(path: Path) -> bool:
     return st.st_uid == os.getuid() and not st.st_mode & 0o022
 
 
+def _own_folder(folder: Path) -> str | None:
+    """Make `folder` (ours: tightened to 0700 if others could write to it, as under umask 002); None, or why it
+    cannot be used (another user's, e.g. one made first in a shared /tmp)."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    folder.mkdir(mode=0o700, exist_ok=True)
+    st = folder.stat()
+    if st.st_uid != os.getuid():
+        return f"{folder} belongs to another user"
+    if st.st_mode & 0o022:
+        folder.chmod(0o700)
+    return None
+
+
 def _build_dir() -> Path:
     return (env_path("XDG_CACHE_HOME") or Path.home() / ".cache") / "gpt2load" / "native"
 
@@ -70,6 +83,7 @@ def _compile(cc: str, target: Path) -> str | None:
         run = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
         if run.returncode != 0:
             return (run.stderr.strip().splitlines() or ["failed"])[-1]
+        os.chmod(tmp, 0o755)  # whatever the umask: nobody else may write to code we run
         os.replace(tmp, target)
         return None
     except (OSError, subprocess.SubprocessError) as e:
@@ -94,17 +108,15 @@ def _library() -> tuple[ctypes.CDLL | None, str]:
     for folder in (_build_dir(), Path(tempfile.gettempdir()) / f"gpt2load-native-{os.getuid()}"):
         target = folder / name
         try:
-            folder.parent.mkdir(parents=True, exist_ok=True)
-            folder.mkdir(mode=0o700, exist_ok=True)
-            if not _private(folder):  # e.g. a shared /tmp where someone else made the folder first
-                why = f"{folder} is not private to this user (owner or permissions)"
+            why = _own_folder(folder)
+            if why is not None:
                 continue
-            if not target.exists():
+            if not target.exists() or not _private(target):  # (a library others could have written: rebuilt)
                 why = _compile(cc, target)
                 if why is not None:
                     continue
             if not _private(target):
-                why = f"{target} is not private to this user (owner or permissions)"
+                why = f"{target} is not private to this user"
                 continue
             lib = ctypes.CDLL(str(target))
         except OSError as e:  # a folder we cannot write to, or a file we cannot load: try the next

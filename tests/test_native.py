@@ -172,14 +172,29 @@ def test_gemv_refuses_shapes_that_do_not_fit():
             native.gemv(*args)
 
 
-def test_a_library_folder_others_can_write_to_is_not_used(fresh_build):
-    """A library in a folder another user could write to would run their code: it is built elsewhere."""
-    shared = fresh_build / "cache" / "gpt2load" / "native"
-    shared.mkdir(parents=True)
-    shared.chmod(0o777)
+def test_the_library_is_private_to_its_user(fresh_build):
+    """Code we load must be writable by us only: a loose folder of ours is tightened, a loose library rebuilt."""
+    folder = fresh_build / "cache" / "gpt2load" / "native"
+    folder.mkdir(parents=True)
+    folder.chmod(0o777)  # as made under a permissive umask
     assert native.available()
-    assert not list(shared.iterdir())  # built in the private temporary folder instead
+    assert folder.stat().st_mode & 0o777 == 0o700
+    (lib,) = folder.iterdir()
+    assert not lib.stat().st_mode & 0o022
+    lib.chmod(0o777)
+    native._library.cache_clear()
+    assert native.available() and lib.stat().st_mode & 0o777 == 0o755  # rebuilt in place
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="making a folder of another user needs root")
+def test_a_library_folder_of_another_user_is_not_used(fresh_build):
+    """Someone else's folder (as one made first in a shared /tmp) would run their code: built elsewhere."""
+    theirs = fresh_build / "cache" / "gpt2load" / "native"
+    theirs.mkdir(parents=True)
+    os.chown(theirs, 65534, 65534)
+    assert native.available()
+    assert not list(theirs.iterdir())  # built in the private temporary folder instead
     assert len(list((fresh_build / "tmp").rglob("kernels-*.so"))) == 1
     native._library.cache_clear()
-    (fresh_build / "tmp" / f"gpt2load-native-{os.getuid()}").chmod(0o757)
-    assert not native.available() and "is not private to this user" in native.why_unavailable()
+    os.chown(fresh_build / "tmp" / f"gpt2load-native-{os.getuid()}", 65534, 65534)
+    assert not native.available() and "belongs to another user" in native.why_unavailable()
