@@ -1,4 +1,4 @@
-/* Causal attention over bfloat16 queries, keys and values, for prompts: scores and sums in float32.
+/* Causal attention over bfloat16 queries, keys and values (prompts, chunks after a cache, new tokens): float32 sums.
 
    y[b, i, h, :] = sum_j softmax_j(scale * q[b, h, i] . k[b, h, j]) v[b, h, j], over keys j <= i + (Tk - Tq).
    torch's CPU flash attention gains little from bfloat16 (a 500-token prompt of the 124M shape: 6.1 ms per layer

@@ -4,7 +4,6 @@ measuring once per process and shape bucket (float32 always takes torch's: its f
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Callable
 
 import torch
@@ -12,6 +11,7 @@ import torch.nn.functional as F
 
 from . import native
 from .errors import Gpt2LoadError
+from .kernels import best_seconds
 
 
 def attention_setting() -> str:
@@ -39,9 +39,6 @@ def sdpa_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: fl
     return y.transpose(1, 2)
 
 
-_sdpa = sdpa_causal
-
-
 def _native(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return native.attend(q, k, v)
 
@@ -54,17 +51,17 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch
         or not q.is_cpu
         or (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))
     ):
-        return _sdpa(q, k, v)
+        return sdpa_causal(q, k, v)
     setting = attention_setting()
     if setting == "sdpa":
-        return _sdpa(q, k, v)
+        return sdpa_causal(q, k, v)
     B, H, Tq, D = q.shape
     key = (B, H, _bucket(Tq), _bucket(k.shape[2]), D, torch.get_num_threads(), setting, native.native_setting())
     kernel = _chosen.get(key)
     if kernel is None:
         kernel = _chosen[key] = _choose(q, k, v, setting)
     if kernel is _native and not native.attend_usable(q, k, v):  # (a layout the bucket's first input did not have)
-        kernel = _sdpa
+        kernel = sdpa_causal
     return kernel(q, k, v)
 
 
@@ -76,22 +73,16 @@ def _bucket(n: int) -> int:
 
 
 def _choose(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, setting: str) -> Callable:
-    usable = native.attend_usable(q, k, v)
     if setting == "native":  # wherever it applies (checked at each call)
-        if not usable and not native.attend_usable(*(torch.zeros(1, 1, 1, 16, dtype=torch.bfloat16),) * 3):
+        if not native.attend_available():
             why = native.why_unavailable() or "it needs an AVX-512 CPU"
             raise Gpt2LoadError(f"GPT2LOAD_ATTENTION=native, but gpt2load's attention is unavailable: {why}")
         return _native
-    if not usable:
-        return _sdpa
-    want = _sdpa(q, k, v).float()
-    if not torch.allclose(_native(q, k, v).float(), want, atol=3e-2, rtol=3e-2):
-        return _sdpa
-    times = {}
-    for kernel in (_sdpa, _native):
-        kernel(q, k, v)  # warm-up
-        start = time.perf_counter()
-        for _ in range(2):
-            kernel(q, k, v)
-        times[kernel] = time.perf_counter() - start
+    if not native.attend_usable(q, k, v):
+        return sdpa_causal
+    if not torch.allclose(_native(q, k, v).float(), sdpa_causal(q, k, v).float(), atol=3e-2, rtol=3e-2):
+        return sdpa_causal
+    times = {
+        kernel: best_seconds(lambda _, kernel=kernel: kernel(q, k, v), [None]) for kernel in (sdpa_causal, _native)
+    }
     return min(times, key=times.get)

@@ -121,7 +121,7 @@ def _rows_bucket(rows: int) -> int:
 _COLD_BYTES = 48 << 20  # weights timed in turn until this much: more than the caches hold, as in decoding
 
 
-def _seconds(fn, weights: list[torch.Tensor], reps: int = 2) -> float:
+def best_seconds(fn, weights: list[torch.Tensor], reps: int = 2) -> float:
     """Best time of `reps` passes calling `fn` on each of `weights` in turn, after a pass of warm-up (the first
     call allocates and packs)."""
     best = float("inf")
@@ -168,9 +168,9 @@ def calibrated(
             if agree:
                 size = w.numel() * w.element_size()
                 weights = [w] + [w.clone() for _ in range(min(31, _COLD_BYTES // size) if rows <= 16 else 0)]
-                best = _seconds(lambda m: kernel(x, m, b, gelu, *extra), weights)
+                best = best_seconds(lambda m: kernel(x, m, b, gelu, *extra), weights)
                 for k in agree:
-                    t = _seconds(lambda m, k=k: k(x, m, b, gelu, *extra), weights)
+                    t = best_seconds(lambda m, k=k: k(x, m, b, gelu, *extra), weights)
                     if t < best:
                         kernel, best = k, t
                 del weights

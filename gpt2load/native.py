@@ -201,23 +201,29 @@ def gemv(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, scale: torch.
     return y
 
 
+@functools.cache
+def _attend_built(lib: ctypes.CDLL) -> bool:
+    return bool(lib.gpt2load_attend_supported())  # attend.c has a kernel only in AVX-512 builds
+
+
+def attend_available() -> bool:
+    """Whether attend.c may be used here: GPT2LOAD_NATIVE is not 0, the library builds, the CPU has AVX-512."""
+    lib = _library()[0] if native_setting() != "0" else None
+    return lib is not None and _attend_built(lib)
+
+
 def attend_usable(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     """Whether `attend` takes these operands: bfloat16 [B, H, T, D] on CPU, D a multiple of 16, the last dimension
-    contiguous, at least as many keys as queries, on an AVX-512 CPU."""
-    lib = _library()[0] if native_setting() != "0" else None
+    contiguous, at least as many keys as queries, and `attend_available`."""
     return (
-        lib is not None
-        and all(
-            t.device.type == "cpu" and t.dtype == torch.bfloat16 and t.dim() == 4 and t.stride(-1) == 1
-            for t in (q, k, v)
-        )
+        all(t.is_cpu and t.dtype == torch.bfloat16 and t.dim() == 4 and t.stride(-1) == 1 for t in (q, k, v))
         and q.shape[:2] == k.shape[:2]
         and k.shape == v.shape
         and q.shape[3] == k.shape[3]
         and q.shape[3] > 0
         and q.shape[3] % 16 == 0
         and 0 < q.shape[2] <= k.shape[2]
-        and bool(lib.gpt2load_attend_supported())
+        and attend_available()
     )
 
 
