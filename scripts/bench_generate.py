@@ -1,13 +1,13 @@
 """Decoding speed of gpt2load against transformers' GPT2LMHeadModel.generate, side by side in one run.
 
-Both libraries hold the same random weights of the real 124M shape. Each case is warmed up, then run --reps
-times alternating the two libraries (so load changes hit both alike); the table shows medians and whether both
-produced the same tokens. Rows: fp32 greedy, beam search and prefill; bfloat16 greedy and prefill (both
-libraries in bf16); int8 weight-only greedy (against transformers in fp32, and against gpt2load's own fp32)
-with its fidelity to fp32 on a teacher-forced 512-token text; greedy over 8 left-padded prompts; fp32 greedy
-and beam search at the 1558M shape (random weights written once to a temporary folder in transformers'
-layout, loaded by both libraries from there). Also the CPU, its flags that matter (AMX, AVX512-BF16, VNNI),
-the memory bandwidth, and each decoding row's share of the bound (weights read per step / bandwidth).
+Both libraries hold the same random weights of the real 124M shape. Each case is warmed up, then run --reps times
+(the prefill rows three times as many) alternating the two libraries (so load changes hit both alike); the table
+shows medians and whether both produced the same tokens. Rows: fp32 greedy, beam search and prefill; bfloat16
+greedy and prefill (both libraries in bf16); int8 weight-only greedy (against transformers in fp32, and against
+gpt2load's own fp32) with its fidelity to fp32 on a teacher-forced 512-token text; greedy over 8 left-padded
+prompts; fp32 greedy and beam search at the 1558M shape (random weights written once to a temporary folder in
+transformers' layout, loaded by both libraries from there). Also the CPU, its flags that matter (AMX, AVX512-BF16,
+VNNI), the memory bandwidth, and each decoding row's share of the bound (weights read per step / bandwidth).
 
     python scripts/bench.py generate [--reps 3] [--sizes 124M,1558M] [--profile]
 """
@@ -205,11 +205,12 @@ class Table:
         self._copy = lambda: dst.copy_(src)
         self._copy_bytes = 2 * src.numel() * 4  # read + written
 
-    def case(self, name, ref_fn, ours_fn, work, unit, step_bytes=None, steps=0, base_fn=None, base_work=0):
+    def case(self, name, ref_fn, ours_fn, work, unit, step_bytes=None, steps=0, base_fn=None, base_work=0, reps=None):
         """Time ref vs ours (and ours vs `base_fn`, `base_work` units per run); `work` units per run;
-        `step_bytes` read per decoding step, `steps` steps per run. Returns (ours / base rate, ours' output)."""
+        `step_bytes` read per decoding step, `steps` steps per run; `reps` instead of the table's. Returns
+        (ours / base rate, ours' output)."""
         fns = [ref_fn, ours_fn, self._copy] + ([base_fn] if base_fn else [])
-        (ref_t, ours_t, copy_t, *base_t), (ref, got, *_) = interleaved(fns, self.reps)
+        (ref_t, ours_t, copy_t, *base_t), (ref, got, *_) = interleaved(fns, reps or self.reps)
         bw = self._copy_bytes / copy_t
         self.bandwidths.append(bw)
         share = f"{100 * steps / ours_t * step_bytes / bw:.0f}%" if step_bytes else "—"
@@ -266,6 +267,9 @@ def main(argv: list[str] | None = None) -> int:
     t = Table(args.reps)
     fp32_bytes, bf16_bytes, int8_bytes = weight_bytes(ours), weight_bytes(ours16), weight_bytes(ours8)
     n, k, P, B, nb = args.new_tokens, args.beams, args.prefill, args.batch, args.beam_tokens
+    # A prompt takes a fraction of a second: its rows get three times the runs, so that a burst of load on a
+    # shared machine (here: seconds in which bf16 matmuls run at half speed) moves their medians less.
+    short = 3 * args.reps
 
     def greedy(ref_model, model, idx=prompt, n=n, attn=None):
         attn = ones(idx) if attn is None else attn
@@ -302,6 +306,7 @@ def main(argv: list[str] | None = None) -> int:
         P,
         "prompt tok/s",
         **old.get("prefill", {}),
+        reps=short,
     )
     t.case(f"bf16 greedy, {n} new tokens", *greedy(hf16, ours16), n, "tok/s", bf16_bytes, n, **base)
     t.case(
@@ -311,6 +316,7 @@ def main(argv: list[str] | None = None) -> int:
         "prompt tok/s",
         base_fn=greedy(hf, ours, long_prompt, 1)[1],  # vs gpt2load's fp32 prefill
         base_work=P,
+        reps=short,
     )
     _, int8_out = t.case(
         f"int8 greedy, {n} new tokens (transformers: fp32)", *greedy(hf, ours8), n, "tok/s", int8_bytes, n, **base
@@ -335,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"\ngpt2load vs transformers {transformers.__version__} (torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads, 124M shape unless a row says otherwise, random weights, median of "
-        f"{args.reps} alternating runs; "
+        f"{args.reps} alternating runs, {short} for the prefill rows; "
         f"1-minute load average before the run {load:.1f})\n"
     )
     print(f"CPU: {cpu}; " + ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in flags.items()))
