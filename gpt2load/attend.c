@@ -15,7 +15,7 @@
 #include <string.h>
 
 #if defined(__AVX512F__)
-#include <immintrin.h>
+#include "vecmath.h"
 
 #define QB 8 /* queries per block */
 
@@ -41,19 +41,9 @@ static inline __m256i to_bf16(__m512 x) { /* round to nearest even; NaN stays Na
     return _mm512_cvtepi32_epi16(r);
 }
 
-static inline __m512 exp_neg(__m512 x) { /* e^x for x <= 0: 2^n * e^(f ln 2), |f| <= 1/2, degree-6 polynomial */
+static inline __m512 exp_neg(__m512 x) { /* e^x for x <= 0 (2^-127 at least) */
     /* MAXPS returns its second operand when either is NaN: x second, so a NaN score stays NaN */
-    const __m512 t = _mm512_max_ps(_mm512_set1_ps(-127.0f), _mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)));
-    const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    const __m512 y = _mm512_mul_ps(_mm512_sub_ps(t, n), _mm512_set1_ps(0.693147181f));
-    __m512 p = _mm512_set1_ps(1.0f / 720);
-    p = _mm512_fmadd_ps(p, y, _mm512_set1_ps(1.0f / 120));
-    p = _mm512_fmadd_ps(p, y, _mm512_set1_ps(1.0f / 24));
-    p = _mm512_fmadd_ps(p, y, _mm512_set1_ps(1.0f / 6));
-    p = _mm512_fmadd_ps(p, y, _mm512_set1_ps(0.5f));
-    p = _mm512_fmadd_ps(p, y, _mm512_set1_ps(1.0f));
-    p = _mm512_fmadd_ps(p, y, _mm512_set1_ps(1.0f));
-    return _mm512_scalef_ps(p, n);
+    return exp2_of(_mm512_max_ps(_mm512_set1_ps(-127.0f), _mm512_mul_ps(x, _mm512_set1_ps(1.44269504f))));
 }
 
 static inline __m512i pair_at(const uint16_t *p) { /* two bfloat16 values, in every 32-bit lane */

@@ -168,9 +168,10 @@ def calibrated(
             if agree:
                 size = w.numel() * w.element_size()
                 weights = [w] + [w.clone() for _ in range(min(31, _COLD_BYTES // size) if rows <= 16 else 0)]
-                best = best_seconds(lambda m: kernel(x, m, b, gelu, *extra), weights)
+                reps = 2 if len(weights) > 1 else 4  # one weight: a single call per pass, closer to each other
+                best = best_seconds(lambda m: kernel(x, m, b, gelu, *extra), weights, reps)
                 for k in agree:
-                    t = best_seconds(lambda m, k=k: k(x, m, b, gelu, *extra), weights)
+                    t = best_seconds(lambda m, k=k: k(x, m, b, gelu, *extra), weights, reps)
                     if t < best:
                         kernel, best = k, t
                 del weights
@@ -181,8 +182,11 @@ def calibrated(
 
 
 def _native(x, w, b, gelu=False):
-    """gpt2load's own matrix-vector kernel (native.py): float32 and bfloat16 weights read at close to the same
-    bytes per second, so bfloat16 decoding reads its half of the bytes in about half the time."""
+    """gpt2load's own kernels (native.py): for a few rows gemv.c, which reads float32 and bfloat16 weights at close
+    to the same bytes per second (bfloat16 decoding reads its half of the bytes in about half the time); for
+    bfloat16 prompts gemm.c, with the bias and GELU added before rounding."""
+    if x.shape[0] > native.MAX_ROWS:
+        return native.gemm(x, w, b, gelu)
     y = native.gemv(x, w, b)
     return F.gelu(y, approximate="tanh") if gelu else y
 
@@ -193,8 +197,8 @@ _KERNELS = {"plain": _plain, "onednn": _onednn, "split": _split, "native": _nati
 def matmul_setting() -> str:
     """The kernel choice the environment asks for, read at each call: GPT2LOAD_MATMUL=plain|onednn|split|native
     forces one (where it works), GPT2LOAD_ONEDNN=0 never uses oneDNN's private op and =1 always does,
-    GPT2LOAD_NATIVE=0 never builds or uses gemv.c; otherwise (unset, "auto") every kernel is measured per shape.
-    Returns "auto", "no-onednn" or a kernel's name."""
+    GPT2LOAD_NATIVE=0 never builds or uses gpt2load's C kernels; otherwise (unset, "auto") every kernel is
+    measured per shape. Returns "auto", "no-onednn" or a kernel's name."""
     forced = os.environ.get("GPT2LOAD_MATMUL", "").strip().lower() or "auto"
     if forced not in ("auto", *_KERNELS):
         raise Gpt2LoadError(
@@ -231,7 +235,8 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, gelu: bool 
     On CPU there are four ways to do it: F.linear, oneDNN's op (reads the weights of nn.Linear at close to
     memory bandwidth on some CPUs and not on others; private, so also checked against F.linear before use),
     `_split` (a batch of matrix-vector products over row blocks of the weight, fastest for one float32 row here)
-    and `_native` (gpt2load's own C kernel, fastest for bfloat16 weights and several rows here).
+    and `_native` (gpt2load's own C kernels: fastest for bfloat16 weights and several rows here, and for
+    bfloat16 prompts on AVX512-BF16).
     Which one is chosen by measuring (see `matmul_setting`). Decoding calls this about 50 times per token, so
     the choice is remembered per weight shape, input shape, setting and thread count.
     """
@@ -262,9 +267,9 @@ def _resolve(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, gelu: boo
     if setting in ("auto", "no-onednn", "split") and flat.shape[0] <= 16 and w.is_contiguous():
         if split_pieces(w.shape[0], torch.get_num_threads()):
             kernels.append(_split)
-    if setting in ("auto", "no-onednn", "native") and native.usable(flat, w):
+    if setting in ("auto", "no-onednn", "native") and (native.usable(flat, w) or native.gemm_usable(flat, w)):
         kernels.append(_native)
-    if setting == "native" and not native.available():  # (forced, it still leaves prompts to F.linear)
+    if setting == "native" and not native.available():  # (forced: float32 prompts still go to F.linear)
         raise Gpt2LoadError(f"GPT2LOAD_MATMUL=native, but gpt2load's kernel is unavailable: {native.why_unavailable()}")
     if setting in _KERNELS:  # forced: that kernel where it works, else F.linear
         kernel = _KERNELS[setting] if _KERNELS[setting] in kernels else _plain

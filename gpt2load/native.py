@@ -3,9 +3,11 @@
 gemv.c, the matrix-vector product: decoding reads every weight once per token; torch's kernels stream float32
 weights at up to about 70% of memory bandwidth for one row here, but bfloat16 and int8 weights at a fraction of
 it. gemv.c reads all three at close to the same bytes per second, so half or a quarter of the bytes take about half
-or a quarter of the time. attend.c, causal attention over bfloat16 (AVX-512 only): torch's CPU flash attention
-is no faster in bfloat16 than in float32. Each is one more candidate for a measurement per shape
-(`kernels.linear`, `int8mm.int8_linear`, `attn.causal_attention`), never assumed faster.
+or a quarter of the time. gemm.c, the bfloat16 matrix-matrix product for prompts (AVX512-BF16 only): packs the
+weight a panel at a time instead of reordering all of it at every call, with the bias and GELU added in
+registers. attend.c, causal attention over bfloat16 (AVX-512 only): torch's CPU flash attention is no faster in
+bfloat16 than in float32. Each is one more candidate for a measurement per shape (`kernels.linear`,
+`int8mm.int8_linear`, `attn.causal_attention`), never assumed faster.
 
 Built with `$CC` (else `cc`) for this CPU (-march=native) into $XDG_CACHE_HOME/gpt2load/native (else
 ~/.cache/...), named by a hash of the sources, the compiler and the CPU, so a shared home folder on another CPU
@@ -28,7 +30,8 @@ import torch
 from .env import env_path
 from .errors import Gpt2LoadError
 
-_SOURCES = [Path(__file__).with_name(n) for n in ("gemv.c", "attend.c")]
+_SOURCES = [Path(__file__).with_name(n) for n in ("gemv.c", "gemm.c", "attend.c")]
+_HEADERS = [Path(__file__).with_name("vecmath.h")]  # included by the sources: part of the library's name
 _FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
 _CODES = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2}
 MAX_ROWS = 16  # beyond a few rows the arithmetic dominates and torch's matrix-matrix kernels win
@@ -101,7 +104,7 @@ def _library() -> tuple[ctypes.CDLL | None, str]:
         version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.SubprocessError) as e:
         return None, f"no C compiler ({cc}: {e})"
-    sources = [f.read_text() for f in _SOURCES]
+    sources = [f.read_text() for f in _SOURCES + _HEADERS]
     key = hashlib.sha256("\0".join([*sources, version, _cpu_identity(), *_FLAGS]).encode()).hexdigest()
     name = f"kernels-{key[:20]}.so"
     why = None
@@ -126,6 +129,9 @@ def _library() -> tuple[ctypes.CDLL | None, str]:
         fn.restype = ctypes.c_int
         fn.argtypes = [ctypes.c_int, *[ctypes.c_void_p] * 2, ctypes.c_int, *[ctypes.c_void_p] * 3]
         fn.argtypes += [ctypes.c_int64] * 3 + [ctypes.c_int]
+        fn = lib.gpt2load_gemm
+        fn.restype = ctypes.c_int
+        fn.argtypes = [*[ctypes.c_void_p] * 4, *[ctypes.c_int64] * 3, ctypes.c_int, ctypes.c_int]
         fn = lib.gpt2load_attend
         fn.restype = ctypes.c_int
         fn.argtypes = [
@@ -136,7 +142,7 @@ def _library() -> tuple[ctypes.CDLL | None, str]:
             ctypes.c_int,
         ]
         return lib, ""
-    return None, f"building {' and '.join(f.name for f in _SOURCES)} failed: {why}"
+    return None, f"building {', '.join(f.name for f in _SOURCES)} failed: {why}"
 
 
 def available() -> bool:
@@ -164,6 +170,55 @@ def usable(x: torch.Tensor, w: torch.Tensor) -> bool:
         and 0 < rows <= MAX_ROWS
         and available()
     )
+
+
+@functools.cache
+def _gemm_built(lib: ctypes.CDLL) -> bool:
+    return bool(lib.gpt2load_gemm_supported())  # gemm.c has a kernel only in AVX512-BF16 builds
+
+
+def gemm_usable(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """Whether `gemm` takes these operands: bfloat16 x [..., K] with more than MAX_ROWS rows (fewer: gemv) and w
+    [N, K] contiguous on CPU, N a multiple of 16, K even, and a build with AVX512-BF16."""
+    rows = x.numel() // max(1, x.shape[-1])
+    if not (
+        x.device.type == "cpu"
+        and w.device.type == "cpu"
+        and x.dtype == w.dtype == torch.bfloat16
+        and w.dim() == 2
+        and w.is_contiguous()
+        and x.shape[-1] == w.shape[1]
+        and w.shape[0] % 16 == 0
+        and w.shape[1] % 2 == 0
+        and w.numel() > 0
+        and rows > MAX_ROWS
+        and native_setting() != "0"
+    ):
+        return False
+    lib = _library()[0]
+    return lib is not None and _gemm_built(lib)
+
+
+def gemm(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, gelu: bool = False) -> torch.Tensor:
+    """x [M, K] @ w [N, K].T + b, then tanh-GELU if asked, for bfloat16 operands `gemm_usable` accepted (any M):
+    [M, N] bfloat16, float32 sums rounded once."""
+    (n, k), m = w.shape, x.shape[0]
+    if x.dim() != 2 or x.shape[1] != k or n % 16 or k % 2 or (b is not None and b.numel() != n):
+        sizes = ", ".join(f"{name} {list(t.shape)}" for name, t in (("x", x), ("w", w), ("b", b)) if t is not None)
+        raise ValueError(f"gemm: shapes do not fit ({sizes}; out a multiple of 16, in even)")
+    if x.dtype != torch.bfloat16 or w.dtype != torch.bfloat16:
+        raise ValueError(f"gemm: x and w must be bfloat16, not {x.dtype} and {w.dtype}")
+    x, w = x.contiguous(), w.contiguous()
+    b = None if b is None else b.to(torch.bfloat16).contiguous()
+    y = torch.empty(m, n, dtype=torch.bfloat16)
+    fn = _library()[0].gpt2load_gemm
+    args = (x.data_ptr(), w.data_ptr(), None if b is None else b.data_ptr(), y.data_ptr(), m, n, k, int(gelu))
+    status = fn(*args, torch.get_num_threads())
+    if status == 2:
+        raise RuntimeError("gemm.c was built without AVX512-BF16: check gemm_usable first")
+    if status:
+        raise MemoryError("gemm.c could not allocate its packed weight panel")
+    return y
 
 
 def gemv(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, scale: torch.Tensor | None = None) -> torch.Tensor:
