@@ -56,8 +56,8 @@ static void pack(const uint16_t *w, int64_t K, int64_t n0, int nv, uint32_t *pk)
             transpose16(r);
             for (int i = 0; i < 16; i++) _mm512_storeu_si512(pk + (p0 + i) * NP + c0, r[i]);
         }
-        for (int64_t p = full; p < K2; p++)
-            for (int i = 0; i < 16; i++) pk[p * NP + c0 + i] = src[i * K2 + p];
+        for (int64_t p = full; p < K2; p++) /* (memcpy: w may be only 2-byte aligned) */
+            for (int i = 0; i < 16; i++) memcpy(pk + p * NP + c0 + i, src + i * K2 + p, 4);
     }
 }
 
@@ -119,6 +119,8 @@ int gpt2load_gemm(const uint16_t *x, const uint16_t *w, const uint16_t *bias, ui
                   int64_t K, int gelu, int threads) {
     const int64_t K2 = K / 2, panels = (N + NP - 1) / NP;
     int failed = 0;
+    if (M <= 0 || N <= 0) return 0;
+    if (threads < 1) threads = 1;
 #pragma omp parallel num_threads(threads)
     {
         uint32_t *pk = (uint32_t *)aligned_alloc(64, (size_t)(K2 * NP) * 4 + 64);

@@ -211,6 +211,8 @@ def gemm(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, gelu: bool = 
     x, w = x.contiguous(), w.contiguous()
     b = None if b is None else b.to(torch.bfloat16).contiguous()
     y = torch.empty(m, n, dtype=torch.bfloat16)
+    if m == 0:
+        return y
     fn = _library()[0].gpt2load_gemm
     args = (x.data_ptr(), w.data_ptr(), None if b is None else b.data_ptr(), y.data_ptr(), m, n, k, int(gelu))
     status = fn(*args, torch.get_num_threads())

@@ -96,6 +96,16 @@ def test_gemm_refuses_what_it_does_not_take():
         native.gemm(x.float(), w, None)
 
 
+@needs_gemm
+def test_gemm_takes_no_rows_and_a_weight_at_an_odd_address():
+    x, w, b = operands(20, 32, 18)
+    assert native.gemm(x[:0], w, b).shape == (0, 32)
+    odd = torch.empty(32 * 18 + 1, dtype=BF16)[1:].view(32, 18)  # 2-byte aligned only; 9 pairs: the scalar tail
+    odd.copy_(w)
+    assert odd.data_ptr() % 4 == 2
+    torch.testing.assert_close(native.gemm(x, odd, b), native.gemm(x, w, b), atol=0, rtol=0)
+
+
 def test_native_off_never_takes_gemm(monkeypatch):
     x, w, _ = operands(20, 32, 16)
     monkeypatch.setenv("GPT2LOAD_NATIVE", "0")
