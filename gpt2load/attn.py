@@ -1,5 +1,6 @@
-"""Causal attention for bfloat16 inference: torch's scaled_dot_product_attention or gpt2load's attend.c, chosen by
-measuring once per process and shape bucket (float32 always takes torch's: its flash attention is as fast)."""
+"""Attention for inference: torch's scaled_dot_product_attention or gpt2load's attend.c (bfloat16 prompts, chunks
+and tokens; one float32 query per row when decoding, with or without a mask), chosen by measuring once per
+process and shape bucket (float32 prompts always take torch's: its flash attention is as fast there)."""
 
 from __future__ import annotations
 
@@ -39,50 +40,80 @@ def sdpa_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: fl
     return y.transpose(1, 2)
 
 
-def _native(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+def _torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    if mask is None:
+        return sdpa_causal(q, k, v)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2)
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     return native.attend(q, k, v)
+
+
+def _attend_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    return native.attend_one(q, k, v, mask)
+
+
+def _usable(kernel: Callable, q, k, v, mask) -> bool:
+    if kernel is _attend:
+        return mask is None and native.attend_usable(q, k, v)
+    return native.attend_one_usable(q, k, v, mask)
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Attention of q [B, H, Tq, D] over k, v [B, H, Tk, D], query i seeing keys up to i + Tk - Tq, without
     dropout: [B, Tq, H, D] (not necessarily contiguous). For inference: inputs that need gradients take torch's."""
-    if (
-        q.dtype is not torch.bfloat16
-        or not q.is_cpu
-        or (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))
-    ):
-        return sdpa_causal(q, k, v)
+    return _attention(q, k, v, None)
+
+
+def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Attention of q [B, H, Tq, D] over k, v [B, H, Tk, D] where `mask` (broadcast to [B, H, Tq, Tk]) allows it,
+    without dropout: [B, Tq, H, D] (not necessarily contiguous). For inference, as `causal_attention`."""
+    return _attention(q, k, v, mask)
+
+
+def _attention(q, k, v, mask):
+    """torch's attention, or one of attend.c's kernels where it applies (bfloat16 without a mask; one float32
+    query per row, decoding) and was measured faster for this shape bucket (or is forced)."""
+    if not q.is_cpu or (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)):
+        return _torch(q, k, v, mask)
+    if q.dtype is torch.bfloat16 and mask is None:
+        ours = _attend
+    elif q.dtype is torch.float32 and q.shape[2] == 1:
+        ours = _attend_one
+    else:
+        return _torch(q, k, v, mask)
     setting = attention_setting()
     if setting == "sdpa":
-        return sdpa_causal(q, k, v)
+        return _torch(q, k, v, mask)
     B, H, Tq, D = q.shape
-    key = (B, H, _bucket(Tq), _bucket(k.shape[2]), D, torch.get_num_threads(), setting, native.native_setting())
+    key = (ours, B, H, _bucket(Tq), _bucket(k.shape[2]), D, mask is None, torch.get_num_threads(), setting)
+    key += (native.native_setting(),)
     kernel = _chosen.get(key)
     if kernel is None:
-        kernel = _chosen[key] = _choose(q, k, v, setting)
-    if kernel is _native and not native.attend_usable(q, k, v):  # (a layout the bucket's first input did not have)
-        kernel = sdpa_causal
-    return kernel(q, k, v)
+        kernel = _chosen[key] = _choose(ours, q, k, v, mask, setting)
+    if kernel is not _torch and not _usable(kernel, q, k, v, mask):  # (a layout the bucket's first input lacked)
+        kernel = _torch
+    return kernel(q, k, v, mask)
 
 
-_chosen: dict[tuple, Callable] = {}  # (shape buckets, threads, settings) -> kernel
+_chosen: dict[tuple, Callable] = {}  # (kernel, shape buckets, mask or not, threads, settings) -> kernel
 
 
 def _bucket(n: int) -> int:
     return 1 << (n - 1).bit_length()
 
 
-def _choose(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, setting: str) -> Callable:
+def _choose(ours: Callable, q, k, v, mask, setting: str) -> Callable:
     if setting == "native":  # wherever it applies (checked at each call)
         if not native.attend_available():
             why = native.why_unavailable() or "it needs an AVX-512 CPU"
             raise Gpt2LoadError(f"GPT2LOAD_ATTENTION=native, but gpt2load's attention is unavailable: {why}")
-        return _native
-    if not native.attend_usable(q, k, v):
-        return sdpa_causal
-    if not torch.allclose(_native(q, k, v).float(), sdpa_causal(q, k, v).float(), atol=3e-2, rtol=3e-2):
-        return sdpa_causal
-    times = {
-        kernel: best_seconds(lambda _, kernel=kernel: kernel(q, k, v), [None]) for kernel in (sdpa_causal, _native)
-    }
+        return ours
+    if not _usable(ours, q, k, v, mask):
+        return _torch
+    tol = 3e-2 if q.dtype is torch.bfloat16 else 1e-4
+    if not torch.allclose(ours(q, k, v, mask).float(), _torch(q, k, v, mask).float(), atol=tol, rtol=tol):
+        return _torch
+    times = {kernel: best_seconds(lambda _, kernel=kernel: kernel(q, k, v, mask), [None]) for kernel in (_torch, ours)}
     return min(times, key=times.get)

@@ -6,8 +6,9 @@ it. gemv.c reads all three at close to the same bytes per second, so half or a q
 or a quarter of the time. gemm.c, the bfloat16 matrix-matrix product for prompts (AVX512-BF16 only): packs the
 weight a panel at a time instead of reordering all of it at every call, with the bias and GELU added in
 registers. attend.c, causal attention over bfloat16 (AVX-512 only): torch's CPU flash attention is no faster in
-bfloat16 than in float32. Each is one more candidate for a measurement per shape (`kernels.linear`,
-`int8mm.int8_linear`, `attn.causal_attention`), never assumed faster.
+bfloat16 than in float32; and float32 decoding attention (one query per row, optional mask), which streams the
+cached keys and values once where torch's took several times their reading time. Each is one more candidate for
+a measurement per shape (`kernels.linear`, `int8mm.int8_linear`, `attn.causal_attention`), never assumed faster.
 
 Built with `$CC` (else `cc`) for this CPU (-march=native) into $XDG_CACHE_HOME/gpt2load/native (else
 ~/.cache/...), named by a hash of the sources, the compiler and the CPU, so a shared home folder on another CPU
@@ -132,6 +133,10 @@ def _library() -> tuple[ctypes.CDLL | None, str]:
         fn = lib.gpt2load_gemm
         fn.restype = ctypes.c_int
         fn.argtypes = [*[ctypes.c_void_p] * 4, *[ctypes.c_int64] * 3, ctypes.c_int, ctypes.c_int]
+        fn = lib.gpt2load_attend_one
+        fn.restype = ctypes.c_int
+        fn.argtypes = [*[ctypes.c_void_p] * 5, *[ctypes.c_int64] * 4, *[ctypes.c_void_p] * 4, ctypes.c_float]
+        fn.argtypes += [ctypes.c_int]
         fn = lib.gpt2load_attend
         fn.restype = ctypes.c_int
         fn.argtypes = [
@@ -298,4 +303,55 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | Non
         raise RuntimeError("attend.c was built without AVX-512: check attend_usable first")
     if status:
         raise MemoryError("attend.c could not allocate its repacked keys and values")
+    return y
+
+
+def attend_one_usable(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> bool:
+    """Whether `attend_one` takes these operands: float32 q [B, H, 1, D] and k, v [B, H, Tk, D] on CPU with the
+    last dimension contiguous, D a multiple of 16 up to 256, a bool mask [B or 1, H or 1, 1, Tk] (or none) with
+    its last dimension contiguous, and `attend_available`."""
+    if not (
+        all(t.is_cpu and t.dtype == torch.float32 and t.dim() == 4 and t.stride(-1) == 1 for t in (q, k, v))
+        and q.shape[2] == 1
+        and q.shape[:2] == k.shape[:2]
+        and k.shape == v.shape
+        and q.shape[3] == k.shape[3]
+        and 0 < q.shape[3] <= 256
+        and q.shape[3] % 16 == 0
+        and k.shape[2] > 0
+    ):
+        return False
+    if mask is not None:
+        B, H, Tk, _ = k.shape
+        if not (
+            mask.is_cpu
+            and mask.dtype == torch.bool
+            and mask.dim() == 4
+            and mask.shape[0] in (1, B)
+            and mask.shape[1] in (1, H)
+            and mask.shape[2:] == (1, Tk)
+            and (mask.stride(3) == 1 or Tk == 1)
+        ):
+            return False
+    return attend_available()
+
+
+def attend_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Attention of one float32 query per row and head, q [B, H, 1, D], over k, v [B, H, Tk, D], seeing the keys
+    where `mask` is True (all when None), for operands `attend_one_usable` accepted: y [B, 1, H, D] (attend.c)."""
+    B, H, _, D = q.shape
+    y = torch.empty(B, 1, H, D, dtype=q.dtype)
+    strides = [(ctypes.c_int64 * 3)(*t.stride()[:3]) for t in (q, k, v)]
+    if mask is not None:
+        ms = (ctypes.c_int64 * 2)(*(mask.stride(i) if mask.shape[i] > 1 else 0 for i in (0, 1)))
+        mask_ptr = mask.data_ptr()
+    else:
+        ms, mask_ptr = (ctypes.c_int64 * 2)(0, 0), None
+    fn = _library()[0].gpt2load_attend_one
+    args = (q.data_ptr(), k.data_ptr(), v.data_ptr(), mask_ptr, y.data_ptr(), B, H, k.shape[2], D, *strides, ms)
+    status = fn(*args, D**-0.5, torch.get_num_threads())
+    if status == 2:
+        raise RuntimeError("attend.c was built without AVX-512: check attend_one_usable first")
+    if status:
+        raise MemoryError("attend.c could not allocate its scores")
     return y

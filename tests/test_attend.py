@@ -1,5 +1,7 @@
-"""gpt2load's bfloat16 causal attention (attend.c): the same result as attention in float64 up to bfloat16's
-rounding, for every shape the model hands it; chosen or forced in a bfloat16 model, and never for float32."""
+"""gpt2load's attention kernels (attend.c): bfloat16 causal attention, the same result as attention in float64 up
+to bfloat16's rounding for every shape the model hands it, chosen or forced in a bfloat16 model and never for
+float32 prompts; and float32 decoding (one query per row, with or without a mask), close to float64 attention
+and decoding the same tokens as torch's attention."""
 
 import copy
 
@@ -9,7 +11,7 @@ import torch.nn.functional as F
 from oracle import pair
 from test_kernels import WIDE
 
-from gpt2load import Gpt2LoadError, attn, generate, native
+from gpt2load import Gpt2LoadError, attn, beam_search, generate, left_pad, native
 
 BF16 = torch.bfloat16
 HERE = native.attend_available()
@@ -82,16 +84,17 @@ def test_attend_refuses_what_it_does_not_take():
     assert not native.attend_usable(q[..., :0], k[..., :0], v[..., :0])
 
 
-def attention_calls(monkeypatch):
+def kernel_calls(monkeypatch, name="attend"):
+    """The query shapes `native.<name>` is called with from now on (it still runs)."""
     calls = []
-    real = native.attend
-    monkeypatch.setattr(native, "attend", lambda *a: calls.append(a[0].shape) or real(*a))
+    real = getattr(native, name)
+    monkeypatch.setattr(native, name, lambda *a: calls.append(a[0].shape) or real(*a))
     return calls
 
 
 @needs_attend
 def test_forced_native_runs_in_a_bfloat16_model(wide16, monkeypatch):
-    calls = attention_calls(monkeypatch)
+    calls = kernel_calls(monkeypatch)
     prompt = torch.randint(0, WIDE.vocab_size, (2, 20), generator=torch.Generator().manual_seed(3))
     logits = {}
     for setting in ("native", "sdpa"):
@@ -114,7 +117,7 @@ def test_forced_native_runs_in_a_bfloat16_model(wide16, monkeypatch):
 def test_measured_choice_decodes_as_torch_attention(wide16, monkeypatch):
     prompt = torch.randint(0, WIDE.vocab_size, (1, 40), generator=torch.Generator().manual_seed(6))
     attn._chosen.clear()
-    calls = attention_calls(monkeypatch)
+    calls = kernel_calls(monkeypatch)
     with torch.inference_mode():
         auto = wide16(prompt).float()
     assert list(attn._chosen) and calls  # measured: gpt2load's attention ran and was compared
@@ -133,6 +136,96 @@ def test_attention_settings_that_cannot_hold_name_the_variables(wide16, monkeypa
         generate(wide16, torch.tensor([[1, 2, 3]]), 2)
     monkeypatch.setenv("GPT2LOAD_NATIVE", "auto")
     monkeypatch.setenv("GPT2LOAD_ATTENTION", "sdpa")
-    calls = attention_calls(monkeypatch)
+    calls = kernel_calls(monkeypatch)
     generate(wide16, torch.tensor([[1, 2, 3]]), 2)
+    assert not calls
+
+
+def decoding_operands(B, H, Tk, D, seed=0):
+    """One float32 query per row as the model makes it (a strided view), keys and values as cache slices."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, 1, 3, H, D, generator=g)[:, :, 0].transpose(1, 2)
+    k, v = (torch.randn(B, H, Tk + 7, D, generator=g)[:, :, :Tk] for _ in range(2))
+    return q, k, v
+
+
+def left_pad_mask(B, Tk, width=None):
+    """Row b sees keys from b % 5 on, as a slice of a wider table (the decoder's layout)."""
+    keep = torch.arange(width or Tk + 3)[None, :] >= (torch.arange(B) % 5)[:, None]
+    return keep[:, None, None, :Tk]
+
+
+@needs_attend
+@pytest.mark.parametrize("B,H,Tk,D", [(8, 12, 60, 64), (3, 4, 17, 32), (2, 3, 33, 48), (1, 2, 1, 16), (4, 2, 16, 256)])
+@pytest.mark.parametrize("masking", ["none", "left pad", "per head", "broadcast"])
+def test_attend_one_matches_float64_attention(B, H, Tk, D, masking):
+    q, k, v = decoding_operands(B, H, Tk, D, seed=B + Tk)
+    g = torch.Generator().manual_seed(1)
+    mask = {
+        "none": None,
+        "left pad": left_pad_mask(B, Tk),
+        "per head": torch.rand(B, H, 1, Tk, generator=g) < 0.7,
+        "broadcast": left_pad_mask(1, Tk),
+    }[masking]
+    if mask is not None:
+        mask[..., -1] = True  # every row sees its newest key
+    assert native.attend_one_usable(q, k, v, mask)
+    got = native.attend_one(q, k, v, mask)
+    assert got.shape == (B, 1, H, D) and got.dtype == torch.float32
+    allowed = None if mask is None else mask.expand(B, H, 1, Tk)
+    want = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=allowed).transpose(1, 2)
+    torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
+
+
+@needs_attend
+def test_attend_one_keeps_nan_where_it_is_seen_and_zeros_for_no_key():
+    q, k, v = decoding_operands(3, 2, 10, 16)
+    mask = left_pad_mask(3, 10)  # rows 1 and 2 do not see key 0
+    v[:, :, 0, 5] = float("nan")
+    k[2, 1, 6, 0] = float("nan")
+    got = native.attend_one(q, k, v, mask)
+    assert got[0, 0, :, 5].isnan().all() and not got[0, 0, :, :5].isnan().any()  # row 0 sees it, both heads
+    assert not got[1].isnan().any()  # row 1 sees neither
+    assert got[2, 0, 1].isnan().all() and not got[2, 0, 0].isnan().any()  # the NaN key: its head only
+    mask = mask.clone()
+    mask[1] = False  # a row that sees no key: zeros, as torch's attention gives
+    got = native.attend_one(q, k, v, mask)
+    assert torch.equal(got[1], torch.zeros_like(got[1]))
+    v = v.nan_to_num()  # (torch's spreads a NaN value even there: 0 x NaN)
+    torch.testing.assert_close(got[1], F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2)[1])
+
+
+def test_attend_one_refuses_what_it_does_not_take():
+    q, k, v = decoding_operands(2, 2, 8, 32)
+    mask = left_pad_mask(2, 8)
+    assert not native.attend_one_usable(q.to(BF16), k.to(BF16), v.to(BF16), None)  # bfloat16: attend
+    assert not native.attend_one_usable(k[:, :, :2], k, v, None)  # two queries
+    assert not native.attend_one_usable(q[..., :24], k[..., :24], v[..., :24], None)  # not a multiple of 16
+    assert not native.attend_one_usable(q, k, v, mask.float())  # an additive mask: torch's
+    assert not native.attend_one_usable(q, k, v, mask[..., :7])  # another number of keys
+    assert not native.attend_one_usable(q, k, v, torch.ones(2, 1, 1, 16, dtype=torch.bool)[..., ::2])  # strided
+
+
+@needs_attend
+@pytest.mark.parametrize("setting", ["native", "auto"])
+def test_float32_decoding_takes_attend_one_with_the_same_tokens(setting, monkeypatch):
+    model = pair(WIDE, seed=5)[1]
+    idx, mask = left_pad([[5, 6, 7, 8, 9, 10], [11, 12], [13, 14, 15, 16]])
+    prompt = torch.tensor([[3, 1, 4, 1, 5]])
+    attn._chosen.clear()
+    calls = kernel_calls(monkeypatch, "attend_one")
+    monkeypatch.setenv("GPT2LOAD_ATTENTION", setting)
+    batch, alone, beams = (
+        generate(model, idx, 10, attention_mask=mask),
+        generate(model, prompt, 10),
+        beam_search(model, prompt, 8, 3, eos_id=None).sequences,
+    )
+    assert {c[0] for c in calls} == {3, 1}  # measured (auto): compared for each bucket at least
+    if setting == "native":  # every decoding step of all three (9, 9 and 7 after the prompts), every layer
+        assert len(calls) >= (9 + 9 + 7) * WIDE.n_layers
+    monkeypatch.setenv("GPT2LOAD_ATTENTION", "sdpa")
+    calls.clear()
+    assert torch.equal(batch, generate(model, idx, 10, attention_mask=mask))
+    assert torch.equal(alone, generate(model, prompt, 10))
+    assert torch.equal(beams, beam_search(model, prompt, 8, 3, eos_id=None).sequences)
     assert not calls
