@@ -121,17 +121,20 @@ def _rows_bucket(rows: int) -> int:
 _COLD_BYTES = 48 << 20  # weights timed in turn until this much: more than the caches hold, as in decoding
 
 
-def best_seconds(fn, weights: list[torch.Tensor], reps: int = 2) -> float:
-    """Best time of `reps` passes calling `fn` on each of `weights` in turn, after a pass of warm-up (the first
-    call allocates and packs)."""
-    best = float("inf")
+def fastest(fns: list[Callable], items: list, reps: int = 2) -> int:
+    """Index of the fastest of `fns`, each timed by a pass calling it on every one of `items`: a pass each of
+    warm-up (the first call allocates and packs), then `reps` rounds in which each takes a pass in turn, its best
+    kept. Interleaved, a burst of load on a shared machine hits every candidate rather than the one timed during
+    it. Ties go to the first."""
+    best = [float("inf")] * len(fns)
     for rep in range(reps + 1):
-        start = time.perf_counter()
-        for w in weights:
-            fn(w)
-        if rep:
-            best = min(best, time.perf_counter() - start)
-    return best
+        for i, fn in enumerate(fns):
+            start = time.perf_counter()
+            for item in items:
+                fn(item)
+            if rep:
+                best[i] = min(best[i], time.perf_counter() - start)
+    return min(range(len(fns)), key=best.__getitem__)
 
 
 _chosen: dict[tuple, Callable] = {}  # (kernels, dtype, rows bucket, weight shape, bias, gelu, threads) -> kernel
@@ -168,12 +171,10 @@ def calibrated(
             if agree:
                 size = w.numel() * w.element_size()
                 weights = [w] + [w.clone() for _ in range(min(31, _COLD_BYTES // size) if rows <= 16 else 0)]
-                reps = 2 if len(weights) > 1 else 4  # one weight: a single call per pass, closer to each other
-                best = best_seconds(lambda m: kernel(x, m, b, gelu, *extra), weights, reps)
-                for k in agree:
-                    t = best_seconds(lambda m, k=k: k(x, m, b, gelu, *extra), weights, reps)
-                    if t < best:
-                        kernel, best = k, t
+                reps = 3 if len(weights) > 1 else 4  # one weight: a single call per pass, closer to each other
+                candidates = [kernel, *agree]
+                fns = [lambda m, k=k: k(x, m, b, gelu, *extra) for k in candidates]
+                kernel = candidates[fastest(fns, weights, reps)]
                 del weights
         except RuntimeError:
             pass
