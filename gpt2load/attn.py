@@ -26,11 +26,15 @@ def attention_setting() -> str:
     return value
 
 
-def sdpa_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0) -> torch.Tensor:
-    """torch's attention of q [B, H, Tq, D] over k, v [B, H, Tk, D], query i seeing keys up to i + Tk - Tq:
-    [B, Tq, H, D] (a view)."""
+def sdpa_causal(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0, mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """torch's attention of q [B, H, Tq, D] over k, v [B, H, Tk, D], query i seeing keys up to i + Tk - Tq, or
+    where `mask` (broadcast to [B, H, Tq, Tk]) allows: [B, Tq, H, D] (a view)."""
     Tq, Tk = q.shape[2], k.shape[2]
-    if Tq == Tk:
+    if mask is not None:
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+    elif Tq == Tk:
         y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
     elif Tq == 1:  # the newest position sees everything
         y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
@@ -41,9 +45,7 @@ def sdpa_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: fl
 
 
 def _torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    if mask is None:
-        return sdpa_causal(q, k, v)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2)
+    return sdpa_causal(q, k, v, mask=mask)
 
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -60,21 +62,15 @@ def _usable(kernel: Callable, q, k, v, mask) -> bool:
     return native.attend_one_usable(q, k, v, mask)
 
 
-def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Attention of q [B, H, Tq, D] over k, v [B, H, Tk, D], query i seeing keys up to i + Tk - Tq, without
-    dropout: [B, Tq, H, D] (not necessarily contiguous). For inference: inputs that need gradients take torch's."""
-    return _attention(q, k, v, None)
+def causal_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Attention of q [B, H, Tq, D] over k, v [B, H, Tk, D], query i seeing keys up to i + Tk - Tq, or where
+    `mask` allows, without dropout: [B, Tq, H, D] (not necessarily contiguous). For inference: inputs that need
+    gradients take torch's.
 
-
-def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Attention of q [B, H, Tq, D] over k, v [B, H, Tk, D] where `mask` (broadcast to [B, H, Tq, Tk]) allows it,
-    without dropout: [B, Tq, H, D] (not necessarily contiguous). For inference, as `causal_attention`."""
-    return _attention(q, k, v, mask)
-
-
-def _attention(q, k, v, mask):
-    """torch's attention, or one of attend.c's kernels where it applies (bfloat16 without a mask; one float32
-    query per row, decoding) and was measured faster for this shape bucket (or is forced)."""
+    torch's attention, or one of attend.c's kernels where it applies (bfloat16 without a mask; one float32 query
+    per row, decoding) and was measured faster for this shape bucket and layout (or is forced)."""
     if not q.is_cpu or (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)):
         return _torch(q, k, v, mask)
     if q.dtype is torch.bfloat16 and mask is None:
@@ -87,17 +83,20 @@ def _attention(q, k, v, mask):
     if setting == "sdpa":
         return _torch(q, k, v, mask)
     B, H, Tq, D = q.shape
-    key = (ours, B, H, _bucket(Tq), _bucket(k.shape[2]), D, mask is None, torch.get_num_threads(), setting)
-    key += (native.native_setting(),)
+    Tk = k.shape[2]
+    # everything the kernels' checks read beyond the buckets, so that they run once per key, not at every step
+    layout = (q.stride(-1), k.stride(-1), v.stride(-1), k.dim(), k.shape == v.shape, k.shape[:2] == (B, H))
+    layout += (k.shape[-1] == D, 0 < Tq <= Tk)
+    if mask is not None:
+        layout += (mask.dtype, mask.dim(), tuple(mask.shape[:-1]), mask.shape[-1] == Tk, mask.stride(-1))
+    key = (ours, B, H, _bucket(Tq), _bucket(Tk), D, layout, torch.get_num_threads(), setting, native.native_setting())
     kernel = _chosen.get(key)
     if kernel is None:
         kernel = _chosen[key] = _choose(ours, q, k, v, mask, setting)
-    if kernel is not _torch and not _usable(kernel, q, k, v, mask):  # (a layout the bucket's first input lacked)
-        kernel = _torch
     return kernel(q, k, v, mask)
 
 
-_chosen: dict[tuple, Callable] = {}  # (kernel, shape buckets, mask or not, threads, settings) -> kernel
+_chosen: dict[tuple, Callable] = {}  # (kernel, shape buckets, layout, threads, settings) -> kernel
 
 
 def _bucket(n: int) -> int:
@@ -105,13 +104,13 @@ def _bucket(n: int) -> int:
 
 
 def _choose(ours: Callable, q, k, v, mask, setting: str) -> Callable:
-    if setting == "native":  # wherever it applies (checked at each call)
-        if not native.attend_available():
-            why = native.why_unavailable() or "it needs an AVX-512 CPU"
-            raise Gpt2LoadError(f"GPT2LOAD_ATTENTION=native, but gpt2load's attention is unavailable: {why}")
-        return ours
+    if setting == "native" and not native.attend_available():
+        why = native.why_unavailable() or "it needs an AVX-512 CPU"
+        raise Gpt2LoadError(f"GPT2LOAD_ATTENTION=native, but gpt2load's attention is unavailable: {why}")
     if not _usable(ours, q, k, v, mask):
         return _torch
+    if setting == "native":  # wherever it applies
+        return ours
     tol = 3e-2 if q.dtype is torch.bfloat16 else 1e-4
     if not torch.allclose(ours(q, k, v, mask).float(), _torch(q, k, v, mask).float(), atol=tol, rtol=tol):
         return _torch

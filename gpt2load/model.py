@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attn import causal_attention, masked_attention, sdpa_causal
+from .attn import causal_attention, sdpa_causal
 from .config import GPTConfig
 from .errors import Gpt2LoadError
 from .int8mm import int8_linear
@@ -163,11 +163,9 @@ class MultiHeadAttention(nn.Module):
         Tq = q.shape[2]
         p = self.dropout.p if self.training else 0.0
         if fast_enabled(self):  # no dropout: torch's attention, or attend.c's where measured faster (attn.py)
-            y = causal_attention(q, k, v) if attn_mask is None else masked_attention(q, k, v, attn_mask)
-        elif attn_mask is not None:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=p).transpose(1, 2)
+            y = causal_attention(q, k, v, attn_mask)
         else:
-            y = sdpa_causal(q, k, v, dropout_p=p)
+            y = sdpa_causal(q, k, v, dropout_p=p, mask=attn_mask)
         y = y.reshape(B, Tq, self.d_out)
         if fast_enabled(self) and is_stock((self.out_proj,), (nn.Linear,)):
             return linear(y, self.out_proj.weight, self.out_proj.bias)

@@ -177,6 +177,14 @@ def usable(x: torch.Tensor, w: torch.Tensor) -> bool:
     )
 
 
+def _check(status: int, kernel: str, needs: str, buffer: str) -> None:
+    """A kernel's return code: 2 when this build lacks the instructions it needs, 1 when out of memory."""
+    if status == 2:
+        raise RuntimeError(f"{kernel} was built without {needs}: check its *_usable first")
+    if status:
+        raise MemoryError(f"{kernel} could not allocate {buffer}")
+
+
 @functools.cache
 def _gemm_built(lib: ctypes.CDLL) -> bool:
     return bool(lib.gpt2load_gemm_supported())  # gemm.c has a kernel only in AVX512-BF16 builds
@@ -220,11 +228,7 @@ def gemm(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, gelu: bool = 
         return y
     fn = _library()[0].gpt2load_gemm
     args = (x.data_ptr(), w.data_ptr(), None if b is None else b.data_ptr(), y.data_ptr(), m, n, k, int(gelu))
-    status = fn(*args, torch.get_num_threads())
-    if status == 2:
-        raise RuntimeError("gemm.c was built without AVX512-BF16: check gemm_usable first")
-    if status:
-        raise MemoryError("gemm.c could not allocate its packed weight panel")
+    _check(fn(*args, torch.get_num_threads()), "gemm.c", "AVX512-BF16", "its packed weight panel")
     return y
 
 
@@ -258,8 +262,7 @@ def gemv(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, scale: torch.
         k,
         torch.get_num_threads(),
     )
-    if status:
-        raise MemoryError("gemv.c could not allocate its float32 copy of the activations")
+    _check(status, "gemv.c", "a vector unit", "its float32 copy of the activations")  # (never 2: it has a C path)
     return y
 
 
@@ -298,11 +301,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | Non
     scale = D**-0.5 if scale is None else scale
     fn = _library()[0].gpt2load_attend
     args = (q.data_ptr(), k.data_ptr(), v.data_ptr(), y.data_ptr(), B, H, Tq, k.shape[2], D, *strides, scale)
-    status = fn(*args, torch.get_num_threads())
-    if status == 2:
-        raise RuntimeError("attend.c was built without AVX-512: check attend_usable first")
-    if status:
-        raise MemoryError("attend.c could not allocate its repacked keys and values")
+    _check(fn(*args, torch.get_num_threads()), "attend.c", "AVX-512", "its repacked keys and values")
     return y
 
 
@@ -349,9 +348,5 @@ def attend_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Te
         ms, mask_ptr = (ctypes.c_int64 * 2)(0, 0), None
     fn = _library()[0].gpt2load_attend_one
     args = (q.data_ptr(), k.data_ptr(), v.data_ptr(), mask_ptr, y.data_ptr(), B, H, k.shape[2], D, *strides, ms)
-    status = fn(*args, D**-0.5, torch.get_num_threads())
-    if status == 2:
-        raise RuntimeError("attend.c was built without AVX-512: check attend_one_usable first")
-    if status:
-        raise MemoryError("attend.c could not allocate its scores")
+    _check(fn(*args, D**-0.5, torch.get_num_threads()), "attend.c", "AVX-512", "its scores")
     return y
