@@ -9,11 +9,13 @@ real token), with no special case in the loop. An instruction batch is the book'
 from __future__ import annotations
 
 import csv
+import io
 import json
 import re
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
+from decimal import Decimal
 from pathlib import Path
 
 import torch
@@ -27,7 +29,9 @@ PAD_ID = EOT_ID  # the book pads with <|endoftext|>
 POOLS = ("last", "last-real")
 TEXT_COLUMN, LABEL_COLUMN = "text", "label"
 _DELIMITERS = {".tsv": "\t", ".tab": "\t", ".csv": ","}
-_INTEGER = re.compile(r"-?\d+")
+_INTEGER = re.compile(r"-?[0-9]+")  # ASCII digits only: "١" is a name, not the integer 1
+_INDEX = re.compile(r"0|[1-9][0-9]{0,5}")  # an integer label written as a class index (at most 999999)
+MAX_CLASSES = 65536  # more than GPT-2's vocabulary: a larger head is a wrong column, not a classifier
 
 
 def notice(message: str) -> None:
@@ -36,8 +40,10 @@ def notice(message: str) -> None:
 
 
 def _read_text(path: Path, what: str) -> str:
+    """The file's text, line ends untouched (newline=""), so that only the csv module decides where rows end."""
     try:
-        text = path.read_text(encoding="utf-8-sig")
+        with open(path, encoding="utf-8-sig", newline="") as f:
+            text = f.read()
     except FileNotFoundError:
         raise Gpt2LoadError(f"{what} {path} does not exist") from None
     except IsADirectoryError:
@@ -56,23 +62,25 @@ def read_table(path: str | Path, what: str = "the data file") -> tuple[list[str]
     """(texts, labels) from a CSV or TSV file with a header holding `text` and `label` columns.
 
     The delimiter follows the extension (.tsv/.tab: tab, .csv: comma); other names are sniffed from the
-    header line. Labels are kept as written (strings).
+    header line. Rows end where the csv module says (\\n, \\r, \\r\\n outside quotes), never at the other
+    characters str.splitlines breaks at (U+0085, U+2028, form feed...), which csv.writer leaves unquoted inside
+    texts. Labels are kept as written (strings, stripped).
     """
     path = Path(path)
     text = _read_text(path, what)
-    header = text.splitlines()[0]
+    header = re.split(r"\r\n|\r|\n", text, maxsplit=1)[0]
     delim = _DELIMITERS.get(path.suffix.lower(), "\t" if "\t" in header and "," not in header else ",")
-    reader = csv.reader(text.splitlines(keepends=True), delimiter=delim)
-    columns = [c.strip().lower() for c in next(reader)]
-    missing = [c for c in (TEXT_COLUMN, LABEL_COLUMN) if c not in columns]
-    if missing:
-        raise Gpt2LoadError(
-            f"{what} {path} has no {' and no '.join(repr(c) for c in missing)} column (its header is "
-            f"{', '.join(columns)}): the first line must name a 'text' and a 'label' column"
-        )
-    ti, li = columns.index(TEXT_COLUMN), columns.index(LABEL_COLUMN)
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delim)
     texts, labels = [], []
     try:
+        columns = [c.strip().lower() for c in next(reader)]
+        missing = [c for c in (TEXT_COLUMN, LABEL_COLUMN) if c not in columns]
+        if missing:
+            raise Gpt2LoadError(
+                f"{what} {path} has no {' and no '.join(repr(c) for c in missing)} column (its header is "
+                f"{', '.join(columns)}): the first line must name a 'text' and a 'label' column"
+            )
+        ti, li = columns.index(TEXT_COLUMN), columns.index(LABEL_COLUMN)
         for row in reader:
             if not any(cell.strip() for cell in row):
                 continue  # blank line
@@ -90,37 +98,66 @@ def read_table(path: str | Path, what: str = "the data file") -> tuple[list[str]
     return texts, labels
 
 
+def _shown(labels: Sequence[str], limit: int = 5) -> str:
+    """Labels for a message: the first few, each cut to 30 characters (a label can be a whole paragraph)."""
+    cut = [repr(x if len(x) <= 30 else x[:27] + "...") for x in labels[:limit]]
+    return ", ".join(cut) + (", ..." if len(labels) > limit else "")
+
+
 def make_label_names(
     labels: Sequence[str], num_classes: int | None = None, where: str = "the training data"
 ) -> list[str]:
-    """The class names in index order: integer labels 0..N-1 are their own index; any other labels are
-    numbered in sorted order (numerically when they are all integers)."""
+    """The class names in index order, from the training labels (one per example).
+
+    Labels are compared as written. When every label is a non-negative integer written plainly (0, 1, 17: no
+    sign, no leading zero) and the largest is below the number of examples (or `num_classes`), labels are
+    their own class index, so classes 0..N-1 exist even if some are absent from the data. Otherwise every
+    label is a name, numbered in sorted order (numerically when all are integers): a label 100000000000 names
+    one class, it does not ask for 10^11 of them. The same integer written two ways ("1" and "01") is an error,
+    as is a class count above MAX_CLASSES.
+    """
     if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, int)):
         raise Gpt2LoadError(f"--num-classes must be an integer, got {num_classes!r}")
-    if num_classes is not None and num_classes < 2:
-        raise Gpt2LoadError(f"--num-classes {num_classes}: a classifier needs at least 2 classes")
+    if num_classes is not None and not 2 <= num_classes <= MAX_CLASSES:
+        raise Gpt2LoadError(
+            f"--num-classes {num_classes}: a classifier needs at least 2 classes and gpt2load allows at most "
+            f"{MAX_CLASSES}"
+        )
     seen = sorted(set(labels))
     integers = all(_INTEGER.fullmatch(x) for x in seen)
     if integers:
-        seen = sorted(seen, key=int)
-    if integers and int(seen[0]) >= 0:
+        by_value: dict[Decimal, str] = {}
+        for x in seen:  # (Decimal: no limit on digits, unlike int)
+            if by_value.setdefault(Decimal(x), x) != x:
+                raise Gpt2LoadError(
+                    f"{where} writes one label both as {by_value[Decimal(x)]!r} and as {x!r}: labels are "
+                    "compared as written, so write each label the same way everywhere"
+                )
+        seen = sorted(seen, key=Decimal)
+    bound = max(len(labels), num_classes or 0)
+    if integers and all(_INDEX.fullmatch(x) for x in seen) and int(seen[-1]) < bound:
         needed = int(seen[-1]) + 1
         names = [str(i) for i in range(max(needed, num_classes or 0))]
     else:
         needed = len(seen)
         names = list(seen)
+    if len(names) > MAX_CLASSES:
+        raise Gpt2LoadError(
+            f"{where} has {len(names)} different labels, more than the {MAX_CLASSES} classes gpt2load builds a "
+            "head for: check that the 'label' column holds the classes"
+        )
     if num_classes is not None and num_classes < needed:
         raise Gpt2LoadError(
             f"--num-classes {num_classes} is too few for {where}, whose labels need {needed} "
-            f"({', '.join(seen[:5])}{', ...' if len(seen) > 5 else ''}): raise it or leave it out"
+            f"({_shown(seen)}): raise it or leave it out"
         )
     if num_classes is not None and num_classes > len(names):
         raise Gpt2LoadError(
-            f"--num-classes {num_classes} but {where} has {len(names)} labels ({', '.join(names)}), and classes "
-            "without a name can only be integer labels: leave --num-classes out"
+            f"--num-classes {num_classes} but {where} has {len(names)} labels ({_shown(names)}), and classes "
+            "without a name can only be integer labels 0..N-1: leave --num-classes out"
         )
     if len(names) < 2:
-        raise Gpt2LoadError(f"{where} has only the label {names[0]!r}: a classifier needs at least 2 classes")
+        raise Gpt2LoadError(f"{where} has only the label {_shown(names)}: a classifier needs at least 2 classes")
     return names
 
 
@@ -129,9 +166,16 @@ def label_indices(labels: Sequence[str], names: Sequence[str], where: str) -> li
     index = {name: i for i, name in enumerate(names)}
     unseen = sorted({x for x in labels if x not in index})
     if unseen:
+        values = {Decimal(n): n for n in names if _INTEGER.fullmatch(n)}
+        for u in unseen:
+            if _INTEGER.fullmatch(u) and Decimal(u) in values:
+                raise Gpt2LoadError(
+                    f"{where} writes the label {values[Decimal(u)]!r} as {_shown([u])}: labels are compared as "
+                    "written, so write it as the training data does"
+                )
         raise Gpt2LoadError(
-            f"{where} has labels the training data does not: {', '.join(repr(u) for u in unseen[:5])} "
-            f"(known: {', '.join(names)}): fix the labels or add examples of them to the training data"
+            f"{where} has labels the training data does not: {_shown(unseen)} "
+            f"(known: {_shown(names, 10)}): fix the labels or add examples of them to the training data"
         )
     return [index[x] for x in labels]
 
@@ -193,14 +237,27 @@ class ClassificationData:
 # ---------------------------------------------------------------- instruction data (Alpaca JSON)
 
 
+_JSON_KINDS = {type(None): "null", bool: "true/false", int: "a number", float: "a number", list: "a list"}
+
+
 def read_instructions(path: str | Path, what: str = "the instruction data") -> list[dict[str, str]]:
-    """Records {"instruction", "input", "output"} from a JSON list (Alpaca format); `input` may be absent."""
+    """Records {"instruction", "input", "output"} from a JSON list (Alpaca format).
+
+    Each field is a string; `input` may be absent (taken as ""). null, numbers, lists or objects in a field are
+    an error naming the record (its index in the list, from 0).
+    """
     path = Path(path)
     text = _read_text(path, what)
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
         raise Gpt2LoadError(f"{what} {path} is not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
+    except RecursionError:  # the C decoder guards its recursion: a clean error, the interpreter intact
+        raise Gpt2LoadError(
+            f"{what} {path} nests lists or objects too deeply to read: records are objects whose fields are texts"
+        ) from None
+    except ValueError as e:  # an integer of more than 4300 digits
+        raise Gpt2LoadError(f"{what} {path} holds a number JSON cannot read ({str(e).split(';')[0]})") from None
     if not isinstance(data, list) or not data:
         raise Gpt2LoadError(
             f'{what} {path} must be a non-empty JSON list of {{"instruction", "input", "output"}} records'
@@ -208,14 +265,18 @@ def read_instructions(path: str | Path, what: str = "the instruction data") -> l
     records = []
     for i, rec in enumerate(data):
         if not isinstance(rec, dict):
-            raise Gpt2LoadError(f"{what} {path}: record {i} is a {type(rec).__name__}, not an object")
+            raise Gpt2LoadError(f"{what} {path}: record {i} is {_JSON_KINDS.get(type(rec), 'a string')}, not an object")
         missing = [k for k in ("instruction", "output") if k not in rec]
         if missing:
             raise Gpt2LoadError(f"{what} {path}: record {i} has no {' and no '.join(missing)}")
-        fields = {k: rec.get(k, "") if rec.get(k) is not None else "" for k in ("instruction", "input", "output")}
-        wrong = [k for k, v in fields.items() if not isinstance(v, str)]
-        if wrong:
-            raise Gpt2LoadError(f"{what} {path}: record {i} has a {wrong[0]} that is not text")
+        fields = {k: rec.get(k, "") for k in ("instruction", "input", "output")}
+        for k, v in fields.items():
+            if not isinstance(v, str):
+                kind = _JSON_KINDS.get(type(v), "an object")
+                empty = ', or "" for none' if k == "input" else ""
+                raise Gpt2LoadError(
+                    f"{what} {path}: record {i} has an {k} that is not text but {kind}: write a string{empty}"
+                )
         records.append(fields)
     return records
 

@@ -116,7 +116,8 @@ def test_missing_file_is_named(tmp_path):
 def test_label_names():
     assert make_label_names(["spam", "ham", "spam"]) == ["ham", "spam"]
     assert make_label_names(["1", "0"]) == ["0", "1"]
-    assert make_label_names(["2", "0"]) == ["0", "1", "2"]  # integer labels are their own index
+    assert make_label_names(["2", "0", "0"]) == ["0", "1", "2"]  # integer labels are their own index
+    assert make_label_names(["2", "0"]) == ["0", "2"]  # ... when below the example count: else names
     assert make_label_names(["1", "0"], num_classes=4) == ["0", "1", "2", "3"]
     assert make_label_names(["10", "-1", "2"]) == ["-1", "2", "10"]
     for labels, n, needle in [
@@ -150,7 +151,7 @@ def test_classification_batches_put_the_label_at_the_pooled_position():
         ('[{"instruction": "a", "input": ""}]', "record 0 has no output"),
         ('[{"output": "a"}]', "record 0 has no instruction"),
         ('[{"instruction": "a", "output": 3}]', "output that is not text"),
-        ('["text"]', "record 0 is a str"),
+        ('["text"]', "record 0 is a string, not an object"),
     ],
 )
 def test_instruction_file_errors(tmp_path, content, needle):
