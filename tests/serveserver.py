@@ -52,9 +52,12 @@ def make_model(
 
 
 class ServeProcess:
-    def __init__(self, *args: str, timeout: float = 180, threads: int | None = 1) -> None:
-        """threads: the server's OMP_NUM_THREADS (None: torch's default, as a user would run it)."""
-        env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
+    def __init__(
+        self, *args: str, timeout: float = 180, threads: int | None = 1, env: dict[str, str] | None = None
+    ) -> None:
+        """threads: the server's OMP_NUM_THREADS (None: torch's default, as a user would run it).
+        env: more environment variables for the server."""
+        env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {}), **(env or {})}
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "gpt2load", "serve", *args, "--port", "0"],
             stderr=subprocess.PIPE,
@@ -86,7 +89,7 @@ class ServeProcess:
     def _read(self) -> None:
         for line in self.proc.stderr:
             self.lines.append(line)
-            found = re.search(r"listening on http://127\.0\.0\.1:(\d+)", line)
+            found = re.search(r"listening on http://[0-9.]+:(\d+)", line)  # 127.0.0.1 reaches 0.0.0.0 too
             if found:
                 self.url = f"http://127.0.0.1:{found.group(1)}"
                 self.base_url = self.url + "/v1"

@@ -18,7 +18,8 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingRes
 from starlette.exceptions import HTTPException
 
 from .batcher import Batcher, QueueFull
-from .protocol import APIError, Limits, chat_job, completion_job, parse_body
+from .guard import HostCheck, HostRule, check_content_type, parse_body, read_body
+from .protocol import APIError, Limits, chat_job, clip, completion_job
 from .responses import Answer
 from .sequence import Failure, Finish, Piece
 from .sequence import Request as Work
@@ -35,6 +36,8 @@ class ServerState:
     api_key: str | None = None
     log_prompts: bool = False
     batcher: Batcher | None = None
+    max_body_bytes: int = 2 * 1024 * 1024
+    hosts: HostRule = field(default_factory=lambda: HostRule("127.0.0.1"))
     created: int = field(default_factory=lambda: int(time.time()))
 
 
@@ -45,15 +48,18 @@ class ClientGone(Exception):
 def create_app(state: ServerState) -> FastAPI:
     """The FastAPI app serving `state`'s model."""
     app = FastAPI(title="gpt2load", docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_middleware(
+        HostCheck, rule=state.hosts, log=lambda path, status, error: _log_line(path, status, error=error)
+    )
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, e: APIError) -> JSONResponse:
-        _log_line(request.url.path, e.status, error=e.message)
+        _log_line(request.url.path, e.status, error=_error_note(e, state.log_prompts))
         return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, e: HTTPException) -> JSONResponse:
-        text = f"Unknown request URL: {request.method} {request.url.path}." if e.status_code == 404 else e.detail
+        text = f"Unknown request URL: {request.method} {clip(request.url.path)}." if e.status_code == 404 else e.detail
         return await api_error(request, APIError(e.status_code, str(text), code="unknown_url"))
 
     @app.exception_handler(Exception)
@@ -65,6 +71,10 @@ def create_app(state: ServerState) -> FastAPI:
     async def health() -> JSONResponse:
         if state.batcher is None:
             return JSONResponse({"status": "loading"}, status_code=503, headers={"Retry-After": "5"})
+        if not state.batcher.alive:  # requests would wait forever: a supervisor should restart the server
+            error = "the decoding thread has stopped: restart the server"
+            body = {"status": "error", "model": state.limits.model_id, "error": error, **state.batcher.stats()}
+            return JSONResponse(body, status_code=503)
         return JSONResponse({"status": "ok", "model": state.limits.model_id, **state.batcher.stats()})
 
     @app.get("/")
@@ -80,7 +90,7 @@ def create_app(state: ServerState) -> FastAPI:
     async def model(request: Request, model_id: str) -> dict:
         _authorize(request, state)
         if model_id != state.limits.model_id:
-            raise APIError(404, f"The model '{model_id}' does not exist.", "model", "model_not_found")
+            raise APIError(404, f"The model {clip(model_id)} does not exist.", "model", "model_not_found")
         return _model_card(state)
 
     @app.post("/v1/completions")
@@ -103,10 +113,14 @@ def _authorize(request: Request, state: ServerState) -> None:
         return
     given = request.headers.get("authorization", "")
     scheme, _, key = given.partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(key.strip().encode(), state.api_key.encode()):
+    if (
+        scheme.lower() != "bearer"
+        or not key.strip()
+        or not hmac.compare_digest(key.strip().encode(), state.api_key.encode())
+    ):
         what = "Incorrect API key provided." if given else "You didn't provide an API key."
         raise APIError(
-            401, f"{what} Send it as 'Authorization: Bearer KEY' (the server's --api-key).", code="invalid_api_key"
+            401, f"{what} Send it as 'Authorization: Bearer KEY' (the server's API key).", code="invalid_api_key"
         )
 
 
@@ -118,7 +132,8 @@ async def _generate(request: Request, state: ServerState, chat: bool) -> Respons
         raise APIError(
             503, "The model is still loading: retry shortly.", kind="server_error", headers={"Retry-After": "5"}
         )
-    body = parse_body(await request.body())
+    check_content_type(request)
+    body = parse_body(await read_body(request, state.max_body_bytes))
     job = (chat_job if chat else completion_job)(body, state.enc, state.limits)
     answer = Answer(
         ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24], chat, state.limits.model_id, state.enc, job
@@ -148,8 +163,7 @@ async def _generate(request: Request, state: ServerState, chat: bool) -> Respons
         chunks = _stream(request, answer, work, queue, start, prompt_text)
         return StreamingResponse(chunks, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
     try:
-        async for event in _events(work, queue, len(job.prompts) * job.n, request):
-            answer.add(event)
+        await _collect_unless_gone(request, answer, _events(work, queue, answer.total))
     except ClientGone:
         _log_line(request.url.path, 499, answer, start, prompt_text, error="client disconnected")
         return Response(status_code=499)
@@ -157,17 +171,39 @@ async def _generate(request: Request, state: ServerState, chat: bool) -> Respons
     return JSONResponse(answer.response())
 
 
-async def _events(work: Work, queue: asyncio.Queue, total: int, request: Request | None) -> AsyncIterator[object]:
-    """The batcher's events for `work` until every choice has finished; a disconnected client cancels it."""
+async def _collect_unless_gone(request: Request, answer: Answer, events: AsyncIterator[object]) -> None:
+    """Add `events` to `answer`; if the client disconnects first, stop (which cancels the work) and raise ClientGone.
+
+    The body has been read, so the next ASGI message is `http.disconnect`: it arrives when the client closes, or
+    when the response is complete (never before ours, here)."""
+
+    async def collect() -> None:
+        async for event in events:
+            answer.add(event)
+
+    async def gone() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    work, watch = asyncio.ensure_future(collect()), asyncio.ensure_future(gone())
+    try:
+        await asyncio.wait((work, watch), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watch.cancel()
+        if not work.done():
+            work.cancel()  # its generator's `finally` cancels the batcher's work
+            await asyncio.gather(work, return_exceptions=True)
+    if work.cancelled():
+        raise ClientGone
+    work.result()  # an APIError from a failed generation
+
+
+async def _events(work: Work, queue: asyncio.Queue, total: int) -> AsyncIterator[object]:
+    """The batcher's events for `work` until every choice has finished; closing it early cancels the work."""
     left = total
     try:
         while left:
-            try:
-                event = await asyncio.wait_for(queue.get(), timeout=1.0)
-            except asyncio.TimeoutError:
-                if request is not None and await request.is_disconnected():
-                    raise ClientGone from None
-                continue
+            event = await queue.get()
             if isinstance(event, Failure):
                 raise APIError(500, f"generation failed: {event.message}", kind="server_error")
             left -= isinstance(event, Finish)
@@ -185,7 +221,7 @@ async def _stream(
     try:
         yield from_chunk(answer.first_chunk())
         # In a stream, the response machinery notices a disconnect and cancels this generator (the `finally`).
-        async for event in _events(work, queue, answer.total, None):
+        async for event in _events(work, queue, answer.total):
             answer.add(event)
             if isinstance(event, (Piece, Finish)):
                 yield from_chunk(answer.chunk(event))
@@ -202,13 +238,21 @@ async def _stream(
         _log_line(request.url.path, status, answer, start, prompt_text, error=error)
 
 
+def _error_note(e: APIError, log_prompts: bool) -> str:
+    """What the log says of an error: a client error's message may quote the request (stop strings, a model name),
+    so without --log-prompts only its code and field are logged."""
+    if e.status >= 500 or log_prompts:
+        return e.message
+    return (e.code or e.kind) + (f" param={e.param}" if e.param else "")
+
+
 def from_chunk(data: dict | None) -> str:
     return "" if data is None else f"data: {json.dumps(data)}\n\n"
 
 
 def _log_line(path, status, answer=None, start=None, prompt_text=None, error=None) -> None:
     """One line per request: id, endpoint, status, tokens, time, finish reasons; the prompt only if asked."""
-    parts = [f"id={answer.id if answer else '-'}", path, f"status={status}"]
+    parts = [f"id={answer.id if answer else '-'}", clip(path, 80)[1:-1], f"status={status}"]
     if answer is not None:
         u = answer.usage()
         parts += [f"prompt_tokens={u['prompt_tokens']}", f"completion_tokens={u['completion_tokens']}"]

@@ -6,7 +6,6 @@ supports), except those that would change the answer and are not supported here 
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 
@@ -18,6 +17,7 @@ from .sequence import SamplingParams
 
 MAX_LOGPROBS = 20
 MAX_N = 128
+CLIP = 40  # characters of a user's value quoted in an error message
 # Fields that would change the answer but are not implemented: refused rather than silently ignored.
 UNSUPPORTED = ("suffix", "logit_bias", "tools", "functions", "response_format", "tool_choice", "function_call")
 # With num_beams > 1 decoding is deterministic: these must keep their neutral value.
@@ -54,6 +54,12 @@ class APIError(Exception):
         return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
 
 
+def clip(value: object, limit: int = CLIP) -> str:
+    """`value`'s repr, cut to `limit` characters: error messages and logs never echo a whole user value."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
 def invalid(param: str, message: str) -> APIError:
     return APIError(400, f"Invalid value for '{param}': {message}", param, "invalid_value")
 
@@ -67,6 +73,8 @@ class Limits:
     context_length: int
     max_tokens_limit: int | None = None
     template: str | None = None
+    max_choices: int = 128  # prompts x max(n, num_beams) in one request
+    max_logprob_entries: int = 131_072  # tokens x (logprobs + 1) x choices in one answer
 
 
 @dataclass
@@ -80,24 +88,14 @@ class Job:
     include_usage: bool
 
 
-def parse_body(raw: bytes) -> dict:
-    try:
-        body = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise APIError(400, "We could not parse the JSON body of your request: send valid JSON.") from None
-    if not isinstance(body, dict):
-        raise APIError(400, "The request body must be a JSON object.")
-    return body
-
-
 def _number(body: dict, name: str, default: float | None, lo: float, hi: float, open_lo: bool = False):
     value = body.get(name)
     if value is None:
         return default
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise invalid(name, f"expected a number, got {value!r}")
+        raise invalid(name, f"expected a number, got {clip(value)}")
     if value < lo or value > hi or (open_lo and value == lo):
-        raise invalid(name, f"must be {'>' if open_lo else '>='} {lo} and <= {hi}, got {value!r}")
+        raise invalid(name, f"must be {'>' if open_lo else '>='} {lo} and <= {hi}, got {clip(value)}")
     return float(value)
 
 
@@ -106,9 +104,9 @@ def _integer(body: dict, name: str, default: int | None, lo: int, hi: int | None
     if value is None:
         return default
     if isinstance(value, bool) or not isinstance(value, int):
-        raise invalid(name, f"expected a whole number, got {value!r}")
+        raise invalid(name, f"expected a whole number, got {clip(value)}")
     if value < lo or (hi is not None and value > hi):
-        raise invalid(name, f"must be >= {lo}" + (f" and <= {hi}" if hi is not None else "") + f", got {value!r}")
+        raise invalid(name, f"must be >= {lo}" + (f" and <= {hi}" if hi is not None else "") + f", got {clip(value)}")
     return value
 
 
@@ -117,7 +115,7 @@ def _boolean(body: dict, name: str, default: bool = False) -> bool:
     if value is None:
         return default
     if not isinstance(value, bool):
-        raise invalid(name, f"expected true or false, got {value!r}")
+        raise invalid(name, f"expected true or false, got {clip(value)}")
     return value
 
 
@@ -128,7 +126,7 @@ def _check_model(body: dict, limits: Limits) -> None:
     if model != limits.model_id:
         raise APIError(
             404,
-            f"The model '{model}' does not exist; this server serves '{limits.model_id}'.",
+            f"The model {clip(model)} does not exist; this server serves '{limits.model_id}'.",
             "model",
             "model_not_found",
         )
@@ -138,14 +136,15 @@ def _stop(body: dict) -> list[str]:
     stop = body.get("stop")
     stops = [] if stop is None else [stop] if isinstance(stop, str) else stop
     if not isinstance(stops, list) or (stop is not None and not 0 < len(stops) <= 4):
-        raise invalid("stop", f"expected a string or a list of up to 4 strings, got {stop!r}")
+        raise invalid("stop", f"expected a string or a list of up to 4 strings, got {clip(stop)}")
     if any(not isinstance(s, str) or not s for s in stops):
-        raise invalid("stop", f"stop strings must be non-empty strings, got {stop!r}")
+        raise invalid("stop", f"stop strings must be non-empty strings, got {clip(stop)}")
     return stops
 
 
-def prompt_ids(prompt: object, enc: tiktoken.Encoding, vocab: int) -> list[list[int]]:
-    """The `prompt` field's forms (text, texts, token ids, lists of token ids) as token-id lists."""
+def prompt_ids(prompt: object, enc: tiktoken.Encoding, vocab: int, max_prompts: int = MAX_N) -> list[list[int]]:
+    """The `prompt` field's forms (text, texts, token ids, lists of token ids) as token-id lists; more than
+    `max_prompts` prompts are refused before any is encoded."""
 
     def ids(p: object) -> list[int]:
         if isinstance(p, str):
@@ -160,6 +159,14 @@ def prompt_ids(prompt: object, enc: tiktoken.Encoding, vocab: int) -> list[list[
     if prompt is None:
         return [[enc.eot_token]]
     if isinstance(prompt, list) and prompt and all(isinstance(p, (str, list)) for p in prompt):
+        if len(prompt) > max_prompts:
+            raise APIError(
+                400,
+                f"{len(prompt)} prompts in one request, but this server allows {max_prompts} choices per request "
+                "(--max-choices): send fewer prompts.",
+                "prompt",
+                "too_many_choices",
+            )
         return [ids(p) for p in prompt]
     return [ids(prompt)]
 
@@ -198,7 +205,7 @@ def _settings(body: dict, prompts: list[list[int]], default_max: int | None, lim
         if body.get(name) is not None:
             raise APIError(400, f"'{name}' is not supported by this server.", name, "unsupported_parameter")
     if body.get("user") is not None and not isinstance(body["user"], str):
-        raise invalid("user", f"expected a string, got {body['user']!r}")
+        raise invalid("user", f"expected a string, got {clip(body['user'])}")
     max_tokens, min_tokens = _lengths(body, prompts, default_max, limits, param)
     n = _integer(body, "n", 1, 1, MAX_N)
     num_beams = _integer(body, "num_beams", 1, 1, 64)
@@ -208,6 +215,16 @@ def _settings(body: dict, prompts: list[list[int]], default_max: int | None, lim
                 raise invalid(name, "cannot be combined with beam search (num_beams > 1), which is deterministic")
         if n > num_beams:
             raise invalid("n", f"with beam search, n must be <= num_beams ({num_beams}), got {n}")
+    rows = len(prompts) * max(n, num_beams)  # beam search holds num_beams rows per prompt
+    if rows > limits.max_choices:
+        name = "num_beams" if num_beams > n else "n"
+        raise APIError(
+            400,
+            f"{len(prompts)} prompt(s) x {name}={max(n, num_beams)} is {rows} choices, but this server allows "
+            f"{limits.max_choices} per request (--max-choices): lower {name} or send fewer prompts.",
+            name,
+            "too_many_choices",
+        )
     best_of = body.get("best_of")
     if best_of is not None and best_of != n:
         raise APIError(
@@ -219,7 +236,7 @@ def _settings(body: dict, prompts: list[list[int]], default_max: int | None, lim
         raise invalid("stream_options", "only allowed with stream: true, as an object like {'include_usage': true}")
     seed = body.get("seed")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not -(2**63) <= seed < 2**64):
-        raise invalid("seed", f"expected a whole number, got {seed!r}")
+        raise invalid("seed", f"expected a whole number, got {clip(seed)}")
     params = SamplingParams(
         max_tokens=max_tokens,
         temperature=_number(body, "temperature", 0.0 if num_beams > 1 else 1.0, 0, 2),
@@ -241,14 +258,34 @@ def _settings(body: dict, prompts: list[list[int]], default_max: int | None, lim
 def completion_job(body: dict, enc: tiktoken.Encoding, limits: Limits) -> Job:
     """A checked `POST /v1/completions` body."""
     _check_model(body, limits)
-    prompts = prompt_ids(body.get("prompt"), enc, limits.vocab_size)
+    prompts = prompt_ids(body.get("prompt"), enc, limits.vocab_size, limits.max_choices)
     job = _settings(body, prompts, 16, limits, "prompt")  # OpenAI's default max_tokens for completions: 16
     logprobs = _integer(body, "logprobs", None, 0, MAX_LOGPROBS)
     if logprobs is not None and job.params.num_beams > 1:
         raise invalid("logprobs", "cannot be combined with beam search (num_beams > 1)")
     job.params.logprobs = logprobs
     job.params.echo = _boolean(body, "echo")
+    _check_logprob_entries(job, limits, "logprobs")
     return job
+
+
+def _check_logprob_entries(job: Job, limits: Limits, param: str) -> None:
+    """Refuse an answer whose log-probabilities would outgrow --max-logprob-entries, before it is queued: each
+    token of each choice (the echoed prompt's too) carries its own log-probability and `logprobs` alternatives."""
+    p = job.params
+    if p.logprobs is None:
+        return
+    tokens = sum((len(prompt) if p.echo else 0) + p.max_tokens for prompt in job.prompts) * job.n
+    entries = tokens * (p.logprobs + 1)
+    if entries > limits.max_logprob_entries:
+        raise APIError(
+            400,
+            f"This answer could hold {entries} log-probabilities ({tokens} tokens x {p.logprobs + 1}), but this "
+            f"server allows {limits.max_logprob_entries} (--max-logprob-entries): lower {param}, n or max_tokens"
+            + (", or drop echo." if p.echo else "."),
+            param,
+            "too_many_logprobs",
+        )
 
 
 def chat_prompt(messages: object, template: str | None, model_id: str) -> str:
@@ -293,6 +330,7 @@ def chat_job(body: dict, enc: tiktoken.Encoding, limits: Limits) -> Job:
         if job.params.num_beams > 1:
             raise invalid("logprobs", "cannot be combined with beam search (num_beams > 1)")
         job.params.logprobs = _integer(body, "top_logprobs", 0, 0, MAX_LOGPROBS)
+        _check_logprob_entries(job, limits, "top_logprobs")
     elif body.get("top_logprobs") is not None:
         raise invalid("top_logprobs", "requires logprobs: true")
     return job
