@@ -168,6 +168,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     from .exports import export, is_folder_output, load_dtype
     from .load import load_gpt2, model_folder
     from .lora import merge_lora
+    from .tensors import NonFiniteWeightsWarning
 
     # the output is checked before the (slow) load, and again by the writer
     where = model_folder(args.model, args.source, args.weights_dir, quiet=args.quiet)
@@ -178,16 +179,24 @@ def cmd_convert(args: argparse.Namespace) -> int:
     )
     merge_lora(model)  # a model saved with --no-merge is exported as the one model it computes
     folder = where if where.is_dir() else where.parent
-    out = export(
-        model,
-        args.to,
-        args.out,
-        tokenizer_dir=folder,
-        dtype=args.dtype,
-        force=args.force,
-        protect=[where],
-        dequantize=args.dequantize,
-    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", NonFiniteWeightsWarning)
+        out = export(
+            model,
+            args.to,
+            args.out,
+            tokenizer_dir=folder,
+            dtype=args.dtype,
+            force=args.force,
+            protect=[where],
+            dequantize=args.dequantize,
+            strict=args.strict,
+        )
+    for w in caught:  # one line each, not Python's two-line warning format
+        if issubclass(w.category, NonFiniteWeightsWarning):
+            print(f"gpt2load: warning: {w.message}", file=sys.stderr)
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     print(f"wrote {out}")
     return 0
 
@@ -210,7 +219,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 def _print_tensors(args: argparse.Namespace) -> int:
     from .tensors import tensor_table
 
-    rows = tensor_table(args.model, args.layout, args.source, args.weights_dir)
+    rows = tensor_table(args.model, args.layout, args.source, args.weights_dir, args.adapters)
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
@@ -304,6 +313,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     c.add_argument("--force", action="store_true", help="replace an earlier gpt2load output of this format at --out")
     c.add_argument("--dequantize", action="store_true", help="write an int8 model's weights as float32")
+    c.add_argument(
+        "--strict", action="store_true", help="refuse to write NaN or infinite weights (default: warn and write)"
+    )
     c.add_argument("--quiet", action="store_true")
     _no_cache_arg(c)
     c.set_defaults(func=cmd_convert)
@@ -314,6 +326,12 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--tensors", action="store_true", help="list every tensor: name, shape, dtype, bytes")
     i.add_argument(
         "--layout", choices=("book", "hf", "openai"), default="book", help="tensor names for --tensors (default book)"
+    )
+    i.add_argument(
+        "--adapters",
+        choices=("merge", "list"),
+        default="merge",
+        help="a model saved with unmerged LoRA adapters: --tensors shows them merged (default) or listed (book)",
     )
     i.set_defaults(func=cmd_info)
 

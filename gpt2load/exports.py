@@ -28,7 +28,7 @@ from .layouts import OWN_FORMAT, write_own
 from .lora import ADAPTERS_KEY, ADAPTERS_NAME, lora_settings, lora_state, merge_lora, without_adapters, write_adapters
 from .model import GPTModel, causal_mask, stored_state
 from .quant import dequantize_model, quantization, refuse_quantized
-from .tensors import layout_specs, to_layout
+from .tensors import check_finite, layout_specs, to_layout
 from .tokenizer import find_tokenizer_files
 
 FORMATS = ("safetensors", "hf", "pth", "gguf")
@@ -62,11 +62,17 @@ def load_dtype(to: str, dtype: str | None) -> torch.dtype | None:
     return None if to == "gguf" or dtype is None else float_dtype(dtype)
 
 
-def _stored_tensors(model: GPTModel, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
-    """The model's stored tensors in GPTModel names, each moved to the CPU and cast only when it is written
-    (int8 weights and their scales as they are)."""
+def _as_written(model: GPTModel, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor, torch.dtype]]:
+    """(name, tensor, the dtype it is written in) for the model's stored tensors: `dtype` for float weights,
+    int8 weights and their float32 scales as they are."""
     for k, v in stored_state(model).items():
-        yield k, v.detach().to("cpu", dtype if v.is_floating_point() and not k.endswith(".weight_scale") else v.dtype)
+        yield k, v, dtype if v.is_floating_point() and not k.endswith(".weight_scale") else v.dtype
+
+
+def _stored_tensors(model: GPTModel, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+    """The model's stored tensors in GPTModel names, each moved to the CPU and cast only when it is written."""
+    for k, v, dt in _as_written(model, dtype):
+        yield k, v.detach().to("cpu", dt)
 
 
 def float_model(model: GPTModel, to: str, dequantize: bool = False) -> GPTModel:
@@ -99,6 +105,7 @@ def save_model(
     protect: Sequence[Path] = (),
     metadata: dict[str, str] | None = None,
     write_extra: Callable[[Path], object] | None = None,
+    strict: bool = False,
 ) -> Path:
     """Save in gpt2load's own form: a `.safetensors` file, or a folder with model.safetensors + config.json
     (+ the tokenizer files when `tokenizer_dir` has them), loadable with `load_gpt2(path)`. The head is kept
@@ -108,13 +115,17 @@ def save_model(
     `load_gpt2` keeps it unless told otherwise. `path` must be new (or an empty folder); `force` replaces an
     earlier gpt2load safetensors output there, and nothing else. `protect`: paths (the source) that `path` may
     not be or contain. `metadata` joins the file's header metadata (a classifier's labels, an instruction model's
-    prompt_template); `write_extra(folder)` adds files to a folder before it appears (e.g. LoRA adapters)."""
+    prompt_template); `write_extra(folder)` adds files to a folder before it appears (e.g. LoRA adapters).
+    NaN or infinite weights (as written in `dtype`) give a NonFiniteWeightsWarning, or with `strict` a
+    Gpt2LoadError before anything is written."""
     path, dt = Path(path), export_dtype(model, dtype)
     quantized = quantization(model)
     cfg, head = model.real_config(), model.head_meta()
     quant = {"quantized": quantized, "float_embedding": bool(quantized) and isinstance(model.tok_emb, nn.Embedding)}
     if path.suffix == ".safetensors":
         check_output(path, "safetensors", folder=False, force=force, protect=protect)
+    check_finite(_as_written(model, dt), path, strict)
+    if path.suffix == ".safetensors":
         write_own(path, cfg, _stored_tensors(model, dt), metadata, head=head, dtype=dt, **quant)
         mark_file(path, "safetensors")
         return path
@@ -158,11 +169,12 @@ def export_hf(
     *,
     force: bool = False,
     protect: Sequence[Path] = (),
+    strict: bool = False,
 ) -> Path:
     """A folder that transformers.GPT2LMHeadModel.from_pretrained loads (Conv1D layout; an untied head as
     `lm_head.weight` with tie_word_embeddings false), in `dtype` (default the model's), recorded as config.json's
     torch_dtype. A head GPT2LMHeadModel cannot hold (another shape, a bias) is refused: use gpt2load's own form
-    or pth. `out`, `force`, `protect`: as for `save_model`."""
+    or pth. `out`, `force`, `protect`, `strict`: as for `save_model`."""
     refuse_quantized(model, "transformers' GPT2LMHeadModel cannot hold", "export with dequantize=True (--dequantize)")
     out, dt = Path(out), export_dtype(model, dtype)
     head, cfg = model.head_meta(), model.real_config()
@@ -172,6 +184,7 @@ def export_hf(
             f"GPT2LMHeadModel cannot hold (it needs [{cfg.vocab_size}, {cfg.emb_dim}] without bias): export with "
             "--to safetensors or --to pth instead"
         )
+    check_finite(_as_written(model, dt), out, strict)
     untied = not head["tied"]
     zero_bias = not cfg.qkv_bias  # GPT-2's c_attn always has a bias: zeros compute the same
     hf_cfg = replace(cfg, qkv_bias=True)
@@ -224,10 +237,11 @@ def export_pth(
     *,
     force: bool = False,
     protect: Sequence[Path] = (),
+    strict: bool = False,
 ) -> Path:
     """The book's state_dict, for its GPTModel's load_state_dict(strict=True): out_head as the model has it
     (a tied head shares tok_emb's storage, as a tied book model saves) and the book's `mask` buffers, in `dtype`
-    (default the model's). `out`, `force`, `protect`: as for `save_model`."""
+    (default the model's). `out`, `force`, `protect`, `strict`: as for `save_model`."""
     refuse_quantized(model, "the book's GPTModel cannot hold", "export with dequantize=True (--dequantize)")
     out = Path(out)
     n = model.cfg.context_length
@@ -236,7 +250,9 @@ def export_pth(
             f"the book's .pth layout stores a {n}x{n} attention mask ({4 * n * n / 2**30:.1f} GiB) for a context of "
             f"{n}; export a context over {MAX_PTH_CONTEXT} with --to safetensors or --to hf instead"
         )
-    state = _pth_state(model, export_dtype(model, dtype))
+    dt = export_dtype(model, dtype)
+    check_finite(_as_written(model, dt), out, strict)
+    state = _pth_state(model, dt)
     with atomic_output_file(out, "pth", force=force, protect=protect) as tmp:
         torch.save(state, tmp)
     return out
@@ -252,6 +268,7 @@ def export(
     force: bool = False,
     protect: Sequence[Path] = (),
     dequantize: bool = False,
+    strict: bool = False,
 ) -> Path:
     """Write `model` as `to` (safetensors, hf, pth or gguf) at `out`.
 
@@ -263,6 +280,8 @@ def export(
         protect: paths (e.g. the source model) that `out` may not be or contain.
         dequantize: write an int8 model's weights as float (hf, pth and gguf hold only floats; safetensors keeps
             int8 unless this is set). The model itself is not changed.
+        strict: refuse (a Gpt2LoadError naming the tensor, nothing written) to write NaN or infinite weights,
+            which otherwise give one NonFiniteWeightsWarning naming the first and the counts.
     """
     if to not in FORMATS:
         raise Gpt2LoadError(f"unknown export format {to!r}: use one of {', '.join(FORMATS)}")
@@ -271,13 +290,13 @@ def export(
         model = float_model(model, to)
     if to == "gguf":
         check_output(out, "gguf", folder=False, force=force, protect=protect)
-        path = export_gguf(model, out, tokenizer_dir, gguf_dtype(dtype))
+        path = export_gguf(model, out, tokenizer_dir, gguf_dtype(dtype), strict=strict)
         mark_file(Path(path), "gguf")
         return path
     if to == "safetensors":
-        return save_model(model, out, tokenizer_dir, dtype, force=force, protect=protect)
+        return save_model(model, out, tokenizer_dir, dtype, force=force, protect=protect, strict=strict)
     if to == "hf":
-        return export_hf(model, out, tokenizer_dir, dtype, force=force, protect=protect)
+        return export_hf(model, out, tokenizer_dir, dtype, force=force, protect=protect, strict=strict)
     if to == "pth":
-        return export_pth(model, out, dtype, force=force, protect=protect)
+        return export_pth(model, out, dtype, force=force, protect=protect, strict=strict)
     raise Gpt2LoadError(f"unknown export format {to!r}: use one of {', '.join(FORMATS)}")

@@ -22,6 +22,7 @@ from .errors import Gpt2LoadError
 from .model import GPTModel
 from .quant import refuse_quantized
 from .stfile import atomic_path
+from .tensors import check_finite
 from .tokenizer import EOT, EOT_ID, find_tokenizer_files, read_ranks
 
 ARCH = "gpt2"
@@ -201,7 +202,13 @@ def _vocabulary(tokenizer_dir: str | Path | None, vocab_size: int) -> tuple[list
 
 
 def export_gguf(
-    model: GPTModel, out: str | Path, tokenizer_dir: str | Path | None = None, dtype: str = "f16", name: str = ""
+    model: GPTModel,
+    out: str | Path,
+    tokenizer_dir: str | Path | None = None,
+    dtype: str = "f16",
+    name: str = "",
+    *,
+    strict: bool = False,
 ) -> Path:
     """Write `model` as a GGUF file that llama.cpp loads as architecture gpt2, one tensor at a time.
 
@@ -211,6 +218,8 @@ def export_gguf(
         tokenizer_dir: the folder with the model's GPT-2 tokenizer files (embedded in the file).
         dtype: f32, f16 (default), bf16 or q8_0 (quantized by the gguf package); 1-D tensors stay f32.
         name: general.name in the metadata (default: the output file's stem).
+        strict: refuse (a Gpt2LoadError naming the tensor, nothing written) NaN or infinite weights as stored
+            (f16 overflow included), which otherwise give one NonFiniteWeightsWarning.
     """
     if dtype not in KINDS:
         raise Gpt2LoadError(f"unknown GGUF dtype {dtype!r}: use one of {', '.join(GGUF_DTYPES)}")
@@ -224,6 +233,14 @@ def export_gguf(
     for gname, parts in gguf_tensor_parts(model):
         shape = (sum(p.shape[0] for p in parts), *parts[0].shape[1:])
         plan.append((gname, shape, _stored_type(gguf, gname, shape, kind)))
+    as_stored = {gguf.GGMLQuantizationType.F16: torch.float16, gguf.GGMLQuantizationType.BF16: torch.bfloat16}
+    book = {**dict(gguf_names(cfg.n_layers)), UNTIED_HEAD[0]: list(UNTIED_HEAD[1])}  # named as the model has them
+    stored = (
+        (f"{gname} ({part_name})", part, as_stored.get(qtype, torch.float32))
+        for (gname, parts), (_, _, qtype) in zip(gguf_tensor_parts(model), plan, strict=True)
+        for part_name, part in zip(book[gname], parts, strict=True)
+    )
+    check_finite(stored, out, strict)  # q8_0 blocks are checked as the float32 values they quantize
     with atomic_path(out) as tmp:
         w = gguf.GGUFWriter(tmp, ARCH)
         try:

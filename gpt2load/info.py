@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .build import dtype_name
 from .config import GPTConfig
 from .hub import model_dir
-from .layouts import inspect_path
-from .load import locate
+from .layouts import Source, inspect_path, source_dtype
+from .load import adapters_file, locate, recorded_quantization
+from .lora import read_adapters
 from .tokenizer import find_tokenizer_files, id_marker, tokenizer_from_folder
 
 
@@ -26,13 +28,29 @@ def _tokenizer_vocab(folder: Path, model_vocab: int) -> dict:
     return out
 
 
+def _stored(src: Source) -> dict:
+    """How the weights are stored: their dtype (int8 with float32 scales for a quantized file), and the LoRA
+    adapters loading puts on (a model saved unmerged)."""
+    kind = recorded_quantization(src)
+    if kind is not None:
+        return {"dtype": f"{kind} (per-row float32 scales; LayerNorms, biases, positions float32)"}
+    out = {"dtype": dtype_name(source_dtype(src))}
+    path = adapters_file(src)
+    if path is not None:
+        rank, alpha, targets, _ = read_adapters(path)
+        out["lora_adapters"] = f"{path.name}: rank {rank}, alpha {alpha:g}, {len(targets)} modules"
+    return out
+
+
 def info(model: str, source: str = "hf", weights_dir: str | Path | None = None) -> dict:
-    """Architecture, parameter count, tokenizer size and where the files are (or would go)."""
+    """Architecture, parameter count, stored dtype, tokenizer size and where the files are (or would go)."""
     path, size = locate(model)
+    stored: dict = {}
     if path is not None:
         src = inspect_path(path)
         cfg, where, layout, name = src.cfg, str(src.path), src.kind, path.name
         folder = path if path.is_dir() else path.parent
+        stored = _stored(src)
     else:
         name, cfg, layout = size, GPTConfig.from_name(size), source
         folder = model_dir(size, source, weights_dir)
@@ -43,6 +61,7 @@ def info(model: str, source: str = "hf", weights_dir: str | Path | None = None) 
         "path": where,
         "parameters": f"{cfg.n_params:,}",
         "float32_bytes": f"{4 * cfg.n_params:,}",
+        **stored,
         **cfg.to_dict(),
         **_tokenizer_vocab(folder, cfg.vocab_size),
     }

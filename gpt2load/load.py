@@ -136,10 +136,8 @@ def recorded_quantization(src: Source) -> str | None:
     return kind
 
 
-def quantized_from_file(
-    cfg: GPTConfig, path: Path, kind: str, device: str | torch.device | None, dtype: str | torch.dtype | None
-) -> GPTModel:
-    """A quantized GPTModel from gpt2load's own int8 file, every tensor's name, shape and dtype checked first."""
+def quantized_layout(cfg: GPTConfig, path: Path, kind: str) -> tuple[dict, dict[str, tuple]]:
+    """(head metadata, {name: (shape, dtype)} in model order) of gpt2load's int8 file, every tensor checked."""
     header, meta = stfile.read_header(path)
     head = json.loads(meta.get("head") or "{}")
     shapes = {**expected_shapes(cfg), **head_shapes(cfg, head)}
@@ -156,6 +154,15 @@ def quantized_from_file(
     extra = sorted(set(header) - set(want))
     if extra:
         raise Gpt2LoadError(f"tensor {extra[0]!r} in {path} is not part of an {kind} GPTModel: save it again")
+    return head, want
+
+
+def quantized_from_file(
+    cfg: GPTConfig, path: Path, kind: str, device: str | torch.device | None, dtype: str | torch.dtype | None
+) -> GPTModel:
+    """A quantized GPTModel from gpt2load's own int8 file, every tensor's name, shape and dtype checked first."""
+    head, want = quantized_layout(cfg, path, kind)
+    embedding = "tok_emb.weight" not in want  # 0.x files kept a float embedding beside an int8 head
     dev, dt = pick_device(device), pick_dtype(dtype)
     model = empty_model(cfg)
     if head and not head.get("tied", True):  # the shell gets the recorded head (a classifier's shape, a bias)
@@ -175,17 +182,23 @@ def quantized_from_file(
 
 def _with_adapters(model: GPTModel, src: Source) -> GPTModel:
     """A model saved with unmerged LoRA adapters (fine-tuning's --no-merge) comes back with them on."""
+    path = adapters_file(src)
+    return model if path is None else load_adapters(model, path)
+
+
+def adapters_file(src: Source) -> Path | None:
+    """The LoRA adapters file a model saved unmerged (--no-merge) names, or None; a missing one is an error."""
     if src.kind != "own" or src.path.suffix != ".safetensors":
-        return model
+        return None
     name = stfile.read_header(src.path)[1].get(ADAPTERS_KEY)
     if name is None:
-        return model
+        return None
     path = src.path.parent / name
     if not path.is_file():
         raise Gpt2LoadError(
             f"{src.path} was saved with its LoRA adapters in {path}, which is missing: put it back or fine-tune again"
         )
-    return load_adapters(model, path)
+    return path
 
 
 def _recorded_tie(src: Source) -> bool | None:

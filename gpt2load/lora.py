@@ -259,6 +259,18 @@ def write_adapters(path: str | Path, settings: dict, tensors: dict[str, torch.Te
 def load_adapters(model: nn.Module, path: str | Path) -> nn.Module:
     """Put the adapters of `path` (written by save_adapters) on `model`, in place; returns the model."""
     path = Path(path)
+    rank, alpha, targets, tensors = read_adapters(path)
+    _wrap(model, targets, rank, alpha)
+    device = model.tok_emb.weight.device
+    own = lora_state(model)
+    if own.keys() != tensors.keys() or any(own[k].shape != t.shape for k, t in tensors.items()):
+        raise Gpt2LoadError(f"{path} does not fit this model: its adapters are for other modules or sizes")
+    model.load_state_dict({k: t.to(device, own[k].dtype) for k, t in tensors.items()}, strict=False)
+    return model
+
+
+def read_adapters(path: Path) -> tuple[int, float, list[str], dict[str, torch.Tensor]]:
+    """(rank, alpha, target module paths, tensors by name) of an adapters file written by save_adapters."""
     try:
         with safe_open(str(path), "pt") as f:
             meta = f.metadata() or {}
@@ -268,13 +280,7 @@ def load_adapters(model: nn.Module, path: str | Path) -> nn.Module:
     except (OSError, ValueError, KeyError, TypeError, SafetensorError) as e:
         raise Gpt2LoadError(f"{path} is not a readable LoRA adapter file ({e}): save the adapters again") from None
     check_lora_settings(rank, alpha)
-    _wrap(model, targets, rank, alpha)
-    device = model.tok_emb.weight.device
-    own = lora_state(model)
-    if own.keys() != tensors.keys() or any(own[k].shape != t.shape for k, t in tensors.items()):
-        raise Gpt2LoadError(f"{path} does not fit this model: its adapters are for other modules or sizes")
-    model.load_state_dict({k: t.to(device, own[k].dtype) for k, t in tensors.items()}, strict=False)
-    return model
+    return rank, alpha, targets, tensors
 
 
 def lora_state(model: nn.Module) -> dict[str, torch.Tensor]:
