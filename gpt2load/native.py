@@ -10,30 +10,21 @@ bfloat16 than in float32; and float32 decoding attention (one query per row, opt
 cached keys and values once where torch's took several times their reading time. Each is one more candidate for
 a measurement per shape (`kernels.linear`, `int8mm.int8_linear`, `attn.causal_attention`), never assumed faster.
 
-Built with `$CC` (else `cc`) for this CPU (-march=native) into $XDG_CACHE_HOME/gpt2load/native (else
-~/.cache/...), named by a hash of the sources, the compiler and the CPU, so a shared home folder on another CPU
-builds its own. No compiler, a failed build or GPT2LOAD_NATIVE=0: the kernels are simply not candidates.
+Built, cached and loaded by native_build.py.
 """
 
 from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
 import os
-import platform
-import subprocess
-import tempfile
-from pathlib import Path
+import sys
 
 import torch
 
-from .env import env_path
 from .errors import Gpt2LoadError
+from .native_build import Unusable, load_library
 
-_SOURCES = [Path(__file__).with_name(n) for n in ("gemv.c", "gemm.c", "attend.c")]
-_HEADERS = [Path(__file__).with_name("vecmath.h")]  # included by the sources: part of the library's name
-_FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
 _CODES = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2}
 MAX_ROWS = 16  # beyond a few rows the arithmetic dominates and torch's matrix-matrix kernels win
 
@@ -46,108 +37,16 @@ def native_setting() -> str:
     return value
 
 
-def _cpu_identity() -> str:
-    try:
-        text = Path("/proc/cpuinfo").read_text(errors="replace")
-    except OSError:
-        return platform.processor()
-    lines = [ln for ln in text.splitlines() if ln.startswith(("model name", "flags"))]
-    return "\n".join(sorted(set(lines)))
-
-
-def _private(path: Path) -> bool:
-    """Whether `path` is ours and nobody else can write to it (a library there runs as our code)."""
-    st = path.stat()
-    return st.st_uid == os.getuid() and not st.st_mode & 0o022
-
-
-def _own_folder(folder: Path) -> str | None:
-    """Make `folder` (ours: tightened to 0700 if others could write to it, as under umask 002); None, or why it
-    cannot be used (another user's, e.g. one made first in a shared /tmp)."""
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    folder.mkdir(mode=0o700, exist_ok=True)
-    st = folder.stat()
-    if st.st_uid != os.getuid():
-        return f"{folder} belongs to another user"
-    if st.st_mode & 0o022:
-        folder.chmod(0o700)
-    return None
-
-
-def _build_dir() -> Path:
-    return (env_path("XDG_CACHE_HOME") or Path.home() / ".cache") / "gpt2load" / "native"
-
-
-def _compile(cc: str, target: Path) -> str | None:
-    """Compile the C sources into `target` (written beside it, then renamed: never half-written); None or the error."""
-    fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".so.part")
-    os.close(fd)
-    try:
-        cmd = [cc, *_FLAGS, "-o", tmp, *map(str, _SOURCES)]
-        run = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-        if run.returncode != 0:
-            return (run.stderr.strip().splitlines() or ["failed"])[-1]
-        os.chmod(tmp, 0o755)  # whatever the umask: nobody else may write to code we run
-        os.replace(tmp, target)
-        return None
-    except (OSError, subprocess.SubprocessError) as e:
-        return str(e)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 @functools.cache
 def _library() -> tuple[ctypes.CDLL | None, str]:
-    """(the library, "") or (None, why not): built or found once per process."""
-    cc = os.environ.get("CC", "").strip() or "cc"
+    """(the library, "") or (None, why not): built or found once per process. Why not is a one-line notice on
+    stderr (the kernels are only candidates: torch's run instead), except when no `cc` exists and CC is unset."""
     try:
-        version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
-    except (OSError, subprocess.SubprocessError) as e:
-        return None, f"no C compiler ({cc}: {e})"
-    sources = [f.read_text() for f in _SOURCES + _HEADERS]
-    key = hashlib.sha256("\0".join([*sources, version, _cpu_identity(), *_FLAGS]).encode()).hexdigest()
-    name = f"kernels-{key[:20]}.so"
-    why = None
-    for folder in (_build_dir(), Path(tempfile.gettempdir()) / f"gpt2load-native-{os.getuid()}"):
-        target = folder / name
-        try:
-            why = _own_folder(folder)
-            if why is not None:
-                continue
-            if not target.exists() or not _private(target):  # (a library others could have written: rebuilt)
-                why = _compile(cc, target)
-                if why is not None:
-                    continue
-            if not _private(target):
-                why = f"{target} is not private to this user"
-                continue
-            lib = ctypes.CDLL(str(target))
-        except OSError as e:  # a folder we cannot write to, or a file we cannot load: try the next
-            why = str(e)
-            continue
-        fn = lib.gpt2load_gemv
-        fn.restype = ctypes.c_int
-        fn.argtypes = [ctypes.c_int, *[ctypes.c_void_p] * 2, ctypes.c_int, *[ctypes.c_void_p] * 3]
-        fn.argtypes += [ctypes.c_int64] * 3 + [ctypes.c_int]
-        fn = lib.gpt2load_gemm
-        fn.restype = ctypes.c_int
-        fn.argtypes = [*[ctypes.c_void_p] * 4, *[ctypes.c_int64] * 3, ctypes.c_int, ctypes.c_int]
-        fn = lib.gpt2load_attend_one
-        fn.restype = ctypes.c_int
-        fn.argtypes = [*[ctypes.c_void_p] * 5, *[ctypes.c_int64] * 4, *[ctypes.c_void_p] * 4, ctypes.c_float]
-        fn.argtypes += [ctypes.c_int]
-        fn = lib.gpt2load_attend
-        fn.restype = ctypes.c_int
-        fn.argtypes = [
-            *[ctypes.c_void_p] * 4,
-            *[ctypes.c_int64] * 5,
-            *[ctypes.c_void_p] * 3,
-            ctypes.c_float,
-            ctypes.c_int,
-        ]
-        return lib, ""
-    return None, f"building {', '.join(f.name for f in _SOURCES)} failed: {why}"
+        return load_library(), ""
+    except Unusable as e:
+        if not e.quiet:
+            print(f"gpt2load: notice: gpt2load's C kernels are unavailable, torch's run instead: {e}", file=sys.stderr)
+        return None, str(e)
 
 
 def available() -> bool:

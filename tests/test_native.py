@@ -135,7 +135,8 @@ def fresh_build(monkeypatch, tmp_path):
 def test_the_build_lands_whole_in_the_cache_folder(fresh_build):
     assert native.available()
     built = sorted(p.name for p in (fresh_build / "cache" / "gpt2load" / "native").iterdir())
-    assert len(built) == 1 and built[0].startswith("kernels-") and built[0].endswith(".so")  # no partial file left
+    assert len(built) == 2 and built[0].startswith("kernels-") and built[0].endswith(".so")  # no partial file left
+    assert built[1] == built[0] + ".sha256"  # the library's digest, checked before each load
     x, w = torch.randn(2, 16), torch.randn(5, 16)
     torch.testing.assert_close(native.gemv(x, w, None).double(), reference(x, w, None), atol=1e-5, rtol=1e-5)
 
@@ -179,7 +180,7 @@ def test_the_library_is_private_to_its_user(fresh_build):
     folder.chmod(0o777)  # as made under a permissive umask
     assert native.available()
     assert folder.stat().st_mode & 0o777 == 0o700
-    (lib,) = folder.iterdir()
+    (lib,) = folder.glob("*.so")
     assert not lib.stat().st_mode & 0o022
     lib.chmod(0o777)
     native._library.cache_clear()
