@@ -13,6 +13,7 @@ hypotheses, scored as sum of log-probabilities / new_length ** length_penalty. t
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -68,6 +69,7 @@ def beam_search(
     num_return_sequences: int = 1,
     *,
     context_size: int | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> BeamResult:
     """The most likely continuations of each prompt row by beam search (deterministic).
 
@@ -82,6 +84,8 @@ def beam_search(
         eos_id: the id that ends a sequence (None: sequences end at max_new_tokens only).
         num_return_sequences: how many of the best sequences to return per prompt (<= num_beams).
         context_size: the window, as in `generate` (decoding past it slides the window).
+        should_stop: asked before every step; once it returns True the search ends there (a server's client
+            went away) and the result holds only what had finished by then (lengths 0 where nothing had).
 
     Returns:
         BeamResult(sequences, scores, lengths), best first for each prompt, equal to transformers'
@@ -103,6 +107,7 @@ def beam_search(
             eos_id,
             num_return_sequences,
             context_size,
+            should_stop,
         )
     return BeamResult(*(t.clone() for t in result))  # plain tensors, usable outside inference mode
 
@@ -117,7 +122,7 @@ def _widen(t: torch.Tensor, cap: int, pad: int) -> torch.Tensor:
     return torch.cat((t, t.new_full((*t.shape[:2], cap - t.shape[2]), pad)), 2)
 
 
-def _search(model, idx, L, K, lp, early_stopping, eos_id, n_return, context_size):
+def _search(model, idx, L, K, lp, early_stopping, eos_id, n_return, context_size, should_stop=None):
     B, P = idx.shape
     device = idx.device
     pad = eos_id if eos_id is not None else 0
@@ -145,6 +150,8 @@ def _search(model, idx, L, K, lp, early_stopping, eos_id, n_return, context_size
 
     logits = dec.logits
     for step in range(1, L + 1):
+        if should_stop is not None and should_stop():
+            break
         if step > cap:
             cap = min(L, 2 * cap)
             run_tokens, fin_tokens = (_widen(t, cap, pad) for t in (run_tokens, fin_tokens))

@@ -2,6 +2,10 @@
 
 The rules are transformers' logits processors, in transformers' order: repetition penalty, minimum length,
 then temperature, top-k and top-p (nucleus). Temperature 0 means greedy (argmax).
+
+A temperature so small that a row's scaled logits overflow float32 (9e-39 with logits of a few units, or 1e-300,
+which is 0 in float32) draws from the limit of softmax(logits / T) as T -> 0: the row's most likely tokens, so it
+decodes greedily (ties drawn evenly) instead of failing on a NaN distribution.
 """
 
 from __future__ import annotations
@@ -12,6 +16,8 @@ from dataclasses import dataclass
 import torch
 
 from .errors import Gpt2LoadError
+
+_FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 
 
 def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
@@ -74,14 +80,22 @@ def sample(
 
     Args:
         logits: [B, V] (already penalised if a repetition penalty is used).
-        temperature: 0 for greedy; > 0 to sample from softmax(logits / temperature).
+        temperature: 0 for greedy; > 0 to sample from softmax(logits / temperature) (greedily when it is so
+            small that logits / temperature overflows: see the module docstring).
         top_k: keep only the k most likely tokens before sampling.
         top_p: keep only the nucleus of probability mass p before sampling.
         generator: the random stream to draw from (None: torch's global one, as the book uses).
     """
     if temperature == 0.0:
         return logits.argmax(dim=-1)
-    logits = apply_temperature(logits.float(), temperature)
+    raw = logits.float()
+    # Past float32's largest number, -inf / T would be NaN; the distribution is uniform long before that.
+    logits = apply_temperature(raw, min(temperature, _FLOAT32_MAX))
+    over = ~torch.isfinite(logits.amax(dim=-1, keepdim=True))
+    if bool(over.any()):  # tiny T overflowed: the T -> 0 limit, unless the logits themselves were not finite
+        peak = raw.amax(dim=-1, keepdim=True)
+        over &= torch.isfinite(peak)
+        logits = torch.where(over, torch.where(raw == peak, 0.0, -math.inf), logits)
     if top_k is not None:
         logits = top_k_filter(logits, top_k)
     if top_p is not None:

@@ -84,10 +84,32 @@ class Request:
         self.prompts, self.n, self.params, self.emit = prompts, n, params, emit
         self.stream = stream  # False: each choice's text arrives in one Piece, just before its Finish
         self.cancelled = False
+        self.failed = False
+        self.started = 0  # choices the batcher has begun; the rest wait as this count, costing no memory
+        self.on_cancel: Callable[[], None] | None = None  # set by the batcher, which then drops what still waits
+
+    @property
+    def choices(self) -> int:
+        """Its choices: prompts × n."""
+        return len(self.prompts) * self.n
+
+    @property
+    def cost(self) -> int:
+        """Rows of decoding it queues: prompts × n, or prompts × num_beams for a beam search."""
+        return len(self.prompts) * (self.n if self.params.num_beams == 1 else self.params.num_beams)
 
     def cancel(self) -> None:
-        """The client went away: its sequences leave at the next step."""
+        """The client went away: its sequences leave at the next step, and those not begun never start."""
         self.cancelled = True
+        if self.on_cancel is not None:
+            self.on_cancel()
+
+    def fail(self, message: str) -> None:
+        """Send one Failure (the first failure's), and stop the request's other choices."""
+        if not self.failed:
+            self.failed = True
+            self.cancel()
+            self.emit(Failure(message))
 
 
 class Sequence:
@@ -158,6 +180,9 @@ class Sequence:
     def flush(self) -> None:
         """Hand the pending events to the request's consumer (once at the end when it does not stream: waking
         the server's event loop for every token costs the decoding thread time)."""
+        if self.request.cancelled:  # nobody reads them (or a Failure went first)
+            self.out = []
+            return
         done = bool(self.out) and isinstance(self.out[-1], Finish)
         if not self.request.stream and not done:
             return
