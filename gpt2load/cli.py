@@ -374,7 +374,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-body-bytes", type=int, default=2 * 1024 * 1024, help="largest request body (default 2 MiB)")
     s.add_argument("--max-choices", type=int, default=128, help="prompts x n (or num_beams) per request (default 128)")
     s.add_argument(
-        "--max-queued-choices", type=int, default=None, help="choices waiting for a row, all requests together"
+        "--max-queued-choices",
+        type=int,
+        default=None,
+        help="choices waiting for a row, all requests together (default 4096)",
     )
     s.add_argument(
         "--max-logprob-entries",

@@ -68,7 +68,7 @@ class ServeProcess:
         self.lines: list[str] = []
         self._port = threading.Event()
         threading.Thread(target=self._read, daemon=True).start()
-        if not self._port.wait(timeout):
+        if not self._port.wait(timeout) or not hasattr(self, "url"):
             self.stop()
             raise RuntimeError(f"the server did not start:\n{self.log()}")
         deadline = time.monotonic() + timeout
@@ -94,6 +94,7 @@ class ServeProcess:
                 self.url = f"http://127.0.0.1:{found.group(1)}"
                 self.base_url = self.url + "/v1"
                 self._port.set()
+        self._port.set()  # the server exited: stop waiting for a port it will not announce
 
     def log(self) -> str:
         return "".join(self.lines)

@@ -97,6 +97,7 @@ async def read_body(request: Request, limit: int) -> bytes:
         413,
         f"The request body is larger than this server's limit of {limit} bytes (--max-body-bytes).",
         code="request_too_large",
+        headers={"Connection": "close"},  # else the server reads (and drops) the rest, to reuse the connection
     )
     declared = request.headers.get("content-length")
     if declared is not None and (len(declared) > 18 or int(declared) > limit):  # h11 checked it is digits

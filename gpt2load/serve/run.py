@@ -60,6 +60,12 @@ def _check_flags(port: int, max_tokens_limit: int | None, **at_least_one: int | 
             raise Gpt2LoadError(f"{name} must be >= {low}, got {value}")
     if port > 65535:
         raise Gpt2LoadError(f"--port must be <= 65535, got {port}")
+    choices, queued = at_least_one.get("max_choices"), at_least_one.get("max_queued_choices")
+    if choices is not None and queued is not None and queued < choices:
+        raise Gpt2LoadError(
+            f"--max-queued-choices ({queued}) must be >= --max-choices ({choices}): a request of "
+            f"{choices} choices would never fit in the queue"
+        )
     if max_tokens_limit is not None and max_tokens_limit < 1:
         raise Gpt2LoadError(f"--max-tokens-limit must be >= 1, got {max_tokens_limit}")
 
