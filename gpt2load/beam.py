@@ -85,7 +85,7 @@ def beam_search(
         num_return_sequences: how many of the best sequences to return per prompt (<= num_beams).
         context_size: the window, as in `generate` (decoding past it slides the window).
         should_stop: asked before every step; once it returns True the search ends there (a server's client
-            went away) and the result holds only what had finished by then (lengths 0 where nothing had).
+            went away) and the result is incomplete: to be thrown away.
 
     Returns:
         BeamResult(sequences, scores, lengths), best first for each prompt, equal to transformers'

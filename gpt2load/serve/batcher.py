@@ -202,6 +202,7 @@ class Batcher:
             self.cache = SlotCache(self.model, self.max_batch_size)
         for item in joining:
             self._start(item)
+            self.current = None  # not on the way out of a dying thread: its request must hear
         self._leave([s for s in self.active if s.request.cancelled])
         if self.active:
             self._step()
@@ -258,8 +259,6 @@ class Batcher:
             seq.flush()
         except Exception as e:
             self._fail([request], e)
-        finally:
-            self.current = None
 
     def _echo(self, seq: Sequence, logits: torch.Tensor) -> None:
         """The prompt as the first piece of text (with its tokens' log-probabilities if asked for)."""
@@ -397,5 +396,3 @@ class Batcher:
                     seq.flush()
         except Exception as e:
             self._fail([request], e)
-        finally:
-            self.current = None
