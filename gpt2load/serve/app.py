@@ -150,10 +150,12 @@ async def _generate(request: Request, state: ServerState, chat: bool) -> Respons
     work = Work(job.prompts, job.n, job.params, deliver, job.stream)
     try:
         state.batcher.submit(work)
-    except QueueFull:
+    except QueueFull as e:
+        if not state.batcher.alive:  # stopped for good: the server is exiting so that it can be restarted
+            raise APIError(503, f"The server cannot take requests: {e}.", kind="server_error") from None
         raise APIError(
             503,
-            "The server is busy (its queue is full): retry shortly.",
+            f"The server is busy ({e}): retry shortly.",
             code="queue_full",
             kind="server_error",
             headers={"Retry-After": "1"},

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 import ipaddress
 import json
 import logging
@@ -190,15 +189,21 @@ def serve(
     state = ServerState(limits, enc, api_key, log_prompts, max_body_bytes=max_body_bytes)
     state.hosts = HostRule(host, allowed_hosts)
     queue_limits = {"max_queue": max_queue}
-    if max_queued_choices is not None and "max_queued_choices" in inspect.signature(Batcher).parameters:
+    if max_queued_choices is not None:
         queue_limits["max_queued_choices"] = max_queued_choices
     server = uvicorn.Server(uvicorn.Config(create_app(state), log_level="warning", access_log=False))
     failure: list[BaseException] = []
 
+    def fatal(e: BaseException) -> None:
+        """The decoding thread died twice within a minute: stop, so that a supervisor restarts the server."""
+        why = f"{type(e).__name__}: {e}"[:200]
+        failure.append(Gpt2LoadError(f"the decoding thread stopped twice within a minute ({why}): restart the server"))
+        server.should_exit = True
+
     def load() -> None:
         try:
             gpt = load_gpt2(where, device=device, dtype=dtype, quiet=True, quantize=quantize)
-            state.batcher = Batcher(gpt, enc, max_batch_size, **queue_limits)
+            state.batcher = Batcher(gpt, enc, max_batch_size, **queue_limits, on_fatal=fatal)
             log.info(f"ready: {model_id} ({src.cfg.n_params / 1e6:.0f}M parameters), batches of {max_batch_size}")
         except BaseException as e:  # the server stops and the error is reported as the command's own
             failure.append(e)
