@@ -1,25 +1,25 @@
 """gpt2load: OpenAI's GPT-2 weights in the book's GPTModel, without TensorFlow."""
 
-from .beam import beam_search
-from .classifier import classify
-from .config import GPTConfig
-from .decoding import BookModelWarning, PromptTruncatedWarning, left_pad
-from .errors import Gpt2LoadError
-from .evaluation import evaluate
-from .exports import export, export_hf, export_pth, save_model
-from .finetune import finetune_classify, finetune_instruct
-from .generation import generate, generate_stream
-from .gguf import export_gguf
-from .hub import download
-from .load import load_gpt2, load_tokenizer
-from .lora import add_lora, merge_lora
-from .model import GPTModel, KVCache
-from .pretrain import train_on_files
-from .sampling import GenerationConfig
-from .templates import format_instruction
-from .tensors import iter_tensors
-from .text import complete
-from .training import TrainConfig, train
+from gpt2load.errors import Gpt2LoadError
+from gpt2load.finetune.classify import classify
+from gpt2load.finetune.recipes import finetune_classify, finetune_instruct
+from gpt2load.finetune.templates import format_instruction
+from gpt2load.formats.exports import export, export_hf, export_pth, save_model
+from gpt2load.formats.gguf import export_gguf
+from gpt2load.formats.tensors import iter_tensors
+from gpt2load.generation.beam import beam_search
+from gpt2load.generation.decoding import BookModelWarning, PromptTruncatedWarning, left_pad
+from gpt2load.generation.generate import generate, generate_stream
+from gpt2load.generation.sampling import GenerationConfig
+from gpt2load.generation.text import complete
+from gpt2load.hub.fetch import download
+from gpt2load.load import load_gpt2, load_tokenizer
+from gpt2load.model.config import GPTConfig
+from gpt2load.model.gpt import GPTModel, KVCache
+from gpt2load.model.lora import add_lora, merge_lora
+from gpt2load.training.evaluation import evaluate
+from gpt2load.training.loop import TrainConfig, train
+from gpt2load.training.pretrain import train_on_files
 
 __all__ = [
     "BookModelWarning",

@@ -1,5 +1,5 @@
 import sys
 
-from .cli import main
+from gpt2load.cli.main import main
 
 sys.exit(main())

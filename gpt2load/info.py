@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .build import dtype_name
-from .config import GPTConfig
-from .hub import model_dir
-from .layouts import Source, inspect_path, source_dtype
-from .load import adapters_file, locate, recorded_quantization
-from .lora import read_adapters
-from .tokenizer import find_tokenizer_files, id_marker, tokenizer_from_folder
+from gpt2load.formats.layouts import Source, inspect_path, source_dtype
+from gpt2load.hub.fetch import model_dir
+from gpt2load.load import adapters_file, locate, recorded_quantization
+from gpt2load.model.build import dtype_name
+from gpt2load.model.config import GPTConfig
+from gpt2load.model.lora import read_adapters
+from gpt2load.tokenizer import find_tokenizer_files, id_marker, tokenizer_from_folder
 
 
 def _tokenizer_vocab(folder: Path, model_vocab: int) -> dict:

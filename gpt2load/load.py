@@ -9,19 +9,19 @@ from pathlib import Path
 
 import torch
 
-from . import stfile
-from .build import empty_model, model_from_tensors, pick_device, pick_dtype
-from .cache import cached_source
-from .config import GPTConfig, resolve_size
-from .convert import expected_shapes
-from .errors import Gpt2LoadError
-from .hub import download
-from .int8mm import aligned_int8
-from .layouts import MODEL_MARKERS, WEIGHT_SUFFIXES, Source, head_shapes, inspect_path, source_tensors
-from .lora import ADAPTERS_KEY, load_adapters
-from .model import GPTModel
-from .quant import QUANTIZATIONS, Int8Embedding, check_quantize, quantize_model, quantized_names
-from .tokenizer import tokenizer_from_folder
+from gpt2load.errors import Gpt2LoadError
+from gpt2load.fast.int8mm import aligned_int8
+from gpt2load.formats import stfile
+from gpt2load.formats.cache import cached_source
+from gpt2load.formats.layouts import MODEL_MARKERS, WEIGHT_SUFFIXES, Source, head_shapes, inspect_path, source_tensors
+from gpt2load.formats.names import expected_shapes
+from gpt2load.hub.fetch import download
+from gpt2load.model.build import empty_model, model_from_tensors, pick_device, pick_dtype
+from gpt2load.model.config import GPTConfig, resolve_size
+from gpt2load.model.gpt import GPTModel
+from gpt2load.model.lora import ADAPTERS_KEY, load_adapters
+from gpt2load.model.quant import QUANTIZATIONS, Int8Embedding, check_quantize, quantize_model, quantized_names
+from gpt2load.tokenizer import tokenizer_from_folder
 
 
 def written_as_path(model: str) -> bool:
@@ -106,7 +106,7 @@ def load_gpt2(
         dropout: the model's drop rate (default None: 0.0, the book's choice for loaded weights in chapters
             6-7; pass 0.1 to train as the book's chapter 5 does).
         n_heads: attention heads, needed only for a book-layout .pth of a width no GPT-2 size has.
-        quantize: "int8" for int8 weight-only Linear layers and head (see gpt2load.quant); a file saved
+        quantize: "int8" for int8 weight-only Linear layers and head (see gpt2load.model.quant); a file saved
             quantized loads quantized whatever this says.
 
     The output head is what the files hold: tied to tok_emb as in GPT-2, untied when a stored head differs

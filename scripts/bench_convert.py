@@ -19,9 +19,9 @@ from pathlib import Path
 
 import torch
 
-from gpt2load.config import GPTConfig
-from gpt2load.convert import expected_shapes
-from gpt2load.layouts import write_own
+from gpt2load.formats.layouts import write_own
+from gpt2load.formats.names import expected_shapes
+from gpt2load.model.config import GPTConfig
 
 # One job in a fresh process. After loading, every weight is read once (a memory-mapped model's pages then
 # count in its RSS), and the peak-RSS mark is reset (clear_refs 5), so the peak is the export's own.
@@ -29,7 +29,7 @@ CHILD = """
 import json, re, sys, time
 import torch
 import gpt2load
-from gpt2load.exports import export, load_dtype
+from gpt2load.formats.exports import export, load_dtype
 src, to, dtype, out, tok = sys.argv[1:6]
 dtype = None if dtype == "-" else dtype
 def status(key):

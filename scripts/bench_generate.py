@@ -32,9 +32,9 @@ from helpers import TOKENIZER_DIR  # noqa: E402
 from oracle import hf_config, pair  # noqa: E402
 
 from gpt2load import generate, left_pad  # noqa: E402
-from gpt2load.beam import beam_search  # noqa: E402
-from gpt2load.config import GPTConfig  # noqa: E402
-from gpt2load.quant import fidelity, quantize_model  # noqa: E402
+from gpt2load.generation.beam import beam_search  # noqa: E402
+from gpt2load.model.config import GPTConfig  # noqa: E402
+from gpt2load.model.quant import fidelity, quantize_model  # noqa: E402
 from gpt2load.tokenizer import tokenizer_from_folder  # noqa: E402
 
 FLAGS = {"AMX": ("amx_tile", "amx_bf16"), "AVX512-BF16": ("avx512_bf16",), "VNNI": ("avx512_vnni", "avx_vnni")}

@@ -21,10 +21,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from tfwrite import write_checkpoint  # noqa: E402
 
-from gpt2load.cache import cache_file  # noqa: E402
-from gpt2load.config import GPTConfig  # noqa: E402
-from gpt2load.convert import OPENAI, expected_shapes, to_source_layout  # noqa: E402
-from gpt2load.layouts import inspect_path
+from gpt2load.formats.cache import cache_file  # noqa: E402
+from gpt2load.formats.layouts import inspect_path
+from gpt2load.formats.names import OPENAI, expected_shapes, to_source_layout  # noqa: E402
+from gpt2load.model.config import GPTConfig  # noqa: E402
 
 # Peak RSS of this process since exec (VmHWM; ru_maxrss would include the parent's peak before exec).
 RSS = (
@@ -44,7 +44,8 @@ CHILD = {
         "out = m.generate(torch.tensor([[464, 3290, 318]]), max_new_tokens=1, do_sample=False, pad_token_id=0)\n" + RSS
     ),
     "convert": (
-        "import json\nfrom gpt2load.cache import cached_source\nfrom gpt2load.layouts import inspect_path\n"
+        "import json\nfrom gpt2load.formats.cache import cached_source\n"
+        "from gpt2load.formats.layouts import inspect_path\n"
         "cached_source(inspect_path(FOLDER), quiet=True)\n" + RSS
     ),
 }
@@ -64,8 +65,8 @@ def run_child(kind: str, folder: Path) -> tuple[float, int]:
 
 def make_weights(cfg: GPTConfig, root: Path) -> tuple[Path, Path]:
     """Random weights of cfg's shape as an OpenAI checkpoint folder and a transformers folder."""
-    from gpt2load.build import model_from_tensors
-    from gpt2load.exports import export_hf
+    from gpt2load.formats.exports import export_hf
+    from gpt2load.model.build import model_from_tensors
 
     openai_dir, hf_dir = root / "openai", root / "hf"
     if (openai_dir / "model.ckpt.index").exists() and (hf_dir / "model.safetensors").exists():

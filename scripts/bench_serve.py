@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the se
 
 from serveserver import ServeProcess, make_model  # noqa: E402
 
-from gpt2load.config import PRESETS, GPTConfig  # noqa: E402
+from gpt2load.model.config import PRESETS, GPTConfig  # noqa: E402
 
 SHAPES = {"124M": PRESETS["124M"], "tiny": GPTConfig(context_length=256, emb_dim=32, n_heads=2, n_layers=2)}
 PROMPTS = [

@@ -38,7 +38,7 @@ def models(context: int):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the oracle: same weights in both
     from oracle import pair
 
-    from gpt2load.config import GPTConfig
+    from gpt2load.model.config import GPTConfig
 
     return pair(GPTConfig(context_length=max(context, 1024)))
 
@@ -62,7 +62,7 @@ def bench_transformers(hf, batches, warmup: int, lr: float) -> list[float]:
 
 def bench_gpt2load(model, batches, warmup: int, lr: float, dtype: str) -> list[float]:
     """gpt2load.train itself, evaluating after every step (one batch, not timed) to read per-step tokens/s."""
-    from gpt2load.training import train
+    from gpt2load.training.loop import train
 
     rows = train(
         model,
@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = torch.randint(0, 50257, (n_steps, args.batch, args.context + 1), generator=g)
     batches = [(r[:, :-1], r[:, 1:]) for r in rows]
     hf, ours = models(args.context)
-    from gpt2load.model import param_count
+    from gpt2load.model.gpt import param_count
 
     n_params = param_count(ours)
     peak = {"float32": peak_matmul_flops(torch.float32), "bfloat16": peak_matmul_flops(torch.bfloat16)}

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from gpt2load.tfcheckpoint import masked_crc32c
+from gpt2load.formats.tfcheckpoint import masked_crc32c
 
 _MAGIC = 0xDB4775248B80FB57
 _DT_FLOAT = 1

@@ -5,10 +5,10 @@ from __future__ import annotations
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from gpt2load.build import model_from_tensors
-from gpt2load.config import GPTConfig
-from gpt2load.convert import HF, convert_tensors, strip_hf_prefix
-from gpt2load.model import GPTModel
+from gpt2load.formats.names import HF, convert_tensors, strip_hf_prefix
+from gpt2load.model.build import model_from_tensors
+from gpt2load.model.config import GPTConfig
+from gpt2load.model.gpt import GPTModel
 
 TINY = GPTConfig(vocab_size=96, context_length=64, emb_dim=32, n_heads=4, n_layers=2)
 

@@ -21,7 +21,7 @@ import torch
 from helpers import TOKENIZER_DIR
 
 from gpt2load import GPTConfig, GPTModel
-from gpt2load.exports import save_model
+from gpt2load.formats.exports import save_model
 from gpt2load.tokenizer import EOT_ID
 
 

@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from oracle import pair
 from test_kernels import WIDE
 
-from gpt2load import Gpt2LoadError, attn, beam_search, generate, left_pad, native
+from gpt2load import Gpt2LoadError, beam_search, generate, left_pad
+from gpt2load.fast import attn, native
 
 BF16 = torch.bfloat16
 HERE = native.attend_available()

@@ -5,8 +5,8 @@ import torch
 from oracle import TINY, pair
 
 from gpt2load import generate
-from gpt2load.beam import beam_search
 from gpt2load.errors import Gpt2LoadError
+from gpt2load.generation.beam import beam_search
 
 L = 12  # new tokens
 PROMPT = torch.tensor([[5, 17, 33, 2, 8]])

@@ -6,9 +6,9 @@ import struct
 
 import pytest
 
-from gpt2load.config import MAX_PARAMS, PRESETS, GPTConfig, read_hf_config, read_hparams
 from gpt2load.errors import Gpt2LoadError
-from gpt2load.stfile import read_header
+from gpt2load.formats.stfile import read_header
+from gpt2load.model.config import MAX_PARAMS, PRESETS, GPTConfig, read_hf_config, read_hparams
 
 
 @pytest.mark.parametrize("cfg", list(PRESETS.values()))

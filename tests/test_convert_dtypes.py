@@ -14,14 +14,14 @@ from safetensors import safe_open
 from transformers import GPT2LMHeadModel
 
 from gpt2load import iter_tensors
-from gpt2load.build import dtype_name
 from gpt2load.errors import Gpt2LoadError
-from gpt2load.exports import export
+from gpt2load.formats.exports import export
+from gpt2load.formats.stfile import read_header
+from gpt2load.formats.tensors import layout_specs
+from gpt2load.formats.tfcheckpoint import TFCheckpoint
 from gpt2load.load import load_gpt2
-from gpt2load.model import GPTModel, stored_state
-from gpt2load.stfile import read_header
-from gpt2load.tensors import layout_specs
-from gpt2load.tfcheckpoint import TFCheckpoint
+from gpt2load.model.build import dtype_name
+from gpt2load.model.gpt import GPTModel, stored_state
 
 X = torch.randint(0, 96, (2, 16), generator=torch.Generator().manual_seed(0))
 
@@ -134,9 +134,9 @@ def test_info_tensors_cli(tmp_path):
 STREAMING = textwrap.dedent(
     """
     import resource, sys, torch
-    from gpt2load.config import GPTConfig
-    from gpt2load.exports import export
-    from gpt2load.model import GPTModel
+    from gpt2load.model.config import GPTConfig
+    from gpt2load.formats.exports import export
+    from gpt2load.model.gpt import GPTModel
     torch.set_num_threads(1)
     tok, fmt, dtype, out = sys.argv[1:5]
     dtype = None if dtype == "-" else dtype

@@ -1,4 +1,4 @@
-"""Token cache and sliding windows (gpt2load.data)."""
+"""Token cache and sliding windows (gpt2load.training.data)."""
 
 from __future__ import annotations
 
@@ -14,10 +14,10 @@ import pytest
 import torch
 from helpers import TOKENIZER_DIR
 
-from gpt2load.data import TokenWindows, WindowLoader, encode_file, split_tokens, tokenize_files
 from gpt2load.errors import Gpt2LoadError
 from gpt2load.fsutil import atomic_dir, atomic_path
 from gpt2load.tokenizer import EOT_ID, encode, tokenizer_from_folder
+from gpt2load.training.data import TokenWindows, WindowLoader, encode_file, split_tokens, tokenize_files
 
 
 @pytest.fixture(scope="module")

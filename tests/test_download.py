@@ -15,12 +15,12 @@ import pytest
 from hubserver import Fault, Hub, fake_safetensors, git_blob_sha1
 
 import gpt2load
-from gpt2load import http, sources
-from gpt2load.config import PRESETS, hf_config_dict, read_hparams
 from gpt2load.errors import Gpt2LoadError
-from gpt2load.hub import default_weights_dir, download
-from gpt2load.manifest import folder_lock
-from gpt2load.sources import OPENAI_DATA
+from gpt2load.hub import http, sources
+from gpt2load.hub.fetch import default_weights_dir, download
+from gpt2load.hub.manifest import folder_lock
+from gpt2load.hub.sources import OPENAI_DATA
+from gpt2load.model.config import PRESETS, hf_config_dict, read_hparams
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ROOT / "tests" / "fixtures" / "openai-tiny"
@@ -177,7 +177,7 @@ def test_server_ignoring_range_restarts_cleanly(hub):
 
 def test_resume_after_kill_9(hub, tmp_path):
     hub.faults[ST] = Fault(trickle=0.02, chunk=32 * 1024)  # ~1.6 MB/s
-    code = "from gpt2load.hub import download; download('124M', 'hf', 'w', quiet=True)"
+    code = "from gpt2load.hub.fetch import download; download('124M', 'hf', 'w', quiet=True)"
     # HF_ENDPOINT arrives through the environment here, before gpt2load is imported
     proc = subprocess.Popen([sys.executable, "-c", code], env=subprocess_env(), cwd=tmp_path)
     part = tmp_path / "w" / "hf" / "124M" / "model.safetensors.part"
@@ -347,7 +347,7 @@ def test_offline_uses_disk_or_cache_else_one_clear_error(hub, monkeypatch, tmp_p
 def test_two_concurrent_downloads_into_one_folder(hub, tmp_path):
     gate = threading.Event()
     hub.faults[ST] = Fault(gate=gate, gate_at=2 * MB)  # the first run holds the folder until the gate opens
-    code = "from gpt2load.hub import download; download('124M', 'hf', 'w')"
+    code = "from gpt2load.hub.fetch import download; download('124M', 'hf', 'w')"
     run = [sys.executable, "-c", code]
     part = tmp_path / "w" / "hf" / "124M" / "model.safetensors.part"
     first = subprocess.Popen(run, env=subprocess_env(), cwd=tmp_path, stderr=subprocess.PIPE, text=True)
@@ -396,6 +396,6 @@ def test_folder_lock_is_removed_yet_excludes_a_waiter_holding_the_old_file(tmp_p
 
 
 def test_download_is_a_function_not_a_module():
-    assert gpt2load.download is download and download.__module__ == "gpt2load.hub"
+    assert gpt2load.download is download and download.__module__ == "gpt2load.hub.fetch"
     package = Path(gpt2load.__file__).parent
     assert not (package / "download.py").exists() and not (package / "download").exists()  # nothing shadowed

@@ -15,7 +15,7 @@ import pytest
 from helpers import OPENAI_TINY, TOKENIZER_DIR, assert_clean_error, run_cli
 from hubserver import HTML, Fault, Hub, fake_safetensors, tiny_as_124m_env
 
-from gpt2load.config import PRESETS, hf_config_dict
+from gpt2load.model.config import PRESETS, hf_config_dict
 
 # The on-disk contract, spelled out (not imported) so that these tests also run against older code.
 LOCK, MANIFEST = ".gpt2load.lock", ".gpt2load-download.json"

@@ -18,12 +18,12 @@ import torch
 from helpers import TOKENIZER_DIR, assert_clean_error, run_cli
 from safetensors.torch import load_file
 
-from gpt2load.config import GPTConfig
 from gpt2load.errors import Gpt2LoadError
-from gpt2load.exports import save_model
+from gpt2load.formats.exports import save_model
 from gpt2load.load import load_gpt2, model_metadata
-from gpt2load.lora import lora_settings
-from gpt2load.model import GPTModel
+from gpt2load.model.config import GPTConfig
+from gpt2load.model.gpt import GPTModel
+from gpt2load.model.lora import lora_settings
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 POS = ["good", "great", "lovely", "happy", "sunny", "bright"]

@@ -7,10 +7,10 @@ import torch
 from helpers import TOKENIZER_DIR
 from torch import nn
 
-from gpt2load.classifier import classify
-from gpt2load.config import GPTConfig
 from gpt2load.errors import Gpt2LoadError
-from gpt2load.model import GPTModel
+from gpt2load.finetune.classify import classify
+from gpt2load.model.config import GPTConfig
+from gpt2load.model.gpt import GPTModel
 from gpt2load.tokenizer import encode, tokenizer_from_folder
 
 ENC = tokenizer_from_folder(TOKENIZER_DIR)

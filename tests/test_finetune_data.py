@@ -9,7 +9,7 @@ import torch
 from helpers import TOKENIZER_DIR
 
 from gpt2load.errors import Gpt2LoadError
-from gpt2load.finetune_data import (
+from gpt2load.finetune.data import (
     IGNORE_INDEX,
     ClassificationData,
     encode_instructions,
@@ -20,7 +20,7 @@ from gpt2load.finetune_data import (
     read_instructions,
     read_table,
 )
-from gpt2load.templates import format_example, format_instruction
+from gpt2load.finetune.templates import format_example, format_instruction
 from gpt2load.tokenizer import encode, tokenizer_from_folder
 
 ENC = tokenizer_from_folder(TOKENIZER_DIR)

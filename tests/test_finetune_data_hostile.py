@@ -12,7 +12,7 @@ import pytest
 from helpers import assert_clean_error, run_cli
 
 from gpt2load.errors import Gpt2LoadError
-from gpt2load.finetune_data import MAX_CLASSES, label_indices, make_label_names, read_instructions, read_table
+from gpt2load.finetune.data import MAX_CLASSES, label_indices, make_label_names, read_instructions, read_table
 
 # characters str.splitlines breaks at that csv.writer leaves unquoted
 BREAKERS = ["\x85", "\u2028", "\u2029", "\x0c", "\x0b", "\x1c", "\x1d", "\x1e"]

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from oracle import pair
 from test_kernels import WIDE
 
-from gpt2load import kernels, native
+from gpt2load.fast import kernels, native
 
 BF16 = torch.bfloat16
 HERE = native.gemm_usable(torch.zeros(17, 2, dtype=BF16), torch.zeros(16, 2, dtype=BF16))

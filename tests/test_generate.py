@@ -11,11 +11,11 @@ from oracle import TINY, pair
 from transformers.generation.logits_process import TopPLogitsWarper
 
 from gpt2load import PromptTruncatedWarning, complete, generate, generate_stream, left_pad
-from gpt2load.config import GPTConfig
-from gpt2load.decoding import CachedDecoder
 from gpt2load.errors import Gpt2LoadError
-from gpt2load.sampling import apply_repetition_penalty, apply_temperature, sample, top_k_filter, top_p_filter
-from gpt2load.text import stream_text
+from gpt2load.generation.decoding import CachedDecoder
+from gpt2load.generation.sampling import apply_repetition_penalty, apply_temperature, sample, top_k_filter, top_p_filter
+from gpt2load.generation.text import stream_text
+from gpt2load.model.config import GPTConfig
 from gpt2load.tokenizer import EOT_ID, tokenizer_from_folder
 
 BIG_VOCAB = GPTConfig(vocab_size=50257, context_length=64, emb_dim=32, n_heads=2, n_layers=2)
@@ -386,7 +386,7 @@ def test_ids_past_the_tokenizer_print_a_marker(tmp_path):
     from helpers import run_cli
 
     from gpt2load import save_model
-    from gpt2load.model import GPTModel
+    from gpt2load.model.gpt import GPTModel
 
     model = GPTModel(GPTConfig(vocab_size=50304, context_length=32, emb_dim=16, n_heads=2, n_layers=1))
     model.untie_head()

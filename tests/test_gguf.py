@@ -17,12 +17,12 @@ from helpers import TOKENIZER_DIR, add_tokenizer, assert_clean_error, run_cli
 from oracle import gpt_from_hf, hf_model
 from torch import nn
 
-from gpt2load.config import GPTConfig
 from gpt2load.errors import Gpt2LoadError
-from gpt2load.exports import export
-from gpt2load.generation import generate
-from gpt2load.gguf import export_gguf, gguf_names
-from gpt2load.model import GPTModel
+from gpt2load.formats.exports import export
+from gpt2load.formats.gguf import export_gguf, gguf_names
+from gpt2load.generation.generate import generate
+from gpt2load.model.config import GPTConfig
+from gpt2load.model.gpt import GPTModel
 from gpt2load.tokenizer import encode, tokenizer_from_folder
 
 gguf = pytest.importorskip("gguf", reason="the gguf package is not installed: pip install '.[gguf]'")
@@ -166,7 +166,7 @@ def test_convert_cli_from_an_openai_checkpoint_to_gguf(lm, files, tmp_path):
     sys.path.insert(0, str(Path(__file__).parents[1] / "scripts"))
     from tfwrite import write_checkpoint
 
-    from gpt2load.convert import OPENAI, to_source_layout
+    from gpt2load.formats.names import OPENAI, to_source_layout
 
     state = {k: v.detach() for k, v in lm.stored_state().items()}
     hparams = {"n_vocab": 50257, "n_ctx": 96, "n_embd": 64, "n_head": 4, "n_layer": 2}
@@ -184,7 +184,7 @@ def test_convert_cli_from_an_openai_checkpoint_to_gguf(lm, files, tmp_path):
 
 def test_convert_cli_from_a_trained_instruction_model_folder_to_gguf(lm, files, tmp_path):
     """What `train`/`finetune instruct` leave (gpt2load's folder, with a prompt template recorded) converts too."""
-    from gpt2load.exports import save_model
+    from gpt2load.formats.exports import save_model
 
     save_model(lm, tmp_path / "run", TOKENIZER_DIR, metadata={"prompt_template": "alpaca"})
     out = tmp_path / "run.gguf"

@@ -11,8 +11,8 @@ from torch import nn
 from transformers import GPT2LMHeadModel
 
 from gpt2load import Gpt2LoadError, GPTModel, export, load_gpt2, save_model
-from gpt2load.config import GPTConfig
-from gpt2load.model import config_from_book_dict
+from gpt2load.model.config import GPTConfig
+from gpt2load.model.gpt import config_from_book_dict
 
 X = torch.tensor([[3, 1, 4, 1, 5, 9, 2, 6]])
 

@@ -17,9 +17,9 @@ import pytest
 import torch
 from helpers import TOKENIZER_DIR, assert_clean_error, run_cli
 
-from gpt2load.config import GPTConfig
-from gpt2load.exports import save_model
-from gpt2load.model import GPTModel
+from gpt2load.formats.exports import save_model
+from gpt2load.model.config import GPTConfig
+from gpt2load.model.gpt import GPTModel
 
 CFG = GPTConfig(vocab_size=50257, context_length=32, emb_dim=16, n_heads=2, n_layers=2)
 TRAIN = ["--context-length", "16", "--batch-size", "2", "--eval-batches", "1", "--quiet", "--device", "cpu"]

@@ -7,11 +7,12 @@ import pytest
 import torch
 from oracle import TINY, pair
 
-from gpt2load import Gpt2LoadError, beam_search, generate, kernels, left_pad
-from gpt2load.config import GPTConfig
-from gpt2load.kernels import linear, matmul_setting, onednn_setting, split_pieces
-from gpt2load.model import KVCache
-from gpt2load.quant import quantize_model
+from gpt2load import Gpt2LoadError, beam_search, generate, left_pad
+from gpt2load.fast import kernels
+from gpt2load.fast.kernels import linear, matmul_setting, onednn_setting, split_pieces
+from gpt2load.model.config import GPTConfig
+from gpt2load.model.gpt import KVCache
+from gpt2load.model.quant import quantize_model
 
 PROMPT = torch.tensor([[5, 17, 33, 2, 8], [9, 9, 1, 40, 77]])
 

@@ -12,15 +12,15 @@ from oracle import TINY, pair
 from safetensors import safe_open
 from transformers import GPT2LMHeadModel
 
-from gpt2load.cache import cache_file
-from gpt2load.config import GPTConfig
-from gpt2load.convert import HF, OPENAI, NameMap, to_source_layout
 from gpt2load.errors import Gpt2LoadError
-from gpt2load.exports import export
-from gpt2load.layouts import CACHE_NAME, inspect_path
+from gpt2load.formats.cache import cache_file
+from gpt2load.formats.exports import export
+from gpt2load.formats.layouts import CACHE_NAME, inspect_path
+from gpt2load.formats.names import HF, OPENAI, NameMap, to_source_layout
+from gpt2load.formats.tfcheckpoint import TFCheckpoint
 from gpt2load.load import load_gpt2
-from gpt2load.model import GPTModel
-from gpt2load.tfcheckpoint import TFCheckpoint
+from gpt2load.model.config import GPTConfig
+from gpt2load.model.gpt import GPTModel
 
 X = torch.randint(0, 96, (2, 16), generator=torch.Generator().manual_seed(0))
 
@@ -40,7 +40,7 @@ def test_name_map_round_trip_is_identity(name_map: NameMap):
     _, model = pair()
     params = {k: v for k, v in model.state_dict().items() if k != "out_head.weight" and not k.endswith("mask")}
     source = to_source_layout(params, name_map, TINY)
-    from gpt2load.convert import convert_tensors
+    from gpt2load.formats.names import convert_tensors
 
     back = dict(convert_tensors(source.items(), name_map, TINY, "round trip"))
     assert back.keys() == params.keys()
@@ -259,9 +259,9 @@ def test_folder_without_a_model(tmp_path):
 
 
 def test_streamed_conversion_equals_in_memory_conversion(tmp_path):
-    from gpt2load.convert import convert_tensors
-    from gpt2load.layouts import inspect_path
-    from gpt2load.stfile import mmap_tensors
+    from gpt2load.formats.layouts import inspect_path
+    from gpt2load.formats.names import convert_tensors
+    from gpt2load.formats.stfile import mmap_tensors
 
     d = copy_fixture("openai-tiny", tmp_path)
     in_memory = dict(convert_tensors(TFCheckpoint(d), OPENAI, inspect_path(d).cfg, "fixture"))

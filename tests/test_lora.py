@@ -7,9 +7,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gpt2load.config import GPTConfig
 from gpt2load.errors import Gpt2LoadError
-from gpt2load.lora import (
+from gpt2load.model.config import GPTConfig
+from gpt2load.model.gpt import GPTModel
+from gpt2load.model.lora import (
     LinearWithLoRA,
     add_lora,
     base_state,
@@ -20,7 +21,6 @@ from gpt2load.lora import (
     save_adapters,
     without_adapters,
 )
-from gpt2load.model import GPTModel
 
 CFG = GPTConfig(vocab_size=97, context_length=16, emb_dim=16, n_heads=2, n_layers=2)
 

@@ -7,10 +7,10 @@ from helpers import OPENAI_TINY, copy_fixture
 from oracle import TINY, hf_config, hf_model, pair
 from transformers import GPT2LMHeadModel
 
-from gpt2load.build import empty_model, model_from_tensors
-from gpt2load.config import GPTConfig, read_hparams
 from gpt2load.load import load_gpt2
-from gpt2load.model import GPTModel, param_count
+from gpt2load.model.build import empty_model, model_from_tensors
+from gpt2load.model.config import GPTConfig, read_hparams
+from gpt2load.model.gpt import GPTModel, param_count
 
 SHAPES = [
     TINY,
@@ -139,8 +139,8 @@ def test_meta_construction_allocates_nothing():
 
 
 def test_hf_model_with_an_untied_different_head_loads_untied():
-    from gpt2load.convert import HF, convert_tensors, strip_hf_prefix
-    from gpt2load.layouts import _hf_head, _untied_hf_head
+    from gpt2load.formats.layouts import _hf_head, _untied_hf_head
+    from gpt2load.formats.names import HF, convert_tensors, strip_hf_prefix
 
     hf = hf_model()
     state = {strip_hf_prefix(k): v.clone() for k, v in hf.state_dict().items()}

@@ -10,10 +10,11 @@ import torch.nn.functional as F
 from oracle import pair
 from test_kernels import WIDE, plain_greedy
 
-from gpt2load import Gpt2LoadError, attn, beam_search, generate, kernels, left_pad, native
-from gpt2load.int8mm import chosen as int8_chosen
-from gpt2load.kernels import linear, matmul_setting
-from gpt2load.quant import quantize_model, quantize_weight
+from gpt2load import Gpt2LoadError, beam_search, generate, left_pad
+from gpt2load.fast import attn, kernels, native
+from gpt2load.fast.int8mm import chosen as int8_chosen
+from gpt2load.fast.kernels import linear, matmul_setting
+from gpt2load.model.quant import quantize_model, quantize_weight
 
 
 @pytest.fixture(scope="module")

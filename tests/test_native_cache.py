@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from gpt2load import native, native_build
+from gpt2load.fast import native, native_build
 
 GCC = shutil.which("gcc")
 needs_gcc = pytest.mark.skipif(GCC is None, reason="needs gcc to build the kernels")
@@ -22,7 +22,7 @@ needs_gcc = pytest.mark.skipif(GCC is None, reason="needs gcc to build the kerne
 # a fresh process: the kernel's answer against a float64 product, or why it is unavailable
 PROBE = """
 import torch
-from gpt2load import native
+from gpt2load.fast import native
 if native.available():
     g = torch.Generator().manual_seed(0)
     x, w, b = torch.randn(3, 40, generator=g), torch.randn(7, 40, generator=g), torch.randn(7, generator=g)

@@ -12,7 +12,7 @@ from torch import nn
 
 import gpt2load
 from gpt2load import BookModelWarning, beam_search, generate, generate_stream, left_pad
-from gpt2load.sampling import sample
+from gpt2load.generation.sampling import sample
 
 PROMPT = torch.tensor([[5, 17, 33, 2, 8]])
 

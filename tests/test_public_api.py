@@ -10,8 +10,8 @@ import torch
 from helpers import TOKENIZER_DIR
 
 import gpt2load
-from gpt2load.config import GPTConfig
-from gpt2load.model import GPTModel
+from gpt2load.model.config import GPTConfig
+from gpt2load.model.gpt import GPTModel
 
 README = (Path(__file__).parent.parent / "README.md").read_text(encoding="utf-8")
 CFG = GPTConfig(vocab_size=50257, context_length=32, emb_dim=16, n_heads=2, n_layers=1)

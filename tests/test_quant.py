@@ -10,7 +10,8 @@ from oracle import TINY, pair
 from torch import nn
 
 from gpt2load import Gpt2LoadError, export, export_gguf, generate, load_gpt2, save_model, train
-from gpt2load.quant import (
+from gpt2load.formats.stfile import read_header
+from gpt2load.model.quant import (
     Int8Embedding,
     Int8Linear,
     dequantize_model,
@@ -19,7 +20,6 @@ from gpt2load.quant import (
     quantize_model,
     quantize_weight,
 )
-from gpt2load.stfile import read_header
 
 # The bounds the bench also reports on a 512-token text of the 124M shape.
 MIN_TOP1_AGREEMENT = 0.98
@@ -223,7 +223,7 @@ def test_quantizing_a_loaded_model_lets_go_of_the_float_file(tmp_path):
     import subprocess
     import sys
 
-    from gpt2load.config import GPTConfig
+    from gpt2load.model.config import GPTConfig
 
     cfg = GPTConfig(vocab_size=50257, context_length=256, emb_dim=384, n_heads=6, n_layers=4)
     _, big = pair(cfg, seed=0)

@@ -14,8 +14,8 @@ from helpers import assert_clean_error, run_cli
 from serveserver import ServeProcess, make_model
 
 from gpt2load import GPTConfig, complete
+from gpt2load.finetune.templates import format_instruction
 from gpt2load.load import load_gpt2, load_tokenizer
-from gpt2load.templates import format_instruction
 from gpt2load.tokenizer import encode
 
 TINY = GPTConfig(vocab_size=50257, context_length=64, emb_dim=32, n_heads=2, n_layers=2)

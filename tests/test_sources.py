@@ -10,13 +10,13 @@ import torch
 from helpers import add_tokenizer, copy_fixture, run_cli
 from oracle import TINY, pair
 
-from gpt2load.build import _SkipInit
-from gpt2load.cache import cache_dir, cache_file
-from gpt2load.config import GPTConfig
 from gpt2load.errors import Gpt2LoadError
+from gpt2load.formats.cache import cache_dir, cache_file
+from gpt2load.formats.layouts import CACHE_NAME, inspect_path
 from gpt2load.info import info
-from gpt2load.layouts import CACHE_NAME, inspect_path
 from gpt2load.load import load_gpt2, locate
+from gpt2load.model.build import _SkipInit
+from gpt2load.model.config import GPTConfig
 
 X = torch.randint(0, 96, (2, 16), generator=torch.Generator().manual_seed(0))
 

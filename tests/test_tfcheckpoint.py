@@ -5,10 +5,10 @@ import pytest
 import torch
 from helpers import FIXTURES, OPENAI_124M_INDEX, OPENAI_TINY, copy_fixture
 
-from gpt2load.config import GPTConfig
-from gpt2load.convert import OPENAI, convert_tensors
 from gpt2load.errors import Gpt2LoadError
-from gpt2load.tfcheckpoint import TFCheckpoint, masked_crc32c, read_index, verify_checkpoint
+from gpt2load.formats.names import OPENAI, convert_tensors
+from gpt2load.formats.tfcheckpoint import TFCheckpoint, masked_crc32c, read_index, verify_checkpoint
+from gpt2load.model.config import GPTConfig
 
 
 def test_reads_every_tensor_exactly_as_tensorflow_does():

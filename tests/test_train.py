@@ -19,17 +19,17 @@ from helpers import TOKENIZER_DIR, assert_clean_error
 from safetensors.torch import load_file
 
 from gpt2load import evaluate  # the public API
-from gpt2load.cli import main
-from gpt2load.config import GPTConfig
-from gpt2load.data import TokenWindows, WindowLoader
+from gpt2load.cli.main import main
 from gpt2load.errors import Gpt2LoadError
-from gpt2load.exports import save_model
+from gpt2load.formats.exports import save_model
 from gpt2load.load import load_gpt2
-from gpt2load.metrics import plot_losses
-from gpt2load.model import GPTModel
-from gpt2load.optim import WarmupCosine, make_optimizer
+from gpt2load.model.config import GPTConfig
+from gpt2load.model.gpt import GPTModel
 from gpt2load.tokenizer import encode, tokenizer_from_folder
-from gpt2load.training import TrainConfig, train
+from gpt2load.training.data import TokenWindows, WindowLoader
+from gpt2load.training.loop import TrainConfig, train
+from gpt2load.training.metrics import plot_losses
+from gpt2load.training.optim import WarmupCosine, make_optimizer
 
 CFG = GPTConfig(vocab_size=50257, context_length=32, emb_dim=16, n_heads=2, n_layers=2)
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}

@@ -11,9 +11,9 @@ from dataclasses import dataclass
 
 import tiktoken
 
-from ..templates import format_instruction
-from ..tokenizer import encode
-from .sequence import SamplingParams
+from gpt2load.finetune.templates import format_instruction
+from gpt2load.serve.sequence import SamplingParams
+from gpt2load.tokenizer import encode
 
 MAX_LOGPROBS = 20
 MAX_N = 128

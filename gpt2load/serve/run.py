@@ -13,16 +13,16 @@ from pathlib import Path
 
 import uvicorn
 
-from .. import stfile
-from ..errors import Gpt2LoadError
-from ..layouts import inspect_path
-from ..load import load_gpt2, model_folder
-from ..templates import TEMPLATES
-from ..tokenizer import tokenizer_from_folder
-from .app import ServerState, create_app
-from .batcher import Batcher
-from .guard import HostRule
-from .protocol import Limits
+from gpt2load.errors import Gpt2LoadError
+from gpt2load.finetune.templates import TEMPLATES
+from gpt2load.formats import stfile
+from gpt2load.formats.layouts import inspect_path
+from gpt2load.load import load_gpt2, model_folder
+from gpt2load.serve.app import ServerState, create_app
+from gpt2load.serve.batcher import Batcher
+from gpt2load.serve.guard import HostRule
+from gpt2load.serve.protocol import Limits
+from gpt2load.tokenizer import tokenizer_from_folder
 
 log = logging.getLogger("gpt2load.serve")
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import tiktoken
 import torch
 
-from ..text import TextTracker
+from gpt2load.generation.text import TextTracker
 
 
 @dataclass

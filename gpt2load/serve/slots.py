@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..model import GPTModel, KVCache
+from gpt2load.model.gpt import GPTModel, KVCache
 
 
 class SlotCache:

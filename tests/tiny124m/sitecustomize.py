@@ -6,8 +6,8 @@ hparams.json for 124M, as the in-process tests do with monkeypatch; nothing else
 
 from pathlib import Path
 
-from gpt2load import sources
-from gpt2load.config import read_hparams
+from gpt2load.hub import sources
+from gpt2load.model.config import read_hparams
 
 _TINY = Path(__file__).resolve().parents[1] / "fixtures" / "openai-tiny" / "hparams.json"
 sources.OPENAI_HPARAMS["124M"] = read_hparams(_TINY)

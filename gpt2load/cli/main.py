@@ -1,0 +1,421 @@
+"""Command line: argument parsing only; every subcommand calls one API function."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import warnings
+from collections.abc import Callable
+
+from gpt2load.cli.finetune import add_finetune_parsers
+from gpt2load.cli.train import add_train_parser
+from gpt2load.errors import Gpt2LoadError
+from gpt2load.fsutil import check_output
+
+MAX_NEW_TOKENS = 1_000_000  # hours of decoding even for 124M: anything larger is a typo
+MAX_SEED = 2**64 - 1  # torch.manual_seed's range
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage mistakes as one line and exit 1, like every other gpt2load failure."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(1, f"gpt2load: error: {message} (see `{self.prog} --help`)\n")
+
+
+def whole(lo: int, hi: int) -> Callable[[str], int]:
+    """An argparse type: a whole number from lo to hi, refused with one line before anything runs."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if not lo <= value <= hi:
+            raise argparse.ArgumentTypeError(f"{value} is out of range: use {lo} to {hi:,}")
+        return value
+
+    return parse
+
+
+def finite(text: str) -> float:
+    """An argparse type: a finite number (no nan or inf)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text} is not a finite number")
+    return value
+
+
+def _bool_or_never(text: str) -> bool | str:
+    value = {"true": True, "false": False, "never": "never"}.get(text.lower())
+    if value is None:
+        raise argparse.ArgumentTypeError("use true, false or never")
+    return value
+
+
+def _model_args(p: argparse.ArgumentParser, positional: bool = False) -> None:
+    if positional:
+        p.add_argument("model", help="size or alias (124M, 355M, 774M, 1558M, gpt2, gpt2-xl, ...) or a local path")
+    else:
+        p.add_argument(
+            "--model",
+            default="124M",
+            help="size or alias (124M, 355M, 774M, 1558M, gpt2, ...) or a local path (default 124M)",
+        )
+    p.add_argument("--source", choices=("hf", "openai"), default="hf", help="where sizes download from (default hf)")
+    p.add_argument("--weights-dir", default=None, help="download folder (default $GPT2LOAD_WEIGHTS_DIR or ./weights)")
+
+
+def _no_cache_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--no-cache",
+        action="store_true",
+        help="convert OpenAI/HF weights in memory instead of caching the conversion in $GPT2LOAD_CACHE_DIR "
+        "(default ~/.cache/gpt2load/converted); GPT2LOAD_NO_CACHE=1 does the same",
+    )
+
+
+def _cache(args: argparse.Namespace) -> bool | None:
+    return False if args.no_cache else None  # None: the environment decides
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from gpt2load.generation.decoding import PromptTruncatedWarning
+    from gpt2load.generation.text import complete
+    from gpt2load.load import load_gpt2, load_tokenizer
+
+    quiet = args.json or args.quiet
+    instructed = args.instruction is not None
+    if args.input is not None and not instructed:
+        raise Gpt2LoadError("--input goes with --instruction (it is the instruction's input): add --instruction")
+    prompt = instruction_prompt(args) if instructed else args.prompt
+    model = load_gpt2(
+        args.model,
+        args.source,
+        args.weights_dir,
+        args.device,
+        args.dtype,
+        quiet=quiet,
+        cache=_cache(args),
+        quantize=args.quantize,
+    )
+    enc = load_tokenizer(args.model, args.source, args.weights_dir)
+    streaming = not args.json and args.num_beams == 1 and args.num_return_sequences == 1
+
+    def on_text(piece: str) -> None:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+
+    if streaming and not instructed:  # an instruction prints only the response
+        on_text(prompt)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", PromptTruncatedWarning)
+        result = complete(
+            model,
+            enc,
+            prompt,
+            max_new_tokens=args.max_new_tokens,
+            min_new_tokens=args.min_new_tokens,
+            temperature=args.temperature,
+            top_k=args.top_k,
+            top_p=args.top_p,
+            repetition_penalty=args.repetition_penalty,
+            stop=args.stop,
+            seed=args.seed,
+            num_beams=args.num_beams,
+            length_penalty=args.length_penalty,
+            early_stopping=args.early_stopping,
+            num_return_sequences=args.num_return_sequences,
+            on_text=on_text if streaming else None,
+        )
+    for w in caught:
+        if issubclass(w.category, PromptTruncatedWarning):
+            print(f"gpt2load: notice: {w.message}", file=sys.stderr)
+    if args.json:
+        print(json.dumps(result))
+    elif streaming:
+        sys.stdout.write("\n")
+    else:
+        for i, c in enumerate(result["completions"]):
+            score = f" (score {c['score']:.4f})" if c["score"] is not None else ""
+            print(f"--- {i + 1}{score}\n{'' if instructed else prompt}{c['text']}")
+    return 0
+
+
+def instruction_prompt(args: argparse.Namespace) -> str:
+    """--instruction/--input wrapped in the template the model records (Alpaca when it records none)."""
+    from gpt2load.finetune.templates import TEMPLATES, format_instruction
+    from gpt2load.load import model_metadata
+
+    template = model_metadata(args.model, args.source, args.weights_dir).get("prompt_template")
+    if template is None:
+        print("gpt2load: notice: the model records no prompt template; using the Alpaca template", file=sys.stderr)
+    elif template not in TEMPLATES:
+        raise Gpt2LoadError(
+            f"{args.model} records the prompt template {template!r}, which this gpt2load does not know "
+            f"({', '.join(TEMPLATES)}): upgrade gpt2load or use --prompt"
+        )
+    return format_instruction(args.instruction, args.input or "")
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from gpt2load.formats.exports import export, is_folder_output, load_dtype
+    from gpt2load.formats.tensors import NonFiniteWeightsWarning
+    from gpt2load.load import load_gpt2, model_folder
+    from gpt2load.model.lora import merge_lora
+
+    # the output is checked before the (slow) load, and again by the writer
+    where = model_folder(args.model, args.source, args.weights_dir, quiet=args.quiet)
+    check_output(args.out, args.to, folder=is_folder_output(args.to, args.out), force=args.force, protect=[where])
+    dtype = load_dtype(args.to, args.dtype)
+    model = load_gpt2(
+        args.model, args.source, args.weights_dir, device="cpu", dtype=dtype, quiet=args.quiet, cache=_cache(args)
+    )
+    merge_lora(model)  # a model saved with --no-merge is exported as the one model it computes
+    folder = where if where.is_dir() else where.parent
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", NonFiniteWeightsWarning)
+        out = export(
+            model,
+            args.to,
+            args.out,
+            tokenizer_dir=folder,
+            dtype=args.dtype,
+            force=args.force,
+            protect=[where],
+            dequantize=args.dequantize,
+            strict=args.strict,
+        )
+    for w in caught:  # one line each, not Python's two-line warning format
+        if issubclass(w.category, NonFiniteWeightsWarning):
+            print(f"gpt2load: warning: {w.message}", file=sys.stderr)
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from gpt2load.info import info
+
+    if args.tensors:
+        return _print_tensors(args)
+    data = info(args.model, args.source, args.weights_dir)
+    if args.json:
+        print(json.dumps(data, indent=2))
+    else:
+        width = max(len(key) for key in data) + 2
+        for key, value in data.items():
+            print(f"{key + ':':<{width}}{value}")
+    return 0
+
+
+def _print_tensors(args: argparse.Namespace) -> int:
+    from gpt2load.formats.tensors import tensor_table
+
+    rows = tensor_table(args.model, args.layout, args.source, args.weights_dir, args.adapters)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    width = max(len(r["name"]) for r in rows)
+    for r in rows:
+        shape = "x".join(map(str, r["shape"]))
+        print(f"{r['name']:<{width}}  {shape:<16} {r['dtype']:<9} {r['bytes']:>14,}")
+    print(f"{len(rows)} tensors, {sum(r['bytes'] for r in rows):,} bytes")
+    return 0
+
+
+def cmd_download(args: argparse.Namespace) -> int:
+    from gpt2load.hub.fetch import download
+
+    path = download(args.model, args.source, args.weights_dir, revision=args.revision, quiet=args.quiet)
+    print(path)
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from gpt2load.serve import serve
+
+    serve(
+        args.model,
+        args.source,
+        args.weights_dir,
+        host=args.host,
+        port=args.port,
+        api_key=args.api_key,
+        api_key_file=args.api_key_file,
+        allowed_hosts=tuple(h for h in args.allowed_hosts.split(",") if h.strip()),
+        device=args.device,
+        dtype=args.dtype,
+        quantize=args.quantize,
+        max_batch_size=args.max_batch_size,
+        max_queue=args.max_queue,
+        max_tokens_limit=args.max_tokens_limit,
+        log_prompts=args.log_prompts,
+        max_body_bytes=args.max_body_bytes,
+        max_choices=args.max_choices,
+        max_queued_choices=args.max_queued_choices,
+        max_logprob_entries=args.max_logprob_entries,
+    )
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="gpt2load",
+        description="OpenAI's GPT-2 weights in the book's GPTModel: download, convert, generate, train.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="generate text from a prompt", description="Generate text from a prompt.")
+    _model_args(g)
+    what = g.add_mutually_exclusive_group(required=True)
+    what.add_argument("--prompt", help="the text to continue ('' starts from <|endoftext|>)")
+    what.add_argument("--instruction", help="an instruction for an instruction-tuned model: prints only the response")
+    g.add_argument("--input", default=None, help="the instruction's input (with --instruction)")
+    g.add_argument("--max-new-tokens", type=whole(0, MAX_NEW_TOKENS), default=50)
+    g.add_argument("--min-new-tokens", type=whole(0, MAX_NEW_TOKENS), default=0)
+    g.add_argument("--temperature", type=finite, default=0.0, help="0 = greedy (default)")
+    g.add_argument("--top-k", type=whole(0, 2**31 - 1), default=None)
+    g.add_argument("--top-p", type=finite, default=None)
+    g.add_argument("--repetition-penalty", type=finite, default=1.0)
+    g.add_argument("--stop", action="append", default=[], help="stop at this text (repeatable)")
+    g.add_argument("--seed", type=whole(0, MAX_SEED), default=None)
+    g.add_argument("--num-beams", type=whole(1, 1000), default=1)
+    g.add_argument("--length-penalty", type=finite, default=1.0)
+    g.add_argument("--early-stopping", type=_bool_or_never, default=False, metavar="{true,false,never}")
+    g.add_argument("--num-return-sequences", type=whole(1, 1000), default=1)
+    g.add_argument("--dtype", choices=("float32", "bfloat16"), default=None)
+    g.add_argument("--quantize", choices=("int8",), default=None, help="int8: int8 weight-only Linear layers and head")
+    g.add_argument("--device", default=None, help="cpu, cuda, mps (default: cuda, then mps, then cpu)")
+    g.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+    g.add_argument("--quiet", action="store_true", help="no progress bars")
+    _no_cache_arg(g)
+    g.set_defaults(func=cmd_generate)
+
+    c = sub.add_parser(
+        "convert", help="export weights as safetensors, a transformers folder, a book .pth or GGUF (llama.cpp)"
+    )
+    _model_args(c)
+    c.add_argument("--to", required=True, choices=("safetensors", "hf", "pth", "gguf"))
+    c.add_argument("--out", required=True, help="output file (.safetensors, .pth, .gguf) or folder (hf, safetensors)")
+    c.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16", "float16", "f32", "bf16", "f16", "q8_0"),
+        default=None,
+        help="float32, bfloat16 or float16 (default: as stored); for gguf f32, f16 (default), bf16 or q8_0",
+    )
+    c.add_argument("--force", action="store_true", help="replace an earlier gpt2load output of this format at --out")
+    c.add_argument("--dequantize", action="store_true", help="write an int8 model's weights as float32")
+    c.add_argument(
+        "--strict", action="store_true", help="refuse to write NaN or infinite weights (default: warn and write)"
+    )
+    c.add_argument("--quiet", action="store_true")
+    _no_cache_arg(c)
+    c.set_defaults(func=cmd_convert)
+
+    i = sub.add_parser("info", help="describe a model size or a local model")
+    _model_args(i, positional=True)
+    i.add_argument("--json", action="store_true")
+    i.add_argument("--tensors", action="store_true", help="list every tensor: name, shape, dtype, bytes")
+    i.add_argument(
+        "--layout", choices=("book", "hf", "openai"), default="book", help="tensor names for --tensors (default book)"
+    )
+    i.add_argument(
+        "--adapters",
+        choices=("merge", "list"),
+        default="merge",
+        help="a model saved with unmerged LoRA adapters: --tensors shows them merged (default) or listed (book)",
+    )
+    i.set_defaults(func=cmd_info)
+
+    d = sub.add_parser("download", help="download a model's files (resumable, verified)")
+    _model_args(d, positional=True)
+    d.add_argument("--revision", default="main", help="Hugging Face revision (default main)")
+    d.add_argument("--quiet", action="store_true")
+    d.set_defaults(func=cmd_download)
+
+    s = sub.add_parser(
+        "serve",
+        help="serve a model over HTTP: OpenAI's API, batching across requests, a page at /",
+        description="Serve a model with OpenAI's completions and chat API (any openai client works) and a page "
+        "to try it at /. Needs the serve extra: pip install 'gpt2load[serve]'.",
+    )
+    _model_args(s)
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    s.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
+    s.add_argument(
+        "--api-key",
+        default=None,
+        help="require 'Authorization: Bearer KEY' on /v1 requests (visible to other local users in the process "
+        "list: prefer --api-key-file or the GPT2LOAD_API_KEY environment variable)",
+    )
+    s.add_argument("--api-key-file", default=None, metavar="PATH", help="read the API key from this file")
+    s.add_argument(
+        "--allowed-hosts",
+        default="",
+        metavar="NAMES",
+        help="comma-separated Host names to answer besides loopback and the bound address ('*': any; for a "
+        "reverse proxy or a LAN name)",
+    )
+    s.add_argument("--dtype", choices=("float32", "bfloat16"), default=None)
+    s.add_argument("--quantize", choices=("int8",), default=None, help="int8 weight-only Linear layers and head")
+    s.add_argument("--device", default=None, help="cpu, cuda, mps (default: cuda, then mps, then cpu)")
+    s.add_argument("--max-batch-size", type=int, default=8, help="sequences decoded together (default 8)")
+    s.add_argument("--max-queue", type=int, default=64, help="requests waiting for a slot before 503 (default 64)")
+    s.add_argument("--max-tokens-limit", type=int, default=None, help="most tokens a request may ask for")
+    s.add_argument("--log-prompts", action="store_true", help="also log prompt text (never logged otherwise)")
+    s.add_argument("--max-body-bytes", type=int, default=2 * 1024 * 1024, help="largest request body (default 2 MiB)")
+    s.add_argument("--max-choices", type=int, default=128, help="prompts x n (or num_beams) per request (default 128)")
+    s.add_argument(
+        "--max-queued-choices",
+        type=int,
+        default=None,
+        help="choices waiting for a row, all requests together (default 4096)",
+    )
+    s.add_argument(
+        "--max-logprob-entries",
+        type=int,
+        default=131_072,
+        help="tokens x (logprobs+1) x choices in one answer (default 131072, a few MB of JSON)",
+    )
+    s.set_defaults(func=cmd_serve)
+
+    add_train_parser(sub)  # training's and fine-tuning's many flags live beside them
+    add_finetune_parsers(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return func(args)
+    except Gpt2LoadError as e:
+        print(f"gpt2load: error: {e}", file=sys.stderr)
+        return 1
+    except BrokenPipeError:  # e.g. piped into `head`
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    except OSError as e:  # the disk or the file system, not gpt2load: say which file and why
+        where = f" {e.filename}" if e.filename else ""
+        print(f"gpt2load: error: cannot access{where}: {e.strerror or e}", file=sys.stderr)
+        return 1
+    except MemoryError:  # e.g. under a ulimit: say so in one line, not a traceback from deep inside torch
+        print(
+            "gpt2load: error: out of memory: use a smaller model or --dtype bfloat16, or free memory", file=sys.stderr
+        )
+        return 1
+    except KeyboardInterrupt:
+        print("gpt2load: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,94 @@
+"""The conversion cache: an OpenAI or Hugging Face source converted once into gpt2load's own form, in gpt2load's
+own cache folder, keyed by the source and checked against its fingerprint."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import warnings
+from pathlib import Path
+
+from gpt2load.errors import Gpt2LoadError
+from gpt2load.formats import stfile
+from gpt2load.formats.layouts import (
+    CACHE_NAME,
+    OWN_FORMAT,
+    Source,
+    hf_head_meta,
+    own_config,
+    source_dtype,
+    source_tensors,
+    write_own,
+)
+from gpt2load.settings import env_flag, env_path
+
+
+def fingerprint(paths: list[Path]) -> str:
+    """A cheap identity of the source files (name, size, mtime): the cache is stale when it changes."""
+    return json.dumps([[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in paths])
+
+
+def cache_dir() -> Path:
+    """gpt2load's own folder for converted weights: $GPT2LOAD_CACHE_DIR, else $XDG_CACHE_HOME/gpt2load/converted,
+    else ~/.cache/gpt2load/converted."""
+    xdg = env_path("XDG_CACHE_HOME")
+    return env_path("GPT2LOAD_CACHE_DIR") or (xdg or Path.home() / ".cache") / "gpt2load" / "converted"
+
+
+def cache_file(src: Source) -> Path:
+    """Where the conversion of `src` is cached: one entry per source, named by a hash of its resolved path
+    (so a re-downloaded source replaces its entry instead of leaving a stale one); the file's metadata holds
+    the source fingerprint, which decides whether the entry is still good."""
+    key = hashlib.sha256(str(src.path.resolve()).encode()).hexdigest()[:20]
+    return cache_dir() / f"{src.folder.name}-{key}" / CACHE_NAME
+
+
+def cache_wanted(cache: bool | None) -> bool:
+    """cache=False turns the conversion cache off, as does GPT2LOAD_NO_CACHE=1 when cache is None."""
+    return cache if cache is not None else not env_flag("GPT2LOAD_NO_CACHE")
+
+
+def cached_source(src: Source, quiet: bool = True, cache: bool | None = None) -> Source:
+    """For OpenAI/HF sources: their conversion in gpt2load's cache folder, made on first use; else src itself.
+
+    Nothing is ever written beside the source (a Hugging Face cache snapshot, a book download, a read-only
+    mount): only into `cache_dir()`. If that cannot be written, or the cache is off, conversion runs in memory.
+    """
+    if src.kind not in ("openai", "hf") or not cache_wanted(cache):
+        return src
+    cached = cache_file(src)
+    stamp = fingerprint(src.inputs())
+    if cached.is_file():
+        try:
+            _, meta = stfile.read_header(cached)
+            if meta.get("source") == stamp and meta.get("format") == OWN_FORMAT:
+                return Source("own", cached, own_config(meta, cached), src.folder)
+        except Gpt2LoadError:
+            pass  # a damaged cache is simply rebuilt
+    bar = _progress_bar(src.cfg.n_params * 4, f"converting {src.folder.name}", quiet)
+    try:
+        meta = {"source": stamp, "source_kind": src.kind}
+        # The cache keeps the source's dtype: a bfloat16 checkpoint loads as bfloat16 unless dtype= says otherwise.
+        progress = bar.update if bar else None
+        write_own(cached, src.cfg, source_tensors(src), meta, progress, hf_head_meta(src), source_dtype(src))
+    except OSError as e:  # disk full, quota, read-only home: the cache is an optimisation, the load goes on
+        warnings.warn(
+            f"could not cache the conversion in {cached} ({e.strerror or e}); converting in memory "
+            "(set GPT2LOAD_CACHE_DIR to a writable folder, or GPT2LOAD_NO_CACHE=1)",
+            stacklevel=2,
+        )
+        return src
+    finally:
+        if bar:
+            bar.close()
+    return Source("own", cached, src.cfg, src.folder)
+
+
+def _progress_bar(total: int, desc: str, quiet: bool):
+    import sys
+
+    if quiet or not sys.stderr.isatty() or total < 200_000_000:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="B", unit_scale=True, desc=desc, leave=False)

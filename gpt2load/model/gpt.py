@@ -1,0 +1,431 @@
+"""GPTModel in the layout and names of "Build a Large Language Model (From Scratch)", with a KV cache.
+
+`GPTModel.forward` is the one forward pass: training, evaluation and every decoder call it. Inference speed-ups
+(one fused q/k/v matmul, a faster matmul kernel, skipping positions whose output is not needed) happen inside
+the modules, only where a module is the stock one (see kernels.py): replaced modules and hooks are honoured.
+A state_dict of this model loads into the book's chapter-4 GPTModel (export_pth adds the book's mask buffers).
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gpt2load.errors import Gpt2LoadError
+from gpt2load.fast.attn import causal_attention, sdpa_causal
+from gpt2load.fast.int8mm import int8_linear
+from gpt2load.fast.kernels import Stacked, fast_enabled, is_stock, linear
+from gpt2load.model.config import GPTConfig
+from gpt2load.model.quant import Int8Embedding, Int8Linear
+
+
+class KVCache:
+    """Preallocated keys and values for every layer: [B, n_heads, max_len, head_dim] each."""
+
+    def __init__(self, cfg: GPTConfig, batch: int, max_len: int, device=None, dtype=None) -> None:
+        hd = cfg.emb_dim // cfg.n_heads
+        shape = (batch, cfg.n_heads, max_len, hd)
+        self.k = [torch.empty(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
+        self.v = [torch.empty(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
+        self.max_len = max_len
+        self.pos = 0  # number of positions filled (the same for every layer once a forward pass is done)
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v [B, H, T, hd] at the current position; return all keys/values so far."""
+        end = self.pos + k.shape[2]
+        if end > self.max_len:
+            raise ValueError(f"KV cache holds {self.max_len} positions, {end} requested")
+        self.k[layer][:, :, self.pos : end] = k
+        self.v[layer][:, :, self.pos : end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Keep batch rows `index` (beam search), in place of the old rows.
+
+        With as many rows as before, only the rows that change and only the positions filled so far are copied,
+        into the same buffers (a beam that continues itself costs nothing); a new row count reallocates."""
+        n = self.k[0].shape[0] if self.k else 0
+        if index.shape[0] != n:
+            for cache in (self.k, self.v):
+                for i, t in enumerate(cache):
+                    cache[i] = t.index_select(0, index)
+            return
+        moved = (index != torch.arange(n, device=index.device)).nonzero().flatten()
+        if moved.numel() == 0:
+            return
+        src, end = index[moved], self.pos
+        for cache in (self.k, self.v):
+            for t in cache:
+                t[moved, :, :end] = t[src, :, :end]  # the right side is gathered first: swapped rows are safe
+
+    def crop(self, length: int) -> None:
+        """Forget everything after the first `length` positions."""
+        self.pos = min(self.pos, length)
+
+
+class LayerNorm(nn.Module):
+    def __init__(self, emb_dim: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.eps = eps
+        self.scale = nn.Parameter(torch.ones(emb_dim))
+        self.shift = nn.Parameter(torch.zeros(emb_dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.layer_norm(x, x.shape[-1:], self.scale, self.shift, self.eps)  # F.layer_norm's op itself
+
+
+class GELU(nn.Module):
+    """GPT-2's tanh approximation of GELU."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.gelu(x, approximate="tanh")
+
+
+class FeedForward(nn.Module):
+    def __init__(self, cfg: GPTConfig) -> None:
+        super().__init__()
+        self.layers = nn.Sequential(
+            nn.Linear(cfg.emb_dim, 4 * cfg.emb_dim), GELU(), nn.Linear(4 * cfg.emb_dim, cfg.emb_dim)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        seq = self._modules["layers"]
+        parts = tuple(seq._modules.values()) if type(seq) is nn.Sequential else ()
+        if len(parts) == 3 and fast_enabled(self) and is_stock((seq, *parts), self._STOCK):
+            fc1, _, fc2 = parts  # one kernel: the first matmul and its GELU
+            return linear(linear(x, fc1.weight, fc1.bias, gelu=True), fc2.weight, fc2.bias)
+        return seq(x)
+
+    _STOCK = (nn.Sequential, nn.Linear, GELU, nn.Linear)
+
+
+class MultiHeadAttention(nn.Module):
+    """The book's causal multi-head attention, with a KV cache, an optional mask and positions to skip.
+
+    The book registers a dense context x context `mask` buffer; this module has none (SDPA masks causally by
+    itself), and GPTModel.load_state_dict ignores the book's `mask` entries.
+    """
+
+    def __init__(
+        self, d_in: int, d_out: int, context_length: int, dropout: float, num_heads: int, qkv_bias: bool = False
+    ) -> None:
+        super().__init__()
+        self.d_out = d_out
+        self.num_heads = num_heads
+        self.head_dim = d_out // num_heads
+        self.W_query = nn.Linear(d_in, d_out, bias=qkv_bias)
+        self.W_key = nn.Linear(d_in, d_out, bias=qkv_bias)
+        self.W_value = nn.Linear(d_in, d_out, bias=qkv_bias)
+        self.out_proj = nn.Linear(d_out, d_out)
+        self.dropout = nn.Dropout(dropout)
+        # q/k/v as one matrix, for inference (scales: of int8 weights)
+        self._qkv_weight, self._qkv_bias, self._qkv_scale = Stacked(), Stacked(), Stacked()
+
+    def _qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        B, T, _ = x.shape
+        m = self._modules
+        lins = (m["W_query"], m["W_key"], m["W_value"])
+        kind = type(lins[0])
+        if kind not in (nn.Linear, Int8Linear) or not is_stock(lins, (kind, kind, kind)):
+            kind = None
+        biases = [lin.bias for lin in lins] if kind is not None else None
+        if kind is not None and fast_enabled(self) and len({b is None for b in biases}) == 1:
+            # One matmul reads all three weights: for one token, as fast as reading one of them.
+            b = None if biases[0] is None else self._qkv_bias.get(biases)
+            if kind is Int8Linear:
+                w = self._qkv_weight.get([lin.qweight for lin in lins])
+                y = int8_linear(x, w, self._qkv_scale.get([lin.weight_scale for lin in lins]), b)
+            else:
+                y = linear(x, self._qkv_weight.get([lin.weight for lin in lins]), b)
+            q, k, v = y.view(B, T, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+            return q, k, v
+        return tuple(lin(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2) for lin in lins)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cache: KVCache | None = None,
+        layer: int = 0,
+        attn_mask: torch.Tensor | None = None,
+        last_only: bool = False,
+    ) -> torch.Tensor:
+        """Attention output [B, T, d_out] (or [B, 1, d_out] for the last position only, with `last_only`)."""
+        B, T, _ = x.shape
+        q, k, v = self._qkv(x)  # (B, nh, T, hs)
+        if cache is not None:
+            k, v = cache.update(layer, k, v)
+        if last_only and T > 1:  # the other positions are only needed for their keys and values
+            q = q[:, :, -1:]
+            attn_mask = None if attn_mask is None else attn_mask[..., -1:, :]
+        Tq = q.shape[2]
+        p = self.dropout.p if self.training else 0.0
+        if fast_enabled(self):  # no dropout: torch's attention, or attend.c's where measured faster (attn.py)
+            y = causal_attention(q, k, v, attn_mask)
+        else:
+            y = sdpa_causal(q, k, v, dropout_p=p, mask=attn_mask)
+        y = y.reshape(B, Tq, self.d_out)
+        if fast_enabled(self) and is_stock((self.out_proj,), (nn.Linear,)):
+            return linear(y, self.out_proj.weight, self.out_proj.bias)
+        return self.out_proj(y)
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, cfg: GPTConfig) -> None:
+        super().__init__()
+        self.att = MultiHeadAttention(
+            cfg.emb_dim, cfg.emb_dim, cfg.context_length, cfg.drop_rate, cfg.n_heads, cfg.qkv_bias
+        )
+        self.ff = FeedForward(cfg)
+        self.norm1 = LayerNorm(cfg.emb_dim)
+        self.norm2 = LayerNorm(cfg.emb_dim)
+        self.drop_shortcut = nn.Dropout(cfg.drop_rate)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cache: KVCache | None = None,
+        layer: int = 0,
+        attn_mask: torch.Tensor | None = None,
+        last_only: bool = False,
+    ) -> torch.Tensor:
+        kids = self._children()
+        if fast_enabled(self) and not kids[-1].training and is_stock(kids, self._STOCK):
+            # Stock children without hooks, no dropout at inference: their forwards directly, without the
+            # module-call machinery (a few microseconds each, a tenth of a decoding step over all layers).
+            h = self.att.forward(self.norm1.forward(x), cache, layer, attn_mask, last_only)
+            x = (x if h.shape[1] == x.shape[1] else x[:, -h.shape[1] :]) + h
+            return x + self.ff.forward(self.norm2.forward(x))
+        h = self.norm1(x)
+        # last_only is passed only when used, so a user's attention module with the book's signature still works
+        h = self.att(h, cache, layer, attn_mask, last_only=True) if last_only else self.att(h, cache, layer, attn_mask)
+        x = x[:, -h.shape[1] :] + self.drop_shortcut(h)
+        return x + self.drop_shortcut(self.ff(self.norm2(x)))
+
+    _STOCK = (LayerNorm, MultiHeadAttention, FeedForward, LayerNorm, nn.Dropout)
+
+    def _children(self) -> tuple[nn.Module, ...]:
+        m = self._modules  # (attribute lookups through nn.Module.__getattr__ cost more)
+        return m["norm1"], m["att"], m["ff"], m["norm2"], m["drop_shortcut"]
+
+
+class GPTModel(nn.Module):
+    """GPT-2 in the book's names. The output head is tied to the token embedding (one Parameter) until
+    `untie_head()` or a state whose head differs; `model.out_head` may be replaced by any module."""
+
+    def __init__(self, cfg: GPTConfig | dict) -> None:
+        super().__init__()
+        if isinstance(cfg, dict):  # the book passes a dict with upper-case keys
+            cfg = config_from_book_dict(cfg)
+        self.cfg = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.emb_dim)
+        self.pos_emb = nn.Embedding(cfg.context_length, cfg.emb_dim)
+        self.drop_emb = nn.Dropout(cfg.drop_rate)
+        self.trf_blocks = nn.Sequential(*[TransformerBlock(cfg) for _ in range(cfg.n_layers)])
+        self.final_norm = LayerNorm(cfg.emb_dim)
+        self.out_head = nn.Linear(cfg.emb_dim, cfg.vocab_size, bias=False)
+        self.tie_head()
+
+    # -- the head -------------------------------------------------------------------------------------------
+
+    @property
+    def head_tied(self) -> bool:
+        """True when the output head uses the token embedding's Parameter itself (int8: its int8 matrix)."""
+        if isinstance(self.tok_emb, Int8Embedding):
+            return getattr(self.out_head, "qweight", None) is self.tok_emb.qweight
+        return getattr(self.out_head, "weight", None) is self.tok_emb.weight
+
+    def tie_head(self) -> None:
+        """Make the output head use the token embedding's Parameter (one tensor, GPT-2's layout)."""
+        emb = self.tok_emb
+        if isinstance(emb, Int8Embedding) and isinstance(self.out_head, Int8Linear):
+            if tuple(self.out_head.qweight.shape) == tuple(emb.qweight.shape):
+                self.out_head.qweight, self.out_head.weight_scale = emb.qweight, emb.weight_scale
+                return
+        w = getattr(self.out_head, "weight", None)
+        if w is None or tuple(w.shape) != (emb.num_embeddings, emb.embedding_dim) or isinstance(emb, Int8Embedding):
+            got = "no weight" if w is None else f"a weight of shape {list(w.shape)}"
+            raise Gpt2LoadError(
+                f"out_head has {got}, so it cannot share tok_emb's [{emb.num_embeddings}, {emb.embedding_dim}] "
+                "weight (an int8 embedding shares only with an int8 head)"
+            )
+        self.out_head.weight = emb.weight
+
+    tie_weights = tie_head  # the name earlier versions used
+
+    def untie_head(self) -> None:
+        """Give the output head its own copy of the token embedding (as the book's load_weights_into_gpt does)."""
+        if not self.head_tied:
+            return
+        if isinstance(self.tok_emb, Int8Embedding):
+            head = self.out_head
+            head.qweight, head.weight_scale = head.qweight.clone(), head.weight_scale.clone()
+            return
+        w = self.tok_emb.weight
+        self.out_head.weight = nn.Parameter(w.detach().clone(), requires_grad=w.requires_grad)
+
+    def head_meta(self) -> dict:
+        """What gpt2load's files record about the head: tied or not, its [out, in] shape, whether it has a bias."""
+        head = self.out_head
+        w, b = getattr(head, "weight", getattr(head, "qweight", None)), getattr(head, "bias", None)
+        if not isinstance(w, torch.Tensor) or w.dim() != 2:
+            raise Gpt2LoadError(
+                f"out_head is a {type(head).__name__} without a [out, in] weight: gpt2load's files hold a linear "
+                "head (merge adapters into it first)"
+            )
+        return {"tied": self.head_tied, "shape": list(w.shape), "bias": isinstance(b, torch.Tensor)}
+
+    def real_config(self) -> GPTConfig:
+        """The config with the drop rate the model's dropout modules really use (what exports record)."""
+        p = self.drop_emb.p if isinstance(self.drop_emb, nn.Dropout) else self.cfg.drop_rate
+        return replace(self.cfg, drop_rate=p)
+
+    def is_derived(self, name: str) -> bool:
+        """True for a state_dict entry no file needs to store: the head's weight (int8: and scales) while tied."""
+        return name in ("out_head.weight", "out_head.qweight", "out_head.weight_scale") and self.head_tied
+
+    def stored_state(self) -> dict[str, torch.Tensor]:
+        """The state_dict without derived entries: what gpt2load's files and checkpoints hold."""
+        return {k: v for k, v in self.state_dict().items() if not self.is_derived(k)}
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """torch's load_state_dict, where the head follows the data and the book's `mask` entries are ignored.
+
+        An `out_head.weight` equal to `tok_emb.weight` loads tied; a different one loads untied (the head
+        gets its own Parameter first, so tok_emb is never overwritten); a head of another shape or with a bias
+        (a classifier) replaces `out_head` with an nn.Linear of that shape. A state without `out_head.weight`
+        (gpt2load's stored form of a tied model) keeps a tied head tied.
+        """
+        state = {k: v for k, v in state_dict.items() if not k.endswith(".att.mask")}
+        if isinstance(self.tok_emb, Int8Embedding):
+            return self._load_int8(state, strict, assign)
+        head, emb = state.get("out_head.weight"), state.get("tok_emb.weight")
+        if head is None and emb is not None and self.head_tied:  # gpt2load's stored form: the tied head once
+            state["out_head.weight"] = head = emb
+        tie = False
+        if head is not None:
+            self._fit_head(tuple(head.shape), "out_head.bias" in state)
+            tie = emb is not None and head.shape == emb.shape and (head is emb or torch.equal(head, emb))
+            if not tie:
+                self.untie_head()
+        result = super().load_state_dict(state, strict=strict, assign=assign)
+        if tie or (head is None and self.head_tied):
+            self.tie_head()  # assign=True puts new Parameters in: share the embedding's again
+        return result
+
+    def _load_int8(self, state: dict, strict: bool, assign: bool):
+        """An int8 model's state: a tied head is stored once, as tok_emb's int8 matrix and scales."""
+        tied = self.head_tied
+        if tied and "out_head.qweight" not in state:
+            for part in ("qweight", "weight_scale"):
+                if f"tok_emb.{part}" in state:
+                    state[f"out_head.{part}"] = state[f"tok_emb.{part}"]
+        result = super().load_state_dict(state, strict=strict, assign=assign)
+        if tied and state.get("out_head.qweight") is state.get("tok_emb.qweight"):
+            self.tie_head()
+        return result
+
+    def _fit_head(self, shape: tuple[int, ...], bias: bool) -> None:
+        cur = self.out_head
+        if type(cur) is nn.Linear and tuple(cur.weight.shape) == shape and (cur.bias is not None) == bias:
+            return
+        if len(shape) != 2:
+            raise Gpt2LoadError(f"out_head.weight has shape {list(shape)}: a linear head needs [out, in]")
+        w = self.tok_emb.weight
+        self.out_head = nn.Linear(shape[1], shape[0], bias=bias, device=w.device, dtype=w.dtype)
+
+    # -- the forward pass -----------------------------------------------------------------------------------
+
+    def forward(
+        self,
+        in_idx: torch.Tensor,
+        cache: KVCache | None = None,
+        attn_mask: torch.Tensor | None = None,
+        pos_ids: torch.Tensor | None = None,
+        last_only: bool = False,
+    ) -> torch.Tensor:
+        """Logits [B, T, vocab] for token ids [B, T]: the only forward pass (training and every decoder).
+
+        Args:
+            in_idx: token ids.
+            cache: a KVCache; the new tokens are appended after `cache.pos` positions.
+            attn_mask: bool [B, 1, T, T_total], True where attention is allowed (left-padded batches).
+            pos_ids: positions [B, T]; default `cache.pos + arange(T)`.
+            last_only: logits of the last position only, [B, 1, vocab] (the last block skips the others).
+        """
+        B, T = in_idx.shape
+        start = cache.pos if cache is not None else 0
+        if pos_ids is None and start + T > self.cfg.context_length:
+            raise ValueError(f"{start + T} positions exceed the context length {self.cfg.context_length}")
+        m = self._modules
+        stock = is_stock((m["pos_emb"], m["drop_emb"]), (nn.Embedding, nn.Dropout))
+        if stock and fast_enabled(self) and not m["drop_emb"].training:
+            # consecutive positions are a slice of the table; no dropout at inference
+            pos = m["pos_emb"].weight[start : start + T] if pos_ids is None else m["pos_emb"].forward(pos_ids)
+            x = m["tok_emb"](in_idx) + pos
+        else:
+            if pos_ids is None:
+                pos_ids = torch.arange(start, start + T, device=in_idx.device)
+            x = self.drop_emb(self.tok_emb(in_idx) + self.pos_emb(pos_ids))
+        last = len(self.trf_blocks) - 1
+        for i, block in enumerate(self.trf_blocks):
+            if last_only and i == last:
+                x = block(x, cache, i, attn_mask, last_only=True)
+            else:
+                x = block(x, cache, i, attn_mask)
+        if cache is not None:
+            cache.pos = start + T
+        x = self.final_norm(x[:, -1:] if last_only else x)
+        head = self.out_head
+        if fast_enabled(self) and is_stock((head,), (nn.Linear,)):
+            return linear(x, head.weight, head.bias)
+        return head(x)
+
+    def new_cache(self, batch: int, max_len: int | None = None) -> KVCache:
+        w = self.pos_emb.weight  # the model's device and float dtype (tok_emb may be int8)
+        return KVCache(self.cfg, batch, max_len or self.cfg.context_length, device=w.device, dtype=w.dtype)
+
+
+def is_derived(name: str, model: GPTModel | None = None) -> bool:
+    """State_dict entries no file needs: the tied head (when `model` is given, only if it is tied) and the
+    book's mask buffers."""
+    if name.endswith(".att.mask"):
+        return True
+    return model.is_derived(name) if model is not None else name == "out_head.weight"
+
+
+def stored_state(model: GPTModel) -> dict[str, torch.Tensor]:
+    """The model's state_dict without the derived entries: what gpt2load's files and checkpoints hold."""
+    return model.stored_state()
+
+
+def causal_mask(n: int, device=None) -> torch.Tensor:
+    """The book's mask: 1.0 above the diagonal (positions to hide), 0.0 elsewhere (for book-layout files)."""
+    return torch.triu(torch.ones(n, n, device=device), diagonal=1)
+
+
+_BOOK_KEYS = {
+    "vocab_size": "vocab_size",
+    "context_length": "context_length",
+    "emb_dim": "emb_dim",
+    "n_heads": "n_heads",
+    "n_layers": "n_layers",
+    "drop_rate": "drop_rate",
+    "qkv_bias": "qkv_bias",
+}
+
+
+def config_from_book_dict(d: dict) -> GPTConfig:
+    """GPTConfig from the book's GPT_CONFIG_124M-style dict (keys in any case)."""
+    lower = {k.lower(): v for k, v in d.items()}
+    return GPTConfig(**{ours: lower[k] for k, ours in _BOOK_KEYS.items() if k in lower})
+
+
+def param_count(model: nn.Module) -> int:
+    """Unique parameters (the tied head counted once)."""
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
+__all__ = ["GPTModel", "KVCache", "causal_mask", "is_derived", "param_count", "stored_state"]
