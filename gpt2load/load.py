@@ -10,7 +10,9 @@ from pathlib import Path
 import torch
 
 from gpt2load.errors import Gpt2LoadError
+from gpt2load.fast.backend import accelerate
 from gpt2load.fast.int8mm import aligned_int8
+from gpt2load.fast.registry import Kernels, shared_kernels
 from gpt2load.formats import stfile
 from gpt2load.formats.cache import cached_source
 from gpt2load.formats.layouts import MODEL_MARKERS, WEIGHT_SUFFIXES, Source, head_shapes, inspect_path, source_tensors
@@ -21,6 +23,7 @@ from gpt2load.model.config import GPTConfig, resolve_size
 from gpt2load.model.gpt import GPTModel
 from gpt2load.model.lora import ADAPTERS_KEY, load_adapters
 from gpt2load.model.quant import QUANTIZATIONS, Int8Embedding, check_quantize, quantize_model, quantized_names
+from gpt2load.settings import Settings
 from gpt2load.tokenizer import tokenizer_from_folder
 
 
@@ -89,6 +92,8 @@ def load_gpt2(
     dropout: float | None = None,
     n_heads: int | None = None,
     quantize: str | None = None,
+    kernels: Kernels | None = None,
+    settings: Settings | None = None,
 ) -> GPTModel:
     """Load GPT-2 weights into a GPTModel (eval mode), downloading and converting on first use.
 
@@ -108,10 +113,15 @@ def load_gpt2(
         n_heads: attention heads, needed only for a book-layout .pth of a width no GPT-2 size has.
         quantize: "int8" for int8 weight-only Linear layers and head (see gpt2load.model.quant); a file saved
             quantized loads quantized whatever this says.
+        kernels: the speed layer's `Kernels` the model computes with at inference (gpt2load.fast); default the
+            process's shared one for the settings' kernel choices.
+        settings: gpt2load's settings; default read from the environment now (`Settings.from_env()`).
 
     The output head is what the files hold: tied to tok_emb as in GPT-2, untied when a stored head differs
     from the embedding (the book's load_weights_into_gpt and its fine-tuning), or a classifier head.
     """
+    settings = settings or Settings.from_env()  # a bad variable fails here, naming it
+    kernels = kernels or shared_kernels(settings.kernels)
     rate = 0.0 if dropout is None else dropout
     if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0.0 <= rate < 1.0:
         raise Gpt2LoadError(f"dropout must be a number in [0, 1), got {dropout!r}")
@@ -120,10 +130,10 @@ def load_gpt2(
     cfg = replace(src.cfg, drop_rate=float(rate))
     stored = recorded_quantization(src)
     if stored is not None:  # saved quantized: loaded as it is (its float weights are gone)
-        return quantized_from_file(cfg, src.path, stored, device, dtype)
+        return accelerate(quantized_from_file(cfg, src.path, stored, device, dtype), kernels)
     built = model_from_tensors(cfg, source_tensors(src), device=device, dtype=dtype, tied=_recorded_tie(src))
     built = _with_adapters(built, src)
-    return quantize_model(built, quantize) if quantize else built
+    return accelerate(quantize_model(built, quantize) if quantize else built, kernels)
 
 
 def recorded_quantization(src: Source) -> str | None:

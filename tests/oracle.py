@@ -5,10 +5,13 @@ from __future__ import annotations
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
+from gpt2load.fast.backend import accelerate
+from gpt2load.fast.registry import Kernels
 from gpt2load.formats.names import HF, convert_tensors, strip_hf_prefix
 from gpt2load.model.build import model_from_tensors
 from gpt2load.model.config import GPTConfig
 from gpt2load.model.gpt import GPTModel
+from gpt2load.settings import KernelSettings
 
 TINY = GPTConfig(vocab_size=96, context_length=64, emb_dim=32, n_heads=4, n_layers=2)
 
@@ -44,11 +47,20 @@ def hf_model(cfg: GPTConfig = TINY, seed: int = 0) -> GPT2LMHeadModel:
 
 
 def gpt_from_hf(model: GPT2LMHeadModel, cfg: GPTConfig = TINY) -> GPTModel:
-    """The same weights in a GPTModel, via the Hugging Face name map."""
+    """The same weights in a GPTModel, via the Hugging Face name map, with the default backend (as `load_gpt2`
+    hands its models)."""
     items = ((strip_hf_prefix(k), v.detach().clone()) for k, v in model.state_dict().items())
-    return model_from_tensors(cfg, convert_tensors(items, HF, cfg, "transformers model"), device="cpu")
+    return accelerate(model_from_tensors(cfg, convert_tensors(items, HF, cfg, "transformers model"), device="cpu"))
 
 
 def pair(cfg: GPTConfig = TINY, seed: int = 0) -> tuple[GPT2LMHeadModel, GPTModel]:
     hf = hf_model(cfg, seed)
     return hf, gpt_from_hf(hf, cfg)
+
+
+def with_kernels(model: torch.nn.Module, **settings) -> Kernels:
+    """Hand `model` a Kernels of its own with these settings (fixed choices, nothing measured by other tests);
+    returns it, so a test can read which kernels ran."""
+    kernels = Kernels(KernelSettings(**settings))
+    accelerate(model, kernels)
+    return kernels

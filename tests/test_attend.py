@@ -8,11 +8,12 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from oracle import pair
+from oracle import pair, with_kernels
 from test_kernels import WIDE
 
 from gpt2load import Gpt2LoadError, beam_search, generate, left_pad
 from gpt2load.fast import attn, native
+from gpt2load.settings import KernelSettings
 
 BF16 = torch.bfloat16
 HERE = native.attend_available()
@@ -99,7 +100,7 @@ def test_forced_native_runs_in_a_bfloat16_model(wide16, monkeypatch):
     prompt = torch.randint(0, WIDE.vocab_size, (2, 20), generator=torch.Generator().manual_seed(3))
     logits = {}
     for setting in ("native", "sdpa"):
-        monkeypatch.setenv("GPT2LOAD_ATTENTION", setting)
+        with_kernels(wide16, attention=setting)
         with torch.inference_mode():
             cache = wide16.new_cache(2, 32)
             first = wide16(prompt[:, :12], cache=cache)  # a prompt, then a chunk after it, then one token
@@ -109,34 +110,31 @@ def test_forced_native_runs_in_a_bfloat16_model(wide16, monkeypatch):
     assert [s[2] for s in calls] == [12] * WIDE.n_layers + [7] * WIDE.n_layers + [1] * WIDE.n_layers
     torch.testing.assert_close(logits["native"].float(), logits["sdpa"].float(), atol=0.1, rtol=0.05)
     calls.clear()
-    monkeypatch.setenv("GPT2LOAD_ATTENTION", "native")
-    generate(copy.deepcopy(wide16).float(), prompt, 3)  # float32 never takes it
+    float32 = copy.deepcopy(wide16).float()
+    with_kernels(float32, attention="native")
+    generate(float32, prompt, 3)  # float32 prompts never take it
     assert not calls
 
 
 @needs_attend
 def test_measured_choice_decodes_as_torch_attention(wide16, monkeypatch):
     prompt = torch.randint(0, WIDE.vocab_size, (1, 40), generator=torch.Generator().manual_seed(6))
-    attn._chosen.clear()
+    kernels = with_kernels(wide16)
     calls = kernel_calls(monkeypatch)
     with torch.inference_mode():
         auto = wide16(prompt).float()
-    assert list(attn._chosen) and calls  # measured: gpt2load's attention ran and was compared
-    monkeypatch.setenv("GPT2LOAD_ATTENTION", "sdpa")
+    assert list(kernels.attention_choices) and calls  # measured: gpt2load's attention ran and was compared
+    with_kernels(wide16, attention="sdpa")
     with torch.inference_mode():
         torch.testing.assert_close(auto, wide16(prompt).float(), atol=0.1, rtol=0.05)
 
 
 def test_attention_settings_that_cannot_hold_name_the_variables(wide16, monkeypatch):
-    monkeypatch.setenv("GPT2LOAD_ATTENTION", "flash")
     with pytest.raises(Gpt2LoadError, match="GPT2LOAD_ATTENTION='flash'"):
-        generate(wide16, torch.tensor([[1, 2, 3]]), 2)
-    monkeypatch.setenv("GPT2LOAD_ATTENTION", "native")
-    monkeypatch.setenv("GPT2LOAD_NATIVE", "0")
+        KernelSettings.from_env({"GPT2LOAD_ATTENTION": "flash"})
     with pytest.raises(Gpt2LoadError, match="contradicts GPT2LOAD_NATIVE=0"):
-        generate(wide16, torch.tensor([[1, 2, 3]]), 2)
-    monkeypatch.setenv("GPT2LOAD_NATIVE", "auto")
-    monkeypatch.setenv("GPT2LOAD_ATTENTION", "sdpa")
+        KernelSettings.from_env({"GPT2LOAD_ATTENTION": "native", "GPT2LOAD_NATIVE": "0"})
+    with_kernels(wide16, attention="sdpa")
     calls = kernel_calls(monkeypatch)
     generate(wide16, torch.tensor([[1, 2, 3]]), 2)
     assert not calls
@@ -213,9 +211,8 @@ def test_float32_decoding_takes_attend_one_with_the_same_tokens(setting, monkeyp
     model = pair(WIDE, seed=5)[1]
     idx, mask = left_pad([[5, 6, 7, 8, 9, 10], [11, 12], [13, 14, 15, 16]])
     prompt = torch.tensor([[3, 1, 4, 1, 5]])
-    attn._chosen.clear()
+    with_kernels(model, attention=setting)
     calls = kernel_calls(monkeypatch, "attend_one")
-    monkeypatch.setenv("GPT2LOAD_ATTENTION", setting)
     batch, alone, beams = (
         generate(model, idx, 10, attention_mask=mask),
         generate(model, prompt, 10),
@@ -224,7 +221,7 @@ def test_float32_decoding_takes_attend_one_with_the_same_tokens(setting, monkeyp
     assert {c[0] for c in calls} == {3, 1}  # measured (auto): compared for each bucket at least
     if setting == "native":  # every decoding step of all three (9, 9 and 7 after the prompts), every layer
         assert len(calls) >= (9 + 9 + 7) * WIDE.n_layers
-    monkeypatch.setenv("GPT2LOAD_ATTENTION", "sdpa")
+    with_kernels(model, attention="sdpa")
     calls.clear()
     assert torch.equal(batch, generate(model, idx, 10, attention_mask=mask))
     assert torch.equal(alone, generate(model, prompt, 10))

@@ -7,10 +7,12 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from oracle import pair
+from oracle import pair, with_kernels
 from test_kernels import WIDE
 
-from gpt2load.fast import kernels, native
+from gpt2load.fast import native
+from gpt2load.fast.registry import Kernels
+from gpt2load.settings import KernelSettings
 
 BF16 = torch.bfloat16
 HERE = native.gemm_usable(torch.zeros(17, 2, dtype=BF16), torch.zeros(16, 2, dtype=BF16))
@@ -107,9 +109,11 @@ def test_gemm_takes_no_rows_and_a_weight_at_an_odd_address():
 
 
 def test_native_off_never_takes_gemm(monkeypatch):
-    x, w, _ = operands(20, 32, 16)
-    monkeypatch.setenv("GPT2LOAD_NATIVE", "0")
-    assert not native.gemm_usable(x, w)
+    x, w, b = operands(20, 32, 16)
+    calls = gemm_calls(monkeypatch)
+    with torch.inference_mode():
+        Kernels(KernelSettings(native="0")).linear(x, w, b)
+    assert not calls
 
 
 def gemm_calls(monkeypatch):
@@ -126,7 +130,7 @@ def test_forced_native_runs_gemm_for_a_bfloat16_prompt(monkeypatch):
     calls = gemm_calls(monkeypatch)
     logits = {}
     for setting in ("native", "plain"):
-        monkeypatch.setenv("GPT2LOAD_MATMUL", setting)
+        with_kernels(model, matmul=setting)
         with torch.inference_mode():
             logits[setting] = model(prompt).float()
     # every block's 4 matmuls on 40 rows; the head (257 outputs, not a multiple of 16) goes to F.linear
@@ -134,9 +138,10 @@ def test_forced_native_runs_gemm_for_a_bfloat16_prompt(monkeypatch):
     assert calls == [(40, d), (40, d), (40, d), (40, 4 * d)] * WIDE.n_layers
     torch.testing.assert_close(logits["native"], logits["plain"], atol=0.1, rtol=0.05)  # bf16 rounding in each
     calls.clear()
-    monkeypatch.setenv("GPT2LOAD_MATMUL", "native")
+    float32 = copy.deepcopy(model).float()
+    with_kernels(float32, matmul="native")
     with torch.inference_mode():
-        copy.deepcopy(model).float()(prompt)  # float32 never takes it
+        float32(prompt)  # float32 never takes it
     assert not calls
 
 
@@ -144,9 +149,7 @@ def test_forced_native_runs_gemm_for_a_bfloat16_prompt(monkeypatch):
 def test_measured_choice_includes_gemm(monkeypatch):
     x, w, b = operands(64, 96, 128, seed=4)
     calls = gemm_calls(monkeypatch)
-    kernels._chosen.clear()
-    kernels._resolved.clear()
     with torch.inference_mode():
-        got = kernels.linear(x, w, b, gelu=True)
+        got = Kernels().linear(x, w, b, gelu=True)
     assert calls  # measured against the others
     torch.testing.assert_close(got.double(), float64_linear(x, w, b, True).to(BF16).double(), atol=2e-2, rtol=2e-2)

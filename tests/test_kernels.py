@@ -5,14 +5,16 @@ import copy
 
 import pytest
 import torch
-from oracle import TINY, pair
+from oracle import TINY, pair, with_kernels
 
 from gpt2load import Gpt2LoadError, beam_search, generate, left_pad
-from gpt2load.fast import kernels
-from gpt2load.fast.kernels import linear, matmul_setting, onednn_setting, split_pieces
+from gpt2load.fast import kernels as k
+from gpt2load.fast.kernels import split_pieces
+from gpt2load.fast.registry import Kernels
 from gpt2load.model.config import GPTConfig
 from gpt2load.model.gpt import KVCache
 from gpt2load.model.quant import quantize_model
+from gpt2load.settings import KernelSettings
 
 PROMPT = torch.tensor([[5, 17, 33, 2, 8], [9, 9, 1, 40, 77]])
 
@@ -41,8 +43,9 @@ def plain_greedy(model, idx, n):
 
 
 @pytest.mark.parametrize("setting", ["0", "1", "auto"])
-def test_every_fp32_kernel_choice_decodes_the_plain_tokens(model, monkeypatch, setting):
-    monkeypatch.setenv("GPT2LOAD_ONEDNN", setting)
+def test_every_fp32_kernel_choice_decodes_the_plain_tokens(model, setting):
+    model = copy.deepcopy(model)
+    with_kernels(model, onednn=setting)
     assert torch.equal(generate(model, PROMPT, 12), plain_greedy(model, PROMPT, 12))
     with torch.inference_mode():
         torch.testing.assert_close(model(PROMPT), copy.deepcopy(model).train()(PROMPT).detach(), atol=1e-4, rtol=1e-4)
@@ -51,8 +54,8 @@ def test_every_fp32_kernel_choice_decodes_the_plain_tokens(model, monkeypatch, s
 @pytest.mark.parametrize("setting", ["0", "1", "auto"])
 @pytest.mark.parametrize("rows", [1, 3, 40])
 @pytest.mark.parametrize("gelu", [False, True])
-def test_linear_matches_f_linear_for_every_setting(monkeypatch, setting, rows, gelu):
-    monkeypatch.setenv("GPT2LOAD_ONEDNN", setting)
+def test_linear_matches_f_linear_for_every_setting(setting, rows, gelu):
+    linear = Kernels(KernelSettings(onednn=setting)).linear
     g = torch.Generator().manual_seed(rows)
     x, w, b = torch.randn(rows, 48, generator=g), torch.randn(80, 48, generator=g), torch.randn(80, generator=g)
     want = torch.nn.functional.linear(x, w, b)
@@ -62,23 +65,23 @@ def test_linear_matches_f_linear_for_every_setting(monkeypatch, setting, rows, g
 
 
 @pytest.mark.parametrize("kernel", ["plain", "onednn", "split", "auto"])
-def test_every_forced_kernel_decodes_the_plain_tokens(wide, monkeypatch, kernel):
-    monkeypatch.setenv("GPT2LOAD_MATMUL", kernel)
-    kernels._resolved.clear()
+def test_every_forced_kernel_decodes_the_plain_tokens(wide, kernel):
+    wide = copy.deepcopy(wide)
+    kernels = with_kernels(wide, matmul=kernel)
     prompt = torch.randint(0, WIDE.vocab_size, (2, 7), generator=torch.Generator().manual_seed(3))
     assert torch.equal(generate(wide, prompt, 12), plain_greedy(wide, prompt, 12))
     idx, mask = left_pad([prompt[0, 2:].tolist(), prompt[1].tolist()])
     out = generate(wide, idx, 8, attention_mask=mask)
     assert torch.equal(out[0, -8:], generate(wide, prompt[:1, 2:], 8)[0, -8:])
     beams = beam_search(wide, prompt[:1], 8, 3, eos_id=None)
-    used = {getattr(fn, "kernel", fn) for fn in kernels._resolved.values()}
+    used = {getattr(fn, "kernel", fn) for fn in kernels.linear_choices.values()}
     if kernel == "split":  # every matmul of this model, in every call above, had at most 16 rows: all split
-        assert used == {kernels._split}
-    elif kernel == "onednn" and kernels.onednn_works(torch.float32):
-        assert used == {kernels._onednn}
+        assert used == {k._split}
+    elif kernel == "onednn" and k.onednn_works(torch.float32):
+        assert used == {k._onednn}
     elif kernel == "plain":
-        assert used == {kernels._plain}
-    monkeypatch.setenv("GPT2LOAD_MATMUL", "plain")
+        assert used == {k._plain}
+    with_kernels(wide, matmul="plain")
     plain = beam_search(wide, prompt[:1], 8, 3, eos_id=None)
     assert torch.equal(beams.sequences, plain.sequences)
     torch.testing.assert_close(beams.scores, plain.scores, atol=1e-4, rtol=1e-4)
@@ -88,8 +91,8 @@ def test_every_forced_kernel_decodes_the_plain_tokens(wide, monkeypatch, kernel)
 @pytest.mark.parametrize("rows", [1, 5, 16])
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("gelu", [False, True])
-def test_split_kernel_matches_f_linear(monkeypatch, out, rows, bias, gelu):
-    monkeypatch.setenv("GPT2LOAD_MATMUL", "split")
+def test_split_kernel_matches_f_linear(out, rows, bias, gelu):
+    linear = Kernels(KernelSettings(matmul="split")).linear
     g = torch.Generator().manual_seed(out + rows)
     x, w = torch.randn(2, rows, 96, generator=g), torch.randn(out, 96, generator=g)
     b = torch.randn(out, generator=g) if bias else None
@@ -101,8 +104,8 @@ def test_split_kernel_matches_f_linear(monkeypatch, out, rows, bias, gelu):
         assert got.shape == (2, rows, out) and got.is_contiguous()
 
 
-def test_split_kernel_takes_empty_inputs_and_strided_biases(monkeypatch):
-    monkeypatch.setenv("GPT2LOAD_MATMUL", "split")
+def test_split_kernel_takes_empty_inputs_and_strided_biases():
+    linear = Kernels(KernelSettings(matmul="split")).linear
     g = torch.Generator().manual_seed(7)
     w, b = torch.randn(256, 96, generator=g), torch.randn(512, generator=g)[::2]  # same shape, other strides
     with torch.inference_mode():
@@ -118,24 +121,19 @@ def test_split_pieces_divide_the_rows_or_leave_a_remainder():
     assert split_pieces(100, 2) == 0  # blocks would be tiny: not used
 
 
-def test_matmul_settings_that_cannot_hold_name_the_variables(monkeypatch):
-    monkeypatch.setenv("GPT2LOAD_MATMUL", "fastest")
+def test_matmul_settings_that_cannot_hold_name_the_variables():
     with pytest.raises(Gpt2LoadError, match="GPT2LOAD_MATMUL='fastest'"):
-        matmul_setting()
-    monkeypatch.setenv("GPT2LOAD_MATMUL", "split")
-    monkeypatch.setenv("GPT2LOAD_ONEDNN", "1")
+        KernelSettings.from_env({"GPT2LOAD_MATMUL": "fastest"})
     with pytest.raises(Gpt2LoadError, match="contradicts GPT2LOAD_ONEDNN=1"):
-        matmul_setting()
-    monkeypatch.setenv("GPT2LOAD_ONEDNN", "0")
-    assert matmul_setting() == "split"
-    monkeypatch.delenv("GPT2LOAD_MATMUL")
-    assert matmul_setting() == "no-onednn"
+        KernelSettings.from_env({"GPT2LOAD_MATMUL": "split", "GPT2LOAD_ONEDNN": "1"})
+    assert KernelSettings.from_env({"GPT2LOAD_MATMUL": "split", "GPT2LOAD_ONEDNN": "0"}).matmul_mode == "split"
+    assert KernelSettings.from_env({"GPT2LOAD_ONEDNN": "0"}).matmul_mode == "no-onednn"
+    assert KernelSettings.from_env({"GPT2LOAD_MATMUL": " Split "}).matmul == "split"  # as written by people
 
 
-def test_bad_kernel_setting_names_the_variable(monkeypatch):
-    monkeypatch.setenv("GPT2LOAD_ONEDNN", "fast")
+def test_bad_kernel_setting_names_the_variable():
     with pytest.raises(Gpt2LoadError, match="GPT2LOAD_ONEDNN='fast'"):
-        onednn_setting()
+        KernelSettings.from_env({"GPT2LOAD_ONEDNN": "fast"})
 
 
 @pytest.mark.parametrize("kind", ["fp32", "int8"])
@@ -167,10 +165,11 @@ def test_cache_reorder_moves_only_changed_rows_in_place():
     assert cache.k[0].shape[0] == 2
 
 
-def test_beam_search_is_the_same_whatever_the_kernel(model, monkeypatch):
+def test_beam_search_is_the_same_whatever_the_kernel(model):
     results = []
+    model = copy.deepcopy(model)
     for setting in ("0", "1"):
-        monkeypatch.setenv("GPT2LOAD_ONEDNN", setting)
+        with_kernels(model, onednn=setting)
         results.append(beam_search(model, PROMPT[:1], 10, 4, eos_id=None))
     assert torch.equal(results[0].sequences, results[1].sequences)
     torch.testing.assert_close(results[0].scores, results[1].scores, atol=1e-4, rtol=1e-4)

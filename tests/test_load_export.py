@@ -291,11 +291,12 @@ def test_loaded_qkv_weights_lie_back_to_back_so_decoding_fuses_them_without_a_co
         back(x)
         model(x)
     att = back.trf_blocks[1].att
-    fused_w, fused_b = att._qkv_weight.value, att._qkv_bias.value
+    fused_w, fused_b = (s.value for s in att.backend._fused[att][:2])  # (the backend load_gpt2 handed it)
     assert fused_w.data_ptr() == att.W_query.weight.data_ptr()  # an alias of the loaded memory, not a copy
     assert torch.equal(fused_w, torch.cat([att.W_query.weight, att.W_key.weight, att.W_value.weight]))
     assert torch.equal(fused_b, torch.cat([att.W_query.bias, att.W_key.bias, att.W_value.bias]))
-    copied = model.trf_blocks[1].att._qkv_weight.value  # built in memory: separate storages, stacked by copying
+    own = model.trf_blocks[1].att
+    copied = own.backend._fused[own][0].value  # built in memory: separate storages, stacked by copying
     assert copied.data_ptr() != model.trf_blocks[1].att.W_query.weight.data_ptr()
     assert torch.equal(copied, fused_w)
     with torch.no_grad():

@@ -7,14 +7,14 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
-from oracle import pair
+from oracle import pair, with_kernels
 from test_kernels import WIDE, plain_greedy
 
 from gpt2load import Gpt2LoadError, beam_search, generate, left_pad
 from gpt2load.fast import attn, kernels, native
-from gpt2load.fast.int8mm import chosen as int8_chosen
-from gpt2load.fast.kernels import linear, matmul_setting
+from gpt2load.fast.registry import Kernels
 from gpt2load.model.quant import quantize_model, quantize_weight
+from gpt2load.settings import KernelSettings
 
 
 @pytest.fixture(scope="module")
@@ -66,9 +66,9 @@ def test_gemv_reads_strided_inputs_and_keeps_nan():
     assert native.gemv(x.bfloat16(), w.bfloat16(), None)[1].isnan().all()
 
 
-def test_forced_native_decodes_the_plain_tokens_and_really_runs(wide, monkeypatch):
-    monkeypatch.setenv("GPT2LOAD_MATMUL", "native")
-    kernels._resolved.clear()
+def test_forced_native_decodes_the_plain_tokens_and_really_runs(wide):
+    wide = copy.deepcopy(wide)
+    forced = with_kernels(wide, matmul="native")
     prompt = torch.randint(0, WIDE.vocab_size, (2, 7), generator=torch.Generator().manual_seed(3))
     assert torch.equal(generate(wide, prompt, 12), plain_greedy(wide, prompt, 12))
     idx, mask = left_pad([prompt[0, 2:].tolist(), prompt[1].tolist()])
@@ -76,50 +76,49 @@ def test_forced_native_decodes_the_plain_tokens_and_really_runs(wide, monkeypatc
     assert torch.equal(out[0, -8:], generate(wide, prompt[:1, 2:], 8)[0, -8:])
     beams = beam_search(wide, prompt[:1], 8, 3, eos_id=None)
     # every matmul above had at most 16 rows: all of them ran gemv.c
-    assert {getattr(fn, "kernel", fn) for fn in kernels._resolved.values()} == {kernels._native}
-    monkeypatch.setenv("GPT2LOAD_MATMUL", "plain")
+    assert {getattr(fn, "kernel", fn) for fn in forced.linear_choices.values()} == {kernels._native}
+    with_kernels(wide, matmul="plain")
     plain = beam_search(wide, prompt[:1], 8, 3, eos_id=None)
     assert torch.equal(beams.sequences, plain.sequences)
     torch.testing.assert_close(beams.scores, plain.scores, atol=1e-4, rtol=1e-4)
 
 
-def test_bfloat16_and_int8_models_run_gemv_when_forced(wide, monkeypatch):
-    monkeypatch.setenv("GPT2LOAD_MATMUL", "native")
+def test_bfloat16_and_int8_models_run_gemv_when_forced(wide):
     prompt = torch.randint(0, WIDE.vocab_size, (1, 5), generator=torch.Generator().manual_seed(4))
     bf16 = copy.deepcopy(wide).to(torch.bfloat16)
-    kernels._resolved.clear()
+    forced = with_kernels(bf16, matmul="native")
     with torch.inference_mode():
         got = bf16(prompt).float()
-    assert {getattr(fn, "kernel", fn) for fn in kernels._resolved.values()} == {kernels._native}
-    monkeypatch.setenv("GPT2LOAD_MATMUL", "plain")
+    assert {getattr(fn, "kernel", fn) for fn in forced.linear_choices.values()} == {kernels._native}
+    with_kernels(bf16, matmul="plain")
     with torch.inference_mode():
         torch.testing.assert_close(got, bf16(prompt).float(), atol=0.1, rtol=0.05)  # bf16 rounding in each
     q = quantize_model(copy.deepcopy(wide))
-    monkeypatch.setenv("GPT2LOAD_MATMUL", "native")
-    int8_chosen.clear()
+    forced = with_kernels(q, matmul="native")
     out = generate(q, prompt, 8)
-    assert {fn.__name__ for fn in int8_chosen.values()} == {"_int8native"}
-    monkeypatch.setenv("GPT2LOAD_MATMUL", "plain")
-    monkeypatch.setenv("GPT2LOAD_INT8PACK", "0")  # dequantized weights through F.linear
+    assert {fn.__name__ for fn in forced.int8_choices.values()} == {"int8native"}
+    with_kernels(q, matmul="plain", int8pack=False)  # dequantized weights through F.linear
     assert torch.equal(out, generate(q, prompt, 8))
 
 
-def test_native_settings_that_cannot_hold_name_the_variables(monkeypatch):
-    monkeypatch.setenv("GPT2LOAD_NATIVE", "yes")
+def test_native_settings_that_cannot_hold_name_the_variables():
     with pytest.raises(Gpt2LoadError, match="GPT2LOAD_NATIVE='yes'"):
-        native.native_setting()
-    monkeypatch.setenv("GPT2LOAD_NATIVE", "0")
-    assert not native.available() and native.why_unavailable() == "GPT2LOAD_NATIVE=0"
-    monkeypatch.setenv("GPT2LOAD_MATMUL", "native")
+        KernelSettings.from_env({"GPT2LOAD_NATIVE": "yes"})
     with pytest.raises(Gpt2LoadError, match="contradicts GPT2LOAD_NATIVE=0"):
-        matmul_setting()
+        KernelSettings.from_env({"GPT2LOAD_NATIVE": "0", "GPT2LOAD_MATMUL": "native"})
 
 
 def test_native_off_is_never_used(wide, monkeypatch):
-    monkeypatch.setenv("GPT2LOAD_NATIVE", "0")
-    kernels._resolved.clear()
+    wide = copy.deepcopy(wide)
+    off = with_kernels(wide, native="0")
+    calls = []
+    for name in ("gemv", "gemm", "attend", "attend_one", "usable", "gemm_usable"):
+        real = getattr(native, name)
+        monkeypatch.setattr(native, name, lambda *a, real=real, name=name: calls.append(name) or real(*a))
     generate(wide, torch.tensor([[1, 2, 3]]), 4)
-    assert kernels._native not in {getattr(fn, "kernel", fn) for fn in kernels._resolved.values()}
+    generate(copy.deepcopy(wide).bfloat16(), torch.tensor([[1, 2, 3]]), 4)
+    assert kernels._native not in {getattr(fn, "kernel", fn) for fn in off.linear_choices.values()}
+    assert not calls  # not even asked
 
 
 @pytest.fixture
@@ -152,18 +151,14 @@ def test_a_failed_build_leaves_no_file_and_forcing_says_why(fresh_build, monkeyp
     assert "no C compiler" in native.why_unavailable()
     x, w = torch.randn(1, 16), torch.randn(5, 16)
     with torch.inference_mode():
-        torch.testing.assert_close(linear(x, w, None), F.linear(x, w), atol=1e-5, rtol=1e-5)  # others still work
-        monkeypatch.setenv("GPT2LOAD_MATMUL", "native")
+        auto = Kernels()
+        torch.testing.assert_close(auto.linear(x, w, None), F.linear(x, w), atol=1e-5, rtol=1e-5)  # others work
         with pytest.raises(Gpt2LoadError, match="GPT2LOAD_MATMUL=native, but gpt2load's kernel is unavailable"):
-            linear(x, w, None)
-        monkeypatch.setenv("GPT2LOAD_MATMUL", "auto")
+            Kernels(KernelSettings(matmul="native")).linear(x, w, None)
         q = torch.zeros(1, 1, 3, 16, dtype=torch.bfloat16)
-        torch.testing.assert_close(attn.causal_attention(q, q, q), attn.sdpa_causal(q, q, q))  # torch's attention
-        monkeypatch.setenv("GPT2LOAD_ATTENTION", "native")
-        attn._chosen.clear()
+        torch.testing.assert_close(auto.attention(q, q, q), attn.sdpa_causal(q, q, q))  # torch's attention
         with pytest.raises(Gpt2LoadError, match="GPT2LOAD_ATTENTION=native, but gpt2load's attention is unavailable"):
-            attn.causal_attention(q, q, q)
-    attn._chosen.clear()
+            Kernels(KernelSettings(attention="native")).attention(q, q, q)
 
 
 def test_gemv_refuses_shapes_that_do_not_fit():

@@ -6,7 +6,7 @@ import copy
 import pytest
 import torch
 from helpers import assert_clean_error, run_cli
-from oracle import TINY, pair
+from oracle import TINY, pair, with_kernels
 from torch import nn
 
 from gpt2load import Gpt2LoadError, export, export_gguf, generate, load_gpt2, save_model, train
@@ -65,37 +65,37 @@ def test_quantize_weight_is_per_output_channel_and_symmetric():
 
 
 INT8_KERNELS = {  # torch's int8 kernel (bf16 compute), gpt2load's (gemv.c), dequantize + F.linear
-    "pack": {"GPT2LOAD_MATMUL": "plain", "GPT2LOAD_INT8PACK": "1"},
-    "native": {"GPT2LOAD_MATMUL": "native"},
-    "exact": {"GPT2LOAD_INT8PACK": "0", "GPT2LOAD_NATIVE": "0"},
+    "pack": {"matmul": "plain", "int8pack": True},
+    "native": {"matmul": "native"},
+    "exact": {"int8pack": False, "native": "0"},
 }
 
 
-def use_int8_kernel(monkeypatch, kernel):
-    for var in ("GPT2LOAD_MATMUL", "GPT2LOAD_INT8PACK", "GPT2LOAD_NATIVE"):
-        monkeypatch.delenv(var, raising=False)
-    for var, value in INT8_KERNELS[kernel].items():
-        monkeypatch.setenv(var, value)
+def use_int8_kernel(model, kernel):
+    """A copy of `model` computing with `kernel` (the fixture's model keeps its own backend)."""
+    model = copy.deepcopy(model)
+    with_kernels(model, **INT8_KERNELS[kernel])
+    return model
 
 
 @pytest.mark.parametrize("kernel", list(INT8_KERNELS))
-def test_fidelity_to_float32_within_the_stated_bounds(models, monkeypatch, kernel):
-    use_int8_kernel(monkeypatch, kernel)
+def test_fidelity_to_float32_within_the_stated_bounds(models, kernel):
     fp32, q = models
+    q = use_int8_kernel(q, kernel)
     idx = text(16) if kernel == "native" else text()  # gpt2load's kernel takes up to 16 rows (one per position)
     for entropy in (None, 1.0, 3.0):  # as the logits are, and spread as a trained model's
         top1, kl = fidelity(fp32, q, idx, entropy)
         assert top1 >= MIN_TOP1_AGREEMENT and 0 < kl <= MAX_MEAN_KL, (entropy, top1, kl)
 
 
-def test_int8_kernels_agree_and_decode_the_same_tokens(models, monkeypatch):
+def test_int8_kernels_agree_and_decode_the_same_tokens(models):
     _, q = models
     prompt = text(6, seed=1)
     out = {}
     for kernel in INT8_KERNELS:
-        use_int8_kernel(monkeypatch, kernel)
+        m = use_int8_kernel(q, kernel)
         with torch.inference_mode():
-            out[kernel] = (q(text(16)).float(), generate(q, prompt, 12))  # (16 rows: gpt2load's kernel too)
+            out[kernel] = (m(text(16)).float(), generate(m, prompt, 12))  # (16 rows: gpt2load's kernel too)
     torch.testing.assert_close(out["pack"][0], out["exact"][0], atol=0.05, rtol=0.02)  # bf16 compute vs float32
     torch.testing.assert_close(out["native"][0], out["exact"][0], atol=1e-4, rtol=1e-4)  # both float32 sums
     assert torch.equal(out["pack"][1], out["exact"][1]) and torch.equal(out["native"][1], out["exact"][1])

@@ -1,46 +1,21 @@
-"""Speed tricks the stock modules use on themselves when nothing else is watching.
+"""The matmul kernels the speed layer chooses between, and the timing that chooses: stateless functions (the
+choices themselves live in a `Kernels` object, registry.py).
 
-A module takes a fast path only when it is exactly gpt2load's (or torch's) class, no hook is registered on it
-(or globally), and no gradient is being recorded: a user's LoRA wrapper, subclass or hook is called as it is.
+Four ways to compute `F.linear` on a CPU: F.linear itself, oneDNN's private op, `_split` (a batch of
+matrix-vector products over row blocks of the weight) and `_native` (gpt2load's own C kernels).
 """
 
 from __future__ import annotations
 
 import ctypes
 import functools
-import os
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from torch import nn
-from torch.nn.modules import module as _module
 
-from gpt2load.errors import Gpt2LoadError
 from gpt2load.fast import native
-
-
-def _no_global_hooks() -> bool:
-    return not (
-        _module._global_forward_hooks
-        or _module._global_forward_pre_hooks
-        or getattr(_module, "_global_forward_hooks_always_called", None)
-    )
-
-
-def is_stock(modules: Iterable[nn.Module], types: Iterable[type]) -> bool:
-    """True when each module is exactly of its type (not a subclass, not a replacement) and no forward hook is
-    registered on it or globally. (Backward hooks do not matter: fast paths run only without autograd.)"""
-    for m, cls in zip(modules, types, strict=True):
-        if type(m) is not cls or m._forward_hooks or m._forward_pre_hooks:
-            return False
-    return _no_global_hooks()
-
-
-def fast_enabled(module: nn.Module) -> bool:
-    """Fast paths are for inference: autograd and dropout must see the modules' own operations."""
-    return not torch.is_grad_enabled() and not module.training
 
 
 def _plain(x, w, b, gelu=False):
@@ -137,51 +112,6 @@ def fastest(fns: list[Callable], items: list, reps: int = 2) -> int:
     return min(range(len(fns)), key=best.__getitem__)
 
 
-_chosen: dict[tuple, Callable] = {}  # (kernels, dtype, rows bucket, weight shape, bias, gelu, threads) -> kernel
-
-
-def calibrated(
-    x: torch.Tensor,
-    w: torch.Tensor,
-    b: torch.Tensor | None,
-    gelu: bool,
-    kernels: tuple,
-    extra: tuple = (),
-    ref: Callable | None = None,
-) -> Callable:
-    """The fastest of `kernels`, called `k(x, w, b, gelu, *extra)`, on this shape at this thread count, measured
-    once per process; another kernel than the first only if it also agrees with `ref` (default: the first) on
-    this very input.
-
-    Decoding reads every weight from memory at each step (a model does not fit in the caches), and which kernel
-    streams a weight faster is not which one wins on a weight already in cache: for up to 16 rows, each kernel is
-    timed over copies of the weight that together exceed the caches. With more rows the arithmetic dominates
-    and the weight itself is timed."""
-    rows = _rows_bucket(x.numel() // x.shape[-1])
-    key = (kernels, x.dtype, rows, w.shape, b is None, gelu, torch.get_num_threads())
-    kernel = _chosen.get(key)
-    if kernel is None:
-        kernel = kernels[0]
-        try:
-            want = (ref or kernel)(x, w, b, gelu, *extra).float()
-            tol = 1e-4 if x.dtype == torch.float32 else 5e-2
-            agree = [
-                k for k in kernels[1:] if torch.allclose(k(x, w, b, gelu, *extra).float(), want, atol=tol, rtol=tol)
-            ]
-            if agree:
-                size = w.numel() * w.element_size()
-                weights = [w] + [w.clone() for _ in range(min(31, _COLD_BYTES // size) if rows <= 16 else 0)]
-                reps = 3 if len(weights) > 1 else 4  # one weight: a single call per pass, closer to each other
-                candidates = [kernel, *agree]
-                fns = [lambda m, k=k: k(x, m, b, gelu, *extra) for k in candidates]
-                kernel = candidates[fastest(fns, weights, reps)]
-                del weights
-        except RuntimeError:
-            pass
-        _chosen[key] = kernel
-    return kernel
-
-
 def _native(x, w, b, gelu=False):
     """gpt2load's own kernels (native.py): for a few rows gemv.c, which reads float32 and bfloat16 weights at close
     to the same bytes per second (bfloat16 decoding reads its half of the bytes in about half the time); for
@@ -192,104 +122,7 @@ def _native(x, w, b, gelu=False):
     return F.gelu(y, approximate="tanh") if gelu else y
 
 
-_KERNELS = {"plain": _plain, "onednn": _onednn, "split": _split, "native": _native}
-
-
-def matmul_setting() -> str:
-    """The kernel choice the environment asks for, read at each call: GPT2LOAD_MATMUL=plain|onednn|split|native
-    forces one (where it works), GPT2LOAD_ONEDNN=0 never uses oneDNN's private op and =1 always does,
-    GPT2LOAD_NATIVE=0 never builds or uses gpt2load's C kernels; otherwise (unset, "auto") every kernel is
-    measured per shape. Returns "auto", "no-onednn" or a kernel's name."""
-    forced = os.environ.get("GPT2LOAD_MATMUL", "").strip().lower() or "auto"
-    if forced not in ("auto", *_KERNELS):
-        raise Gpt2LoadError(
-            f"GPT2LOAD_MATMUL={forced!r} is not one of auto, {', '.join(_KERNELS)}: set one of them, or unset it"
-        )
-    onednn = onednn_setting()
-    if forced != "auto":
-        if (onednn == "0" and forced == "onednn") or (onednn == "1" and forced != "onednn"):
-            raise Gpt2LoadError(f"GPT2LOAD_MATMUL={forced} contradicts GPT2LOAD_ONEDNN={onednn}: unset one of them")
-        if forced == "native" and native.native_setting() == "0":
-            raise Gpt2LoadError("GPT2LOAD_MATMUL=native contradicts GPT2LOAD_NATIVE=0: unset one of them")
-        return forced
-    return {"0": "no-onednn", "1": "onednn"}.get(onednn, "auto")
-
-
-def onednn_setting() -> str:
-    """GPT2LOAD_ONEDNN, read at each call: "0" never uses oneDNN's private op, "1" always (where it works),
-    unset or "auto" measures it against the other kernels per shape."""
-    raw = os.environ.get("GPT2LOAD_ONEDNN")
-    if raw is None:
-        return "auto"
-    value = raw.strip().lower() or "auto"
-    if value not in ("0", "1", "auto"):
-        raise Gpt2LoadError(f"GPT2LOAD_ONEDNN={value!r} is not 0, 1 or auto: set one of them, or unset it")
-    return value
-
-
-_FAST_DTYPES = (torch.float32, torch.bfloat16)
-
-
-def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, gelu: bool = False) -> torch.Tensor:
-    """`F.linear` (then tanh-GELU if asked) by the fastest kernel for x's device, dtype and shape.
-
-    On CPU there are four ways to do it: F.linear, oneDNN's op (reads the weights of nn.Linear at close to
-    memory bandwidth on some CPUs and not on others; private, so also checked against F.linear before use),
-    `_split` (a batch of matrix-vector products over row blocks of the weight, fastest for one float32 row here)
-    and `_native` (gpt2load's own C kernels: fastest for bfloat16 weights and several rows here, and for
-    bfloat16 prompts on AVX512-BF16).
-    Which one is chosen by measuring (see `matmul_setting`). Decoding calls this about 50 times per token, so
-    the choice is remembered per weight shape, input shape, setting and thread count.
-    """
-    key = (w.shape, w.dtype, x.shape, x.dtype, x.is_cpu, b is None, gelu, w.is_contiguous())
-    key += tuple(os.environ.get(v) for v in SETTINGS) + (torch.get_num_threads(),)
-    fn = _resolved.get(key)
-    if fn is None:
-        if len(_resolved) > 4096:  # many shapes (prompts of every length): start over
-            _resolved.clear()
-        fn = _resolved[key] = _resolve(x, w, b, gelu)
-    return fn(x, w, b, gelu)
-
-
-_resolved: dict[tuple, Callable] = {}
-SETTINGS = ("GPT2LOAD_MATMUL", "GPT2LOAD_ONEDNN", "GPT2LOAD_NATIVE")  # part of `linear`'s memo key
-
-
-def _resolve(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, gelu: bool) -> Callable:
-    """The kernel `linear` uses for these operands (they are not kept: only their shapes and dtypes matter)."""
-    dtype = x.dtype
-    if dtype not in _FAST_DTYPES or w.dtype is not dtype or not x.is_cpu:
-        return _plain
-    setting = matmul_setting()
-    flat = x.reshape(-1, x.shape[-1])
-    kernels = [_plain]
-    if setting in ("auto", "onednn") and onednn_works(dtype):
-        kernels.append(_onednn)
-    if setting in ("auto", "no-onednn", "split") and flat.shape[0] <= 16 and w.is_contiguous():
-        if split_pieces(w.shape[0], torch.get_num_threads()):
-            kernels.append(_split)
-    if setting in ("auto", "no-onednn", "native") and (native.usable(flat, w) or native.gemm_usable(flat, w)):
-        kernels.append(_native)
-    if setting == "native" and not native.available():  # (forced: float32 prompts still go to F.linear)
-        raise Gpt2LoadError(f"GPT2LOAD_MATMUL=native, but gpt2load's kernel is unavailable: {native.why_unavailable()}")
-    if setting in _KERNELS:  # forced: that kernel where it works, else F.linear
-        kernel = _KERNELS[setting] if _KERNELS[setting] in kernels else _plain
-    else:  # as one [rows, in] matrix: oneDNN may otherwise treat [B, 1, in] as B products that each read w
-        kernel = calibrated(flat, w, b, gelu, tuple(kernels)) if len(kernels) > 1 else _plain
-    if kernel is _plain or x.dim() == 2 or (kernel is _onednn and x.dim() == 3 and x.shape[0] == 1):
-        return kernel
-    return _flat(kernel)
-
-
-def _flat(kernel: Callable) -> Callable:
-    """`kernel` on x of any rank, as one [rows, in] matrix."""
-
-    def flattened(x, w, b, gelu):
-        y = kernel(x.reshape(-1, x.shape[-1]), w, b, gelu)
-        return y.view(*x.shape[:-1], y.shape[-1])
-
-    flattened.kernel = kernel  # which kernel runs (for tests)
-    return flattened
+KERNELS = {"plain": _plain, "onednn": _onednn, "split": _split, "native": _native}
 
 
 def _adjacent(parts: list[torch.Tensor]) -> bool:
@@ -348,13 +181,4 @@ class Stacked:
         return self.value
 
 
-__all__ = [
-    "Stacked",
-    "fast_enabled",
-    "is_stock",
-    "linear",
-    "matmul_setting",
-    "onednn_setting",
-    "split_pieces",
-    "stacked",
-]
+__all__ = ["KERNELS", "Stacked", "fastest", "onednn_works", "split_pieces", "stacked"]

@@ -1,25 +1,55 @@
 """GPTModel in the layout and names of "Build a Large Language Model (From Scratch)", with a KV cache.
 
-`GPTModel.forward` is the one forward pass: training, evaluation and every decoder call it. Inference speed-ups
-(one fused q/k/v matmul, a faster matmul kernel, skipping positions whose output is not needed) happen inside
-the modules, only where a module is the stock one (see kernels.py): replaced modules and hooks are honoured.
+`GPTModel.forward` is the one forward pass: training, evaluation and every decoder call it. The model imports
+nothing from the speed layer: a model handed a backend (`gpt2load.fast.accelerate`, which `load_gpt2` does) lets
+its modules ask it for a faster way (one fused q/k/v matmul, a measured matmul kernel, gpt2load's attention);
+the backend answers only for stock modules without hooks, so replaced modules and hooks are honoured, and a
+module it does not answer for runs the plain code below.
 A state_dict of this model loads into the book's chapter-4 GPTModel (export_pth adds the book's mask buffers).
 """
 
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from gpt2load.errors import Gpt2LoadError
-from gpt2load.fast.attn import causal_attention, sdpa_causal
-from gpt2load.fast.int8mm import int8_linear
-from gpt2load.fast.kernels import Stacked, fast_enabled, is_stock, linear
 from gpt2load.model.config import GPTConfig
 from gpt2load.model.quant import Int8Embedding, Int8Linear
+
+# What a module asks its backend (gpt2load.fast.backend.Backend); each answer is None when the fast way does not
+# apply. Typed loosely on purpose: the model knows the questions, not the speed layer.
+Backend = Any
+
+
+def set_backend(model: nn.Module, backend: Backend | None) -> nn.Module:
+    """Hand every module of `model` that asks a backend (a class attribute `backend`) this one; None: none."""
+    for m in model.modules():
+        if hasattr(type(m), "backend"):
+            m.backend = backend
+    return model
+
+
+def sdpa_causal(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0, mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """torch's attention of q [B, H, Tq, D] over k, v [B, H, Tk, D], query i seeing keys up to i + Tk - Tq, or
+    where `mask` (broadcast to [B, H, Tq, Tk]) allows: [B, Tq, H, D] (a view)."""
+    Tq, Tk = q.shape[2], k.shape[2]
+    if mask is not None:
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+    elif Tq == Tk:
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+    elif Tq == 1:  # the newest position sees everything
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
+    else:  # a chunk appended after cached positions: causal with an offset
+        allowed = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).tril(Tk - Tq)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout_p)
+    return y.transpose(1, 2)
 
 
 class KVCache:
@@ -85,6 +115,8 @@ class GELU(nn.Module):
 
 
 class FeedForward(nn.Module):
+    backend: Backend | None = None
+
     def __init__(self, cfg: GPTConfig) -> None:
         super().__init__()
         self.layers = nn.Sequential(
@@ -92,14 +124,9 @@ class FeedForward(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        seq = self._modules["layers"]
-        parts = tuple(seq._modules.values()) if type(seq) is nn.Sequential else ()
-        if len(parts) == 3 and fast_enabled(self) and is_stock((seq, *parts), self._STOCK):
-            fc1, _, fc2 = parts  # one kernel: the first matmul and its GELU
-            return linear(linear(x, fc1.weight, fc1.bias, gelu=True), fc2.weight, fc2.bias)
-        return seq(x)
-
-    _STOCK = (nn.Sequential, nn.Linear, GELU, nn.Linear)
+        if self.backend is not None and (y := self.backend.feed_forward(self, x)) is not None:
+            return y
+        return self.layers(x)
 
 
 class MultiHeadAttention(nn.Module):
@@ -108,6 +135,8 @@ class MultiHeadAttention(nn.Module):
     The book registers a dense context x context `mask` buffer; this module has none (SDPA masks causally by
     itself), and GPTModel.load_state_dict ignores the book's `mask` entries.
     """
+
+    backend: Backend | None = None
 
     def __init__(
         self, d_in: int, d_out: int, context_length: int, dropout: float, num_heads: int, qkv_bias: bool = False
@@ -121,28 +150,6 @@ class MultiHeadAttention(nn.Module):
         self.W_value = nn.Linear(d_in, d_out, bias=qkv_bias)
         self.out_proj = nn.Linear(d_out, d_out)
         self.dropout = nn.Dropout(dropout)
-        # q/k/v as one matrix, for inference (scales: of int8 weights)
-        self._qkv_weight, self._qkv_bias, self._qkv_scale = Stacked(), Stacked(), Stacked()
-
-    def _qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        B, T, _ = x.shape
-        m = self._modules
-        lins = (m["W_query"], m["W_key"], m["W_value"])
-        kind = type(lins[0])
-        if kind not in (nn.Linear, Int8Linear) or not is_stock(lins, (kind, kind, kind)):
-            kind = None
-        biases = [lin.bias for lin in lins] if kind is not None else None
-        if kind is not None and fast_enabled(self) and len({b is None for b in biases}) == 1:
-            # One matmul reads all three weights: for one token, as fast as reading one of them.
-            b = None if biases[0] is None else self._qkv_bias.get(biases)
-            if kind is Int8Linear:
-                w = self._qkv_weight.get([lin.qweight for lin in lins])
-                y = int8_linear(x, w, self._qkv_scale.get([lin.weight_scale for lin in lins]), b)
-            else:
-                y = linear(x, self._qkv_weight.get([lin.weight for lin in lins]), b)
-            q, k, v = y.view(B, T, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-            return q, k, v
-        return tuple(lin(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2) for lin in lins)
 
     def forward(
         self,
@@ -154,25 +161,32 @@ class MultiHeadAttention(nn.Module):
     ) -> torch.Tensor:
         """Attention output [B, T, d_out] (or [B, 1, d_out] for the last position only, with `last_only`)."""
         B, T, _ = x.shape
-        q, k, v = self._qkv(x)  # (B, nh, T, hs)
+        be = self.backend
+        fused = be.qkv(self, x) if be is not None else None
+        if fused is not None:
+            q, k, v = fused
+        else:
+            q, k, v = (
+                lin(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
+                for lin in (self.W_query, self.W_key, self.W_value)
+            )  # (B, nh, T, hs)
         if cache is not None:
             k, v = cache.update(layer, k, v)
         if last_only and T > 1:  # the other positions are only needed for their keys and values
             q = q[:, :, -1:]
             attn_mask = None if attn_mask is None else attn_mask[..., -1:, :]
         Tq = q.shape[2]
-        p = self.dropout.p if self.training else 0.0
-        if fast_enabled(self):  # no dropout: torch's attention, or attend.c's where measured faster (attn.py)
-            y = causal_attention(q, k, v, attn_mask)
-        else:
-            y = sdpa_causal(q, k, v, dropout_p=p, mask=attn_mask)
+        y = be.attend(self, q, k, v, attn_mask) if be is not None else None
+        if y is None:
+            y = sdpa_causal(q, k, v, dropout_p=self.dropout.p if self.training else 0.0, mask=attn_mask)
         y = y.reshape(B, Tq, self.d_out)
-        if fast_enabled(self) and is_stock((self.out_proj,), (nn.Linear,)):
-            return linear(y, self.out_proj.weight, self.out_proj.bias)
-        return self.out_proj(y)
+        out = be.linear(self, self.out_proj, y) if be is not None else None
+        return self.out_proj(y) if out is None else out
 
 
 class TransformerBlock(nn.Module):
+    backend: Backend | None = None
+
     def __init__(self, cfg: GPTConfig) -> None:
         super().__init__()
         self.att = MultiHeadAttention(
@@ -191,29 +205,22 @@ class TransformerBlock(nn.Module):
         attn_mask: torch.Tensor | None = None,
         last_only: bool = False,
     ) -> torch.Tensor:
-        kids = self._children()
-        if fast_enabled(self) and not kids[-1].training and is_stock(kids, self._STOCK):
-            # Stock children without hooks, no dropout at inference: their forwards directly, without the
-            # module-call machinery (a few microseconds each, a tenth of a decoding step over all layers).
-            h = self.att.forward(self.norm1.forward(x), cache, layer, attn_mask, last_only)
-            x = (x if h.shape[1] == x.shape[1] else x[:, -h.shape[1] :]) + h
-            return x + self.ff.forward(self.norm2.forward(x))
+        if self.backend is not None:
+            y = self.backend.block(self, x, cache, layer, attn_mask, last_only)
+            if y is not None:
+                return y
         h = self.norm1(x)
         # last_only is passed only when used, so a user's attention module with the book's signature still works
         h = self.att(h, cache, layer, attn_mask, last_only=True) if last_only else self.att(h, cache, layer, attn_mask)
         x = x[:, -h.shape[1] :] + self.drop_shortcut(h)
         return x + self.drop_shortcut(self.ff(self.norm2(x)))
 
-    _STOCK = (LayerNorm, MultiHeadAttention, FeedForward, LayerNorm, nn.Dropout)
-
-    def _children(self) -> tuple[nn.Module, ...]:
-        m = self._modules  # (attribute lookups through nn.Module.__getattr__ cost more)
-        return m["norm1"], m["att"], m["ff"], m["norm2"], m["drop_shortcut"]
-
 
 class GPTModel(nn.Module):
     """GPT-2 in the book's names. The output head is tied to the token embedding (one Parameter) until
     `untie_head()` or a state whose head differs; `model.out_head` may be replaced by any module."""
+
+    backend: Backend | None = None
 
     def __init__(self, cfg: GPTConfig | dict) -> None:
         super().__init__()
@@ -359,13 +366,9 @@ class GPTModel(nn.Module):
         start = cache.pos if cache is not None else 0
         if pos_ids is None and start + T > self.cfg.context_length:
             raise ValueError(f"{start + T} positions exceed the context length {self.cfg.context_length}")
-        m = self._modules
-        stock = is_stock((m["pos_emb"], m["drop_emb"]), (nn.Embedding, nn.Dropout))
-        if stock and fast_enabled(self) and not m["drop_emb"].training:
-            # consecutive positions are a slice of the table; no dropout at inference
-            pos = m["pos_emb"].weight[start : start + T] if pos_ids is None else m["pos_emb"].forward(pos_ids)
-            x = m["tok_emb"](in_idx) + pos
-        else:
+        be = self.backend
+        x = be.embed(self, in_idx, start, pos_ids) if be is not None else None
+        if x is None:
             if pos_ids is None:
                 pos_ids = torch.arange(start, start + T, device=in_idx.device)
             x = self.drop_emb(self.tok_emb(in_idx) + self.pos_emb(pos_ids))
@@ -378,10 +381,8 @@ class GPTModel(nn.Module):
         if cache is not None:
             cache.pos = start + T
         x = self.final_norm(x[:, -1:] if last_only else x)
-        head = self.out_head
-        if fast_enabled(self) and is_stock((head,), (nn.Linear,)):
-            return linear(x, head.weight, head.bias)
-        return head(x)
+        logits = be.linear(self, self.out_head, x) if be is not None else None
+        return self.out_head(x) if logits is None else logits
 
     def new_cache(self, batch: int, max_len: int | None = None) -> KVCache:
         w = self.pos_emb.weight  # the model's device and float dtype (tok_emb may be int8)
@@ -428,4 +429,13 @@ def param_count(model: nn.Module) -> int:
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
 
 
-__all__ = ["GPTModel", "KVCache", "causal_mask", "is_derived", "param_count", "stored_state"]
+__all__ = [
+    "GPTModel",
+    "KVCache",
+    "causal_mask",
+    "is_derived",
+    "param_count",
+    "sdpa_causal",
+    "set_backend",
+    "stored_state",
+]

@@ -14,17 +14,20 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from gpt2load.errors import Gpt2LoadError
-from gpt2load.fast.int8mm import int8_linear
 
 QUANTIZATIONS = ("int8",)
 
 
 class Int8Linear(nn.Module):
     """A Linear with int8 weights `qweight` [out, in] and float32 per-output-channel `weight_scale` [out] (buffers, not
-    parameters: nothing here trains), and an optional float `bias`."""
+    parameters: nothing here trains), and an optional float `bias`. With a backend (gpt2load.fast), a measured
+    int8 kernel computes it; without, the dequantized weight does (exact, slow)."""
+
+    backend = None  # set by gpt2load.fast.accelerate
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None) -> None:
         super().__init__()
@@ -61,7 +64,10 @@ class Int8Linear(nn.Module):
         return lin
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return int8_linear(x, self.qweight, self.weight_scale, self.bias)
+        if self.backend is not None:
+            return self.backend.int8_linear(self, x)
+        y = F.linear(x, self.qweight.to(x.dtype) * self.weight_scale.to(x.dtype)[:, None])
+        return y if self.bias is None else y + self.bias.to(x.dtype)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
@@ -187,11 +193,12 @@ def quantize_model(model: nn.Module, quantize: str = "int8", embedding: bool = T
         setattr(parent, name, Int8Linear.from_linear(lin))
     if embedding and type(emb) is nn.Embedding:
         model.tok_emb = Int8Embedding.from_embedding(emb, model.out_head if tied else None)
-    for block in getattr(model, "trf_blocks", ()):
-        att = getattr(block, "att", None)
-        for stacked in (getattr(att, "_qkv_weight", None), getattr(att, "_qkv_bias", None)):
-            if stacked is not None:
-                stacked.__init__()  # drop the float q/k/v alias or copy
+    backend = getattr(model, "backend", None)
+    if backend is not None:  # the new modules ask the model's backend too; its fused float weights are let go
+        backend.forget(model)
+        for m in model.modules():
+            if hasattr(type(m), "backend"):
+                m.backend = backend
     _own_float_tensors(model)
     return model.eval()
 
