@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from gpt2load.formats.layouts import Source, inspect_path, source_dtype
+from gpt2load.formats.layouts import Source, open_source
 from gpt2load.hub.fetch import model_dir
-from gpt2load.load import adapters_file, locate, recorded_quantization
+from gpt2load.load import locate
 from gpt2load.model.build import dtype_name
 from gpt2load.model.config import GPTConfig
 from gpt2load.model.lora import read_adapters
@@ -31,11 +31,11 @@ def _tokenizer_vocab(folder: Path, model_vocab: int) -> dict:
 def _stored(src: Source) -> dict:
     """How the weights are stored: their dtype (int8 with float32 scales for a quantized file), and the LoRA
     adapters loading puts on (a model saved unmerged)."""
-    kind = recorded_quantization(src)
+    kind = src.quantization()
     if kind is not None:
         return {"dtype": f"{kind} (per-row float32 scales; LayerNorms, biases, positions float32)"}
-    out = {"dtype": dtype_name(source_dtype(src))}
-    path = adapters_file(src)
+    out = {"dtype": dtype_name(src.dtype())}
+    path = src.adapters()
     if path is not None:
         rank, alpha, targets, _ = read_adapters(path)
         out["lora_adapters"] = f"{path.name}: rank {rank}, alpha {alpha:g}, {len(targets)} modules"
@@ -47,7 +47,7 @@ def info(model: str, source: str = "hf", weights_dir: str | Path | None = None) 
     path, size = locate(model)
     stored: dict = {}
     if path is not None:
-        src = inspect_path(path)
+        src = open_source(path)
         cfg, where, layout, name = src.cfg, str(src.path), src.kind, path.name
         folder = path if path.is_dir() else path.parent
         stored = _stored(src)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import replace
 from pathlib import Path
@@ -15,14 +14,15 @@ from gpt2load.fast.int8mm import aligned_int8
 from gpt2load.fast.registry import Kernels, shared_kernels
 from gpt2load.formats import stfile
 from gpt2load.formats.cache import cached_source
-from gpt2load.formats.layouts import MODEL_MARKERS, WEIGHT_SUFFIXES, Source, head_shapes, inspect_path, source_tensors
+from gpt2load.formats.layouts import MODEL_MARKERS, WEIGHT_SUFFIXES, OwnSource, open_source
 from gpt2load.formats.names import expected_shapes
+from gpt2load.formats.ownform import head_shapes
 from gpt2load.hub.fetch import download
 from gpt2load.model.build import empty_model, model_from_tensors, pick_device, pick_dtype
 from gpt2load.model.config import GPTConfig, resolve_size
 from gpt2load.model.gpt import GPTModel
-from gpt2load.model.lora import ADAPTERS_KEY, load_adapters
-from gpt2load.model.quant import QUANTIZATIONS, Int8Embedding, check_quantize, quantize_model, quantized_names
+from gpt2load.model.lora import load_adapters
+from gpt2load.model.quant import Int8Embedding, check_quantize, quantize_model, quantized_names
 from gpt2load.settings import Settings
 from gpt2load.tokenizer import tokenizer_from_folder
 
@@ -126,30 +126,22 @@ def load_gpt2(
     if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0.0 <= rate < 1.0:
         raise Gpt2LoadError(f"dropout must be a number in [0, 1), got {dropout!r}")
     check_quantize(quantize)
-    src = cached_source(inspect_path(model_folder(model, source, weights_dir, quiet), n_heads), quiet, cache)
+    src = open_source(model_folder(model, source, weights_dir, quiet), n_heads)
+    src = cached_source(src, quiet, cache)  # OpenAI/HF: gpt2load's own file of the conversion
     cfg = replace(src.cfg, drop_rate=float(rate))
-    stored = recorded_quantization(src)
-    if stored is not None:  # saved quantized: loaded as it is (its float weights are gone)
-        return accelerate(quantized_from_file(cfg, src.path, stored, device, dtype), kernels)
-    built = model_from_tensors(cfg, source_tensors(src), device=device, dtype=dtype, tied=_recorded_tie(src))
-    built = _with_adapters(built, src)
+    stored = src.quantization()
+    if stored is not None:  # saved quantized (only gpt2load's own form is): loaded as it is, its floats are gone
+        return accelerate(quantized_from_source(src, cfg, stored, device, dtype), kernels)
+    built = model_from_tensors(cfg, src.tensors(), device=device, dtype=dtype, tied=src.tied())
+    adapters = src.adapters()
+    if adapters is not None:  # saved with unmerged LoRA adapters (fine-tuning's --no-merge): they come back on
+        built = load_adapters(built, adapters)
     return accelerate(quantize_model(built, quantize) if quantize else built, kernels)
 
 
-def recorded_quantization(src: Source) -> str | None:
-    """The quantization gpt2load's own file records ("int8"), or None for float weights."""
-    if src.kind != "own":
-        return None
-    kind = stfile.read_header(src.path)[1].get("quantized")
-    if kind is not None and kind not in QUANTIZATIONS:
-        raise Gpt2LoadError(f"{src.path} records quantization {kind!r}, which this gpt2load cannot load: upgrade it")
-    return kind
-
-
-def quantized_layout(cfg: GPTConfig, path: Path, kind: str) -> tuple[dict, dict[str, tuple]]:
+def quantized_layout(src: OwnSource, kind: str) -> tuple[dict, dict[str, tuple]]:
     """(head metadata, {name: (shape, dtype)} in model order) of gpt2load's int8 file, every tensor checked."""
-    header, meta = stfile.read_header(path)
-    head = json.loads(meta.get("head") or "{}")
+    header, head, path, cfg = src.header(), src.head() or {}, src.path, src.cfg
     shapes = {**expected_shapes(cfg), **head_shapes(cfg, head)}
     embedding = "tok_emb.weight" not in header  # 0.x files kept a float embedding beside an int8 head
     want = quantized_names(shapes, shapes, embedding)
@@ -167,11 +159,12 @@ def quantized_layout(cfg: GPTConfig, path: Path, kind: str) -> tuple[dict, dict[
     return head, want
 
 
-def quantized_from_file(
-    cfg: GPTConfig, path: Path, kind: str, device: str | torch.device | None, dtype: str | torch.dtype | None
+def quantized_from_source(
+    src: OwnSource, cfg: GPTConfig, kind: str, device: str | torch.device | None, dtype: str | torch.dtype | None
 ) -> GPTModel:
-    """A quantized GPTModel from gpt2load's own int8 file, every tensor's name, shape and dtype checked first."""
-    head, want = quantized_layout(cfg, path, kind)
+    """A quantized GPTModel (of `cfg`, src's config with the caller's drop rate) from gpt2load's own int8 file,
+    every tensor's name, shape and dtype checked first."""
+    head, want = quantized_layout(src, kind)
     embedding = "tok_emb.weight" not in want  # 0.x files kept a float embedding beside an int8 head
     dev, dt = pick_device(device), pick_dtype(dtype)
     model = empty_model(cfg)
@@ -181,45 +174,13 @@ def quantized_from_file(
     model = quantize_model(model, kind, embedding)
     state = {
         k: v.to(dev, dt if v.is_floating_point() and not k.endswith(".weight_scale") else v.dtype)
-        for k, v in stfile.mmap_tensors(path).items()
+        for k, v in src.stored().items()
     }
     state = {k: aligned_int8(v) if k.endswith(".qweight") and v.device.type == "cpu" else v for k, v in state.items()}
     model.load_state_dict(state, strict=True, assign=True)
     if isinstance(model.tok_emb, Int8Embedding):
         model.tok_emb.output_like(model.pos_emb.weight)
     return model.eval()
-
-
-def _with_adapters(model: GPTModel, src: Source) -> GPTModel:
-    """A model saved with unmerged LoRA adapters (fine-tuning's --no-merge) comes back with them on."""
-    path = adapters_file(src)
-    return model if path is None else load_adapters(model, path)
-
-
-def adapters_file(src: Source) -> Path | None:
-    """The LoRA adapters file a model saved unmerged (--no-merge) names, or None; a missing one is an error."""
-    if src.kind != "own" or src.path.suffix != ".safetensors":
-        return None
-    name = stfile.read_header(src.path)[1].get(ADAPTERS_KEY)
-    if name is None:
-        return None
-    path = src.path.parent / name
-    if not path.is_file():
-        raise Gpt2LoadError(
-            f"{src.path} was saved with its LoRA adapters in {path}, which is missing: put it back or fine-tune again"
-        )
-    return path
-
-
-def _recorded_tie(src: Source) -> bool | None:
-    """Whether gpt2load's own file recorded its head as tied (None: not recorded, the data decides)."""
-    if src.kind != "own":
-        return None
-    head = stfile.read_header(src.path)[1].get("head")
-    try:
-        return bool(json.loads(head).get("tied", True)) if head else None
-    except (json.JSONDecodeError, AttributeError):
-        raise Gpt2LoadError(f"{src.path} has unreadable head metadata: save or convert it again") from None
 
 
 def load_tokenizer(model: str | Path = "124M", source: str = "hf", weights_dir: str | Path | None = None):
@@ -232,7 +193,4 @@ def load_tokenizer(model: str | Path = "124M", source: str = "hf", weights_dir: 
 def model_metadata(model: str | Path, source: str = "hf", weights_dir: str | Path | None = None) -> dict[str, str]:
     """The header metadata of a model saved in gpt2load's own form ({} for other forms): where fine-tuning
     records what using the model needs (`classifier`, `prompt_template`)."""
-    src = inspect_path(model_folder(model, source, weights_dir, quiet=True))
-    if src.kind != "own" or src.path.suffix != ".safetensors":
-        return {}
-    return stfile.read_header(src.path)[1]
+    return open_source(model_folder(model, source, weights_dir, quiet=True)).metadata()

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import torch
 
-from gpt2load.formats.layouts import write_own
 from gpt2load.formats.names import expected_shapes
+from gpt2load.formats.ownform import write_own
 from gpt2load.model.config import GPTConfig
 
 # One job in a fresh process. After loading, every weight is read once (a memory-mapped model's pages then

@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from tfwrite import write_checkpoint  # noqa: E402
 
 from gpt2load.formats.cache import cache_file  # noqa: E402
-from gpt2load.formats.layouts import inspect_path
+from gpt2load.formats.layouts import open_source  # noqa: E402
 from gpt2load.formats.names import OPENAI, expected_shapes, to_source_layout  # noqa: E402
 from gpt2load.model.config import GPTConfig  # noqa: E402
 
@@ -45,8 +45,8 @@ CHILD = {
     ),
     "convert": (
         "import json\nfrom gpt2load.formats.cache import cached_source\n"
-        "from gpt2load.formats.layouts import inspect_path\n"
-        "cached_source(inspect_path(FOLDER), quiet=True)\n" + RSS
+        "from gpt2load.formats.layouts import open_source\n"
+        "cached_source(open_source(FOLDER), quiet=True)\n" + RSS
     ),
 }
 
@@ -93,9 +93,9 @@ def bench_size(name: str, workdir: Path, repeats: int, import_rss: int) -> list[
     os.environ["GPT2LOAD_CACHE_DIR"] = str(workdir / "cache")  # the children's conversion cache, not ~/.cache
     conv = []
     for _ in range(repeats):
-        cache_file(inspect_path(openai_dir)).unlink(missing_ok=True)
+        cache_file(open_source(openai_dir)).unlink(missing_ok=True)
         conv.append(run_child("convert", openai_dir))
-    cache_file(inspect_path(hf_dir)).unlink(missing_ok=True)
+    cache_file(open_source(hf_dir)).unlink(missing_ok=True)
     run_child("convert", hf_dir)  # gpt2load's one-time cache of the HF files, not timed here
     ours = [run_child("gpt2load", hf_dir) for _ in range(repeats)]
     theirs = [run_child("transformers", hf_dir) for _ in range(repeats)]

@@ -15,8 +15,9 @@ from transformers import GPT2LMHeadModel
 from gpt2load.errors import Gpt2LoadError
 from gpt2load.formats.cache import cache_file
 from gpt2load.formats.exports import export
-from gpt2load.formats.layouts import CACHE_NAME, inspect_path
+from gpt2load.formats.layouts import open_source
 from gpt2load.formats.names import HF, OPENAI, NameMap, to_source_layout
+from gpt2load.formats.ownform import CACHE_NAME
 from gpt2load.formats.tfcheckpoint import TFCheckpoint
 from gpt2load.load import load_gpt2
 from gpt2load.model.config import GPTConfig
@@ -140,7 +141,7 @@ def test_unwritable_cache_falls_back_to_converting_in_memory(tmp_path):
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    cached = cache_file(inspect_path(d))
+    cached = cache_file(open_source(d))
     assert not cached.exists() and not [p for p in os.listdir(cached.parent) if p.endswith(".tmp")]
     expected = load_gpt2(d, device="cpu")(torch.tensor([[1, 2, 3]]))[0, -1].tolist()
     assert json.loads(out.stdout) == pytest.approx(expected)
@@ -149,7 +150,7 @@ def test_unwritable_cache_falls_back_to_converting_in_memory(tmp_path):
 def test_first_load_caches_conversion_and_later_loads_use_it(tmp_path):
     d = copy_fixture("openai-tiny", tmp_path)
     first = load_gpt2(d, device="cpu")
-    cache = cache_file(inspect_path(d))
+    cache = cache_file(open_source(d))
     assert cache.is_file() and not (d / CACHE_NAME).exists()  # in gpt2load's cache folder, never beside the source
     stamp = cache.stat().st_mtime_ns
     second = load_gpt2(d, device="cpu")
@@ -179,7 +180,7 @@ def test_wrong_hparams_name_the_tensor(tmp_path):
     (d / "hparams.json").write_text(json.dumps({**hp, "n_embd": 48, "n_head": 4}))
     with pytest.raises(Gpt2LoadError, match=r"tensor 'model/h0/.*shape"):
         load_gpt2(d, device="cpu")
-    cached = cache_file(inspect_path(d))
+    cached = cache_file(open_source(d))
     assert not cached.exists() and not (d / CACHE_NAME).exists()
     assert not [f for f in os.listdir(cached.parent) if f.endswith(".tmp")]
 
@@ -259,14 +260,13 @@ def test_folder_without_a_model(tmp_path):
 
 
 def test_streamed_conversion_equals_in_memory_conversion(tmp_path):
-    from gpt2load.formats.layouts import inspect_path
     from gpt2load.formats.names import convert_tensors
     from gpt2load.formats.stfile import mmap_tensors
 
     d = copy_fixture("openai-tiny", tmp_path)
-    in_memory = dict(convert_tensors(TFCheckpoint(d), OPENAI, inspect_path(d).cfg, "fixture"))
+    in_memory = dict(convert_tensors(TFCheckpoint(d), OPENAI, open_source(d).cfg, "fixture"))
     load_gpt2(d, device="cpu")  # writes the cache tensor by tensor
-    streamed = mmap_tensors(cache_file(inspect_path(d)))
+    streamed = mmap_tensors(cache_file(open_source(d)))
     assert streamed.keys() == in_memory.keys()
     assert all(torch.equal(streamed[k], in_memory[k]) for k in in_memory)
 

@@ -139,15 +139,14 @@ def test_meta_construction_allocates_nothing():
 
 
 def test_hf_model_with_an_untied_different_head_loads_untied():
-    from gpt2load.formats.layouts import _hf_head, _untied_hf_head
+    from gpt2load.formats.layouts import _untied_hf_head
     from gpt2load.formats.names import HF, convert_tensors, strip_hf_prefix
 
     hf = hf_model()
     state = {strip_hf_prefix(k): v.clone() for k, v in hf.state_dict().items()}
     state["lm_head.weight"] = state["wte.weight"] + 1
-    head = {}
-    tensors = dict(convert_tensors(_hf_head(state.items(), head), HF, TINY, "x"))
-    lm = _untied_hf_head(head)
+    tensors = dict(convert_tensors(state.items(), HF, TINY, "x"))
+    lm = _untied_hf_head(state)
     assert lm is not None and torch.equal(lm, state["wte.weight"] + 1)
     model = model_from_tensors(TINY, [*tensors.items(), ("out_head.weight", lm)], device="cpu")
     assert not model.head_tied and torch.equal(model.out_head.weight, lm)

@@ -12,7 +12,8 @@ from oracle import TINY, pair
 
 from gpt2load.errors import Gpt2LoadError
 from gpt2load.formats.cache import cache_dir, cache_file
-from gpt2load.formats.layouts import CACHE_NAME, inspect_path
+from gpt2load.formats.layouts import open_source
+from gpt2load.formats.ownform import CACHE_NAME
 from gpt2load.info import info
 from gpt2load.load import load_gpt2, locate
 from gpt2load.model.build import _SkipInit
@@ -111,7 +112,7 @@ def test_the_cache_lives_in_its_own_folder_and_can_be_turned_off(tmp_path, monke
     assert _cached(tmp_path) == []
     monkeypatch.setenv("GPT2LOAD_NO_CACHE", "0")
     load_gpt2(d, device="cpu")
-    entry = cache_file(inspect_path(d))
+    entry = cache_file(open_source(d))
     assert _cached(tmp_path) == [entry.relative_to(tmp_path)] and entry.parent.parent == tmp_path / "cache"
     assert sorted(p.name for p in d.iterdir()) == listing  # nothing written beside the source
 

@@ -9,17 +9,8 @@ import warnings
 from pathlib import Path
 
 from gpt2load.errors import Gpt2LoadError
-from gpt2load.formats import stfile
-from gpt2load.formats.layouts import (
-    CACHE_NAME,
-    OWN_FORMAT,
-    Source,
-    hf_head_meta,
-    own_config,
-    source_dtype,
-    source_tensors,
-    write_own,
-)
+from gpt2load.formats.layouts import OwnSource, Source
+from gpt2load.formats.ownform import CACHE_NAME, write_own
 from gpt2load.settings import env_flag, env_path
 
 
@@ -54,15 +45,15 @@ def cached_source(src: Source, quiet: bool = True, cache: bool | None = None) ->
     Nothing is ever written beside the source (a Hugging Face cache snapshot, a book download, a read-only
     mount): only into `cache_dir()`. If that cannot be written, or the cache is off, conversion runs in memory.
     """
-    if src.kind not in ("openai", "hf") or not cache_wanted(cache):
+    if not src.cacheable or not cache_wanted(cache):
         return src
     cached = cache_file(src)
     stamp = fingerprint(src.inputs())
     if cached.is_file():
         try:
-            _, meta = stfile.read_header(cached)
-            if meta.get("source") == stamp and meta.get("format") == OWN_FORMAT:
-                return Source("own", cached, own_config(meta, cached), src.folder)
+            hit = OwnSource.from_file(cached, src.folder)
+            if hit.metadata().get("source") == stamp:
+                return hit
         except Gpt2LoadError:
             pass  # a damaged cache is simply rebuilt
     bar = _progress_bar(src.cfg.n_params * 4, f"converting {src.folder.name}", quiet)
@@ -70,7 +61,7 @@ def cached_source(src: Source, quiet: bool = True, cache: bool | None = None) ->
         meta = {"source": stamp, "source_kind": src.kind}
         # The cache keeps the source's dtype: a bfloat16 checkpoint loads as bfloat16 unless dtype= says otherwise.
         progress = bar.update if bar else None
-        write_own(cached, src.cfg, source_tensors(src), meta, progress, hf_head_meta(src), source_dtype(src))
+        write_own(cached, src.cfg, src.tensors(), meta, progress, src.head(), src.dtype())
     except OSError as e:  # disk full, quota, read-only home: the cache is an optimisation, the load goes on
         warnings.warn(
             f"could not cache the conversion in {cached} ({e.strerror or e}); converting in memory "
@@ -81,7 +72,7 @@ def cached_source(src: Source, quiet: bool = True, cache: bool | None = None) ->
     finally:
         if bar:
             bar.close()
-    return Source("own", cached, src.cfg, src.folder)
+    return OwnSource(cached, src.cfg, src.folder)
 
 
 def _progress_bar(total: int, desc: str, quiet: bool):

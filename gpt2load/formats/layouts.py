@@ -1,56 +1,300 @@
-"""What a folder or file holds (OpenAI checkpoint, Hugging Face folder, gpt2load's own form, book .pth): its
-config, its tensors in GPTModel names, and the writer of gpt2load's own safetensors form."""
+"""What a folder or file holds, as one source object per layout: an OpenAI TensorFlow checkpoint, a transformers
+folder, gpt2load's own form, the book's .pth. Each opens its files once (lazily, kept on the object) and answers
+config, tensors, dtype, head and metadata questions from what it read; `open_source` recognises the layout.
+
+A source serves one load: its tensors are views of the one memory map (or state_dict) it opened.
+"""
 
 from __future__ import annotations
 
 import json
-import zipfile
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator
+from functools import cached_property
 from pathlib import Path
 
 import torch
 
 from gpt2load.errors import Gpt2LoadError
-from gpt2load.formats import stfile
 from gpt2load.formats.names import HF, OPENAI, convert_tensors, expected_shapes, strip_hf_prefix
+from gpt2load.formats.ownform import CACHE_NAME, OWN_FORMAT
 from gpt2load.formats.tfcheckpoint import TFCheckpoint, resolve_prefix
-from gpt2load.model.build import dtype_name
+from gpt2load.formats.weightfiles import SafetensorsFile, TorchFile, largest_float
 from gpt2load.model.config import PRESETS, GPTConfig, read_hf_config, read_hparams, read_json_object
-from gpt2load.model.quant import quantized_names
+from gpt2load.model.lora import ADAPTERS_KEY
+from gpt2load.model.quant import QUANTIZATIONS
 
-CACHE_NAME = "gpt2load.safetensors"  # the converted weights file (in gpt2load's cache folder, or a user's export)
-OWN_FORMAT = "gpt2load"
 # Files whose presence makes a folder a model folder (rather than, say, the book's `gpt2/` download root).
 MODEL_MARKERS = ("config.json", "hparams.json", "checkpoint", "model.ckpt.index", "model.safetensors")
 MODEL_MARKERS += ("pytorch_model.bin", CACHE_NAME)
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".index")
 
 
-@dataclass
 class Source:
-    """A model on disk: its layout, its architecture, and the files conversion depends on."""
+    """A model on disk in one layout: its architecture (`cfg`, read when it was opened) and answers about the
+    rest, each from the files the source opened once."""
 
-    kind: str  # "openai", "hf", "own", "pth"
-    path: Path  # the weights file (or checkpoint prefix)
-    cfg: GPTConfig
-    folder: Path
+    kind: str  # the layout's name: "openai", "hf", "own" or "pth" (info's `layout`, the cache's `source_kind`)
+    cacheable = False  # worth converting once into gpt2load's cache folder (its names and shapes need mapping)
+
+    def __init__(self, path: Path, cfg: GPTConfig, folder: Path) -> None:
+        self.path = path  # the weights file (or checkpoint prefix)
+        self.cfg = cfg
+        self.folder = folder
+
+    def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """The model's tensors in GPTModel names, one at a time, with coverage and shape checks."""
+        raise NotImplementedError
+
+    def dtype(self) -> torch.dtype:
+        """The floating dtype the weights are stored in (that of the largest tensor), from headers if it can."""
+        raise NotImplementedError
+
+    def head(self) -> dict | None:
+        """The head the files record, as `GPTModel.head_meta()` describes it; None when they record none (a
+        tied head, or one the tensors decide)."""
+        return None
+
+    def tied(self) -> bool | None:
+        """Whether the recorded head is tied (None: not recorded, the tensors decide)."""
+        head = self.head()
+        return None if head is None else bool(head.get("tied", True))
+
+    def untied_head(self) -> dict | None:
+        """The untied head load_gpt2 gives this model (as `head()` describes it), None when it ties it: what the
+        files record, else what the stored tensors say (as model_from_tensors decides)."""
+        head = self.head()
+        if head is not None:
+            return None if head.get("tied", True) else head
+        state = self._model_state()
+        return None if state is None else _data_head(state)
+
+    def _model_state(self) -> dict[str, torch.Tensor] | None:
+        """The stored tensors when they already carry GPTModel names (own form, book .pth), else None."""
+        return None
+
+    def metadata(self) -> dict[str, str]:
+        """The header metadata of gpt2load's own file ({} for other layouts)."""
+        return {}
+
+    def quantization(self) -> str | None:
+        """The quantization the file records ("int8"), or None for float weights."""
+        return None
+
+    def adapters(self) -> Path | None:
+        """The unmerged LoRA adapters file the model was saved with (fine-tuning's --no-merge), if any."""
+        return None
 
     def inputs(self) -> list[Path]:
-        configs = [self.folder / n for n in ("hparams.json", "config.json") if (self.folder / n).is_file()]
-        if self.kind == "openai":
-            ck = TFCheckpoint(self.path)
-            ck.check_shards()  # a missing or short shard is the user's problem to hear about, by name
-            shards = [ck.shard_path(i) for i in range(ck.num_shards)]
-            return [self.path.with_name(self.path.name + ".index"), *shards, *configs]
-        return [self.path, *configs]
+        """The files conversion depends on (for the conversion cache's fingerprint)."""
+        return [self.path, *self._configs()]
+
+    def _configs(self) -> list[Path]:
+        return [self.folder / n for n in ("hparams.json", "config.json") if (self.folder / n).is_file()]
 
 
-def _hf_weights(folder: Path) -> Path | None:
-    for name in ("model.safetensors", "pytorch_model.bin"):
-        if (folder / name).is_file():
-            return folder / name
-    return None
+class OpenAISource(Source):
+    """OpenAI's TensorFlow checkpoint (`model.ckpt.*` + hparams.json): its index read once."""
+
+    kind = "openai"
+    cacheable = True
+
+    @cached_property
+    def checkpoint(self) -> TFCheckpoint:
+        return TFCheckpoint(self.path)
+
+    @cached_property
+    def _checked(self) -> TFCheckpoint:
+        """The checkpoint with every shard present and long enough (a missing or short one is named)."""
+        self.checkpoint.check_shards()
+        return self.checkpoint
+
+    def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        yield from convert_tensors(iter(self._checked), OPENAI, self.cfg, str(self.path))
+
+    def dtype(self) -> torch.dtype:
+        return largest_float((e.size, e.torch_dtype) for e in self.checkpoint.entries.values())
+
+    def inputs(self) -> list[Path]:
+        ck = self._checked
+        shards = [ck.shard_path(i) for i in range(ck.num_shards)]
+        return [self.path.with_name(self.path.name + ".index"), *shards, *self._configs()]
+
+
+class HFSource(Source):
+    """A transformers GPT2LMHeadModel's weights (model.safetensors or pytorch_model.bin) + config.json."""
+
+    kind = "hf"
+    cacheable = True
+
+    def __init__(self, path: Path, cfg: GPTConfig, folder: Path, file: SafetensorsFile | TorchFile) -> None:
+        super().__init__(path, cfg, folder)
+        self._file = file
+
+    @cached_property
+    def _untied_head(self) -> torch.Tensor | None:
+        """A stored lm_head that differs from wte (a fine-tuned, untied head), else None (GPT-2's tie)."""
+        keep = ("wte.weight", "lm_head.weight")
+        head = {k: v for k, v in ((strip_hf_prefix(k), v) for k, v in self._file.tensors().items()) if k in keep}
+        lm = _untied_hf_head(head)
+        if lm is not None and lm.shape != head.get("wte.weight", lm).shape:
+            raise Gpt2LoadError(f"lm_head.weight in {self.path} has shape {list(lm.shape)}, not wte's")
+        return lm
+
+    def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        items = ((strip_hf_prefix(k), v) for k, v in self._file.tensors().items())
+        yield from convert_tensors(items, HF, self.cfg, str(self.path))  # the map drops lm_head: tied in GPT-2
+        if self._untied_head is not None:
+            yield "out_head.weight", self._untied_head
+
+    def dtype(self) -> torch.dtype:
+        return self._file.dtype()
+
+    def head(self) -> dict | None:
+        lm = self._untied_head
+        return None if lm is None else {"tied": False, "shape": list(lm.shape), "bias": False}
+
+
+def _data_head(state: dict[str, torch.Tensor]) -> dict | None:
+    """The untied head of a GPTModel state_dict, None when it has none or one equal to tok_emb without a bias."""
+    w, b, emb = state.get("out_head.weight"), state.get("out_head.bias"), state.get("tok_emb.weight")
+    if w is None or (b is None and emb is not None and w.shape == emb.shape and torch.equal(w, emb)):
+        return None
+    return {"tied": False, "shape": list(w.shape), "bias": b is not None}
+
+
+def _untied_hf_head(head: dict[str, torch.Tensor]) -> torch.Tensor | None:
+    """The lm_head of {wte.weight, lm_head.weight} when it differs from wte, else None (GPT-2's tie)."""
+    lm, wte = head.get("lm_head.weight"), head.get("wte.weight")
+    if lm is None or (wte is not None and lm.shape == wte.shape and torch.equal(lm, wte)):
+        return None
+    return lm
+
+
+class OwnSource(Source):
+    """gpt2load's own safetensors form (config, head and quantization in its metadata), or a safetensors file
+    of a GPTModel state_dict: GPTModel names already, its header parsed once."""
+
+    kind = "own"
+
+    def __init__(self, path: Path, cfg: GPTConfig, folder: Path, file: SafetensorsFile | None = None) -> None:
+        super().__init__(path, cfg, folder)
+        self._file = file or SafetensorsFile(path)
+
+    @classmethod
+    def from_file(cls, path: Path, folder: Path | None = None) -> OwnSource:
+        """gpt2load's own file at `path`, its config read from its metadata (its header parsed here, once)."""
+        file = SafetensorsFile(path)
+        meta = file.header()[1]
+        if meta.get("format") != OWN_FORMAT:
+            raise Gpt2LoadError(f"{path} is not in gpt2load's own form: convert it again")
+        return cls(path, own_config(meta, path), folder or path.parent, file)
+
+    def header(self) -> dict[str, dict]:
+        """The tensor entries of the header (name -> dtype, shape, offsets), validated."""
+        return self._file.header()[0]
+
+    def stored(self) -> dict[str, torch.Tensor]:
+        """Every tensor as the file stores it (an int8 file's weights and scales), zero-copy."""
+        return self._file.tensors()
+
+    def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        yield from _own_items(self.stored().items(), self.cfg, str(self.path))
+
+    def _model_state(self) -> dict[str, torch.Tensor]:
+        return self.stored()
+
+    def dtype(self) -> torch.dtype:
+        return self._file.dtype()
+
+    def metadata(self) -> dict[str, str]:
+        return self._file.header()[1]
+
+    @cached_property
+    def _head(self) -> dict | None:
+        raw = self.metadata().get("head")
+        try:
+            head = json.loads(raw) if raw else None
+        except (json.JSONDecodeError, RecursionError):
+            head = []  # reported below
+        if head is not None and not isinstance(head, dict):
+            raise Gpt2LoadError(f"{self.path} has unreadable head metadata: save or convert it again")
+        return head
+
+    def head(self) -> dict | None:
+        return self._head
+
+    def quantization(self) -> str | None:
+        kind = self.metadata().get("quantized")
+        if kind is not None and kind not in QUANTIZATIONS:
+            raise Gpt2LoadError(
+                f"{self.path} records quantization {kind!r}, which this gpt2load cannot load: upgrade it"
+            )
+        return kind
+
+    def adapters(self) -> Path | None:
+        name = self.metadata().get(ADAPTERS_KEY)
+        if name is None:
+            return None
+        path = self.path.parent / name
+        if not path.is_file():
+            raise Gpt2LoadError(
+                f"{self.path} was saved with its LoRA adapters in {path}, which is missing: put it back or "
+                "fine-tune again"
+            )
+        return path
+
+
+class BookSource(Source):
+    """The book's `torch.save(model.state_dict())` (.pth): GPTModel names, loaded once."""
+
+    kind = "pth"
+
+    def __init__(self, path: Path, cfg: GPTConfig, folder: Path, file: TorchFile) -> None:
+        super().__init__(path, cfg, folder)
+        self._file = file
+
+    def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        yield from _own_items(self._file.tensors().items(), self.cfg, str(self.path))
+
+    def _model_state(self) -> dict[str, torch.Tensor]:
+        return self._file.tensors()
+
+    def dtype(self) -> torch.dtype:
+        return self._file.dtype()
+
+
+def _own_items(items: Iterable[tuple[str, torch.Tensor]], cfg: GPTConfig, where: str):
+    """GPTModel-named tensors, checked against the config; the head may be absent (tied), the model's own
+    [vocab, d] or any other [n, d] with or without a bias [n] (a classifier); the book's masks are skipped."""
+    shapes = expected_shapes(cfg)
+    seen = set()
+    for name, t in items:
+        if name.endswith(".att.mask"):
+            continue  # the book's buffer: rebuilt by nobody, SDPA masks by itself
+        if name in ("out_head.weight", "out_head.bias"):
+            want = (None, cfg.emb_dim) if name.endswith("weight") else (None,)
+            if t.dim() != len(want) or (len(want) == 2 and t.shape[1] != cfg.emb_dim):
+                raise Gpt2LoadError(
+                    f"tensor {name!r} in {where} has shape {list(t.shape)}: not a head for width {cfg.emb_dim}"
+                )
+            yield name, t
+            continue
+        if name not in shapes:
+            if ".att.W_" in name and name.endswith(".bias") and not cfg.qkv_bias:
+                raise Gpt2LoadError(
+                    f"{where} holds q/k/v biases ({name}) but its config says qkv_bias false: fix the config "
+                    "(the biases would be lost)"
+                )
+            raise Gpt2LoadError(f"tensor {name!r} in {where} is not a GPTModel parameter")
+        if tuple(t.shape) != shapes[name]:
+            raise Gpt2LoadError(
+                f"tensor {name!r} in {where} has shape {list(t.shape)}, the config wants {list(shapes[name])}"
+            )
+        seen.add(name)
+        yield name, t
+    missing = [k for k in shapes if k not in seen]
+    if missing:
+        raise Gpt2LoadError(f"{where} lacks {missing[:3]}{' and more' if len(missing) > 3 else ''}: it is incomplete")
 
 
 def own_config(meta: dict[str, str], path: Path) -> GPTConfig:
@@ -89,219 +333,54 @@ def _book_config(shapes: dict[str, tuple[int, ...]], path: Path, n_heads: int | 
     return GPTConfig(vocab_size=vocab, context_length=ctx, emb_dim=d, n_heads=heads, n_layers=layers, qkv_bias=bias)
 
 
-def inspect_path(path: str | Path, n_heads: int | None = None) -> Source:
-    """Recognise the model at `path` (a folder or a weights file) without reading its tensors.
+def open_source(path: str | Path, n_heads: int | None = None) -> Source:
+    """The model at `path` (a folder or a weights file), recognised by its layout, its tensors not yet read.
 
     `n_heads` is used by book-layout files (state_dicts without a config) of a width no GPT-2 preset has."""
     p = Path(path)
     if not p.exists() and not Path(str(p) + ".index").exists():
         raise Gpt2LoadError(f"{p} does not exist: give a model size (124M, 355M, 774M, 1558M) or a model folder")
     if p.is_file() or Path(str(p) + ".index").exists():
-        return _inspect_file(p, n_heads)
+        return _open_file(p, n_heads)
     cfg_file = p / "config.json"
     if cfg_file.is_file():
         raw = read_json_object(cfg_file)
         if raw.get("model_type") == OWN_FORMAT:
-            return Source("own", p / "model.safetensors", _config_dict(raw.get("config"), cfg_file), p)
-        weights = _hf_weights(p)
-        if weights is not None:
-            return Source("hf", weights, read_hf_config(cfg_file), p)
+            return OwnSource(p / "model.safetensors", _config_dict(raw.get("config"), cfg_file), p)
+        for name in ("model.safetensors", "pytorch_model.bin"):
+            if (p / name).is_file():
+                weights = p / name
+                file = SafetensorsFile(weights) if weights.suffix == ".safetensors" else TorchFile(weights)
+                return HFSource(weights, read_hf_config(cfg_file), p, file)
     if (p / "model.ckpt.index").is_file() or (p / "checkpoint").is_file():
         if not (p / "hparams.json").is_file():
             raise Gpt2LoadError(f"{p} has a TensorFlow checkpoint but no hparams.json: download the model again")
-        return Source("openai", resolve_prefix(p), read_hparams(p / "hparams.json"), p)
+        return OpenAISource(resolve_prefix(p), read_hparams(p / "hparams.json"), p)
     if (p / CACHE_NAME).is_file():
-        return _inspect_file(p / CACHE_NAME)
+        return _open_file(p / CACHE_NAME)
     raise Gpt2LoadError(
         f"{p} holds no model gpt2load knows: expected model.ckpt.* + hparams.json (OpenAI), "
         "config.json + model.safetensors (Hugging Face), or a gpt2load export"
     )
 
 
-def _inspect_file(p: Path, n_heads: int | None = None) -> Source:
+def _open_file(p: Path, n_heads: int | None = None) -> Source:
     if p.suffix == ".index" or Path(str(p) + ".index").exists():
         prefix = p.with_suffix("") if p.suffix == ".index" else p
-        return Source("openai", prefix, read_hparams(prefix.parent / "hparams.json"), prefix.parent)
+        return OpenAISource(prefix, read_hparams(prefix.parent / "hparams.json"), prefix.parent)
     if p.suffix == ".safetensors":
-        header, meta = stfile.read_header(p)
+        st = SafetensorsFile(p)
+        header, meta = st.header()
         if meta.get("format") == OWN_FORMAT:
-            return Source("own", p, own_config(meta, p), p.parent)
+            return OwnSource(p, own_config(meta, p), p.parent, st)
         if "tok_emb.weight" in header:
             shapes = {k: tuple(v["shape"]) for k, v in header.items()}
-            return Source("own", p, _book_config(shapes, p, n_heads), p.parent)
-        return Source("hf", p, read_hf_config(p.parent / "config.json"), p.parent)
+            return OwnSource(p, _book_config(shapes, p, n_heads), p.parent, st)
+        return HFSource(p, read_hf_config(p.parent / "config.json"), p.parent, st)
     if p.suffix in (".pth", ".pt", ".bin"):
-        state = _torch_load(p)
+        tf = TorchFile(p)
+        state = tf.tensors()
         if "tok_emb.weight" in state:
-            return Source("pth", p, _book_config({k: tuple(v.shape) for k, v in state.items()}, p, n_heads), p.parent)
-        return Source("hf", p, read_hf_config(p.parent / "config.json"), p.parent)
+            return BookSource(p, _book_config({k: tuple(v.shape) for k, v in state.items()}, p, n_heads), p.parent, tf)
+        return HFSource(p, read_hf_config(p.parent / "config.json"), p.parent, tf)
     raise Gpt2LoadError(f"{p}: unknown weights file type (expected .safetensors, .pth, .bin or .index)")
-
-
-def _torch_load(p: Path) -> dict[str, torch.Tensor]:
-    # torch.save's zip format can be memory-mapped (zero-copy); the legacy format (torch < 1.6, many older
-    # pytorch_model.bin files, `_use_new_zipfile_serialization=False`) cannot, and is read into memory.
-    mmap = zipfile.is_zipfile(p)
-    try:
-        state = torch.load(p, map_location="cpu", weights_only=True, mmap=mmap)
-    except Exception as e:  # torch raises many types for a bad file
-        raise Gpt2LoadError(
-            f"{p} could not be read as a PyTorch state_dict ({type(e).__name__}): is it complete?"
-        ) from None
-    if isinstance(state, dict) and "model_state_dict" in state:  # the book's chapter-5 checkpoint
-        state = state["model_state_dict"]
-    if not isinstance(state, dict):
-        raise Gpt2LoadError(
-            f"{p} holds a {type(state).__name__}, not a state_dict: save model.state_dict() (a dict of tensors)"
-        )
-    for key, value in state.items():
-        if not isinstance(key, str) or not isinstance(value, torch.Tensor):
-            raise Gpt2LoadError(
-                f"{p} is not a plain state_dict: entry {key!r} holds a {type(value).__name__}, not a tensor; "
-                "save model.state_dict()"
-            )
-    return state
-
-
-FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-_ST_FLOATS = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
-
-
-def source_dtype(src: Source) -> torch.dtype:
-    """The floating dtype a source stores its weights in (that of its largest tensor), read from headers."""
-    if src.kind == "openai":
-        sizes = [(e.size, e.torch_dtype) for e in TFCheckpoint(src.path).entries.values()]
-    elif src.path.suffix == ".safetensors":
-        header, _ = stfile.read_header(src.path)
-        sizes = [(e["data_offsets"][1] - e["data_offsets"][0], _ST_FLOATS.get(e["dtype"])) for e in header.values()]
-    else:
-        sizes = [(t.nbytes, t.dtype) for t in _torch_load(src.path).values() if isinstance(t, torch.Tensor)]
-    floats = [(n, d) for n, d in sizes if d in FLOAT_DTYPES]
-    return max(floats, key=lambda nd: nd[0])[1] if floats else torch.float32
-
-
-def source_tensors(src: Source) -> Iterator[tuple[str, torch.Tensor]]:
-    """The model's tensors in GPTModel names, one at a time, with coverage and shape checks."""
-    where = str(src.path)
-    if src.kind == "openai":
-        ck = TFCheckpoint(src.path)
-        ck.check_shards()
-        yield from convert_tensors(iter(ck), OPENAI, src.cfg, where)
-    elif src.kind == "hf":
-        if src.path.suffix == ".safetensors":
-            items = ((strip_hf_prefix(k), v) for k, v in stfile.mmap_tensors(src.path).items())
-        else:
-            items = ((strip_hf_prefix(k), v) for k, v in _torch_load(src.path).items())
-        head: dict[str, torch.Tensor] = {}
-        yield from convert_tensors(_hf_head(items, head), HF, src.cfg, where)
-        lm = _untied_hf_head(head)
-        if lm is not None:
-            if lm.shape != head.get("wte.weight", lm).shape:
-                raise Gpt2LoadError(f"lm_head.weight in {where} has shape {list(lm.shape)}, not wte's")
-            yield "out_head.weight", lm
-    else:  # own form or book .pth: already GPTModel names
-        items = stfile.mmap_tensors(src.path).items() if src.kind == "own" else _torch_load(src.path).items()
-        yield from _own_items(items, src.cfg, where)
-
-
-def _hf_head(items, head: dict[str, torch.Tensor]):
-    """Pass HF tensors through, keeping wte and lm_head aside in `head` (references, not copies)."""
-    for name, t in items:
-        if name in ("wte.weight", "lm_head.weight"):
-            head[name] = t
-        yield name, t
-
-
-def _untied_hf_head(head: dict[str, torch.Tensor]) -> torch.Tensor | None:
-    """A stored lm_head that differs from wte (a fine-tuned, untied head), else None (GPT-2's tie)."""
-    lm, wte = head.get("lm_head.weight"), head.get("wte.weight")
-    if lm is None or (wte is not None and lm.shape == wte.shape and torch.equal(lm, wte)):
-        return None
-    return lm
-
-
-def hf_head_meta(src: Source) -> dict | None:
-    """The head an HF source holds, as `head_meta` records it: None when tied (GPT-2's layout)."""
-    if src.kind != "hf":
-        return None
-    if src.path.suffix == ".safetensors":
-        state = stfile.mmap_tensors(src.path)
-    else:
-        state = _torch_load(src.path)
-    head = {
-        k: v for k, v in ((strip_hf_prefix(k), v) for k, v in state.items()) if k in ("wte.weight", "lm_head.weight")
-    }
-    lm = _untied_hf_head(head)
-    return None if lm is None else {"tied": False, "shape": list(lm.shape), "bias": False}
-
-
-def _own_items(items, cfg: GPTConfig, where: str):
-    """GPTModel-named tensors, checked against the config; the head may be absent (tied), the model's own
-    [vocab, d] or any other [n, d] with or without a bias [n] (a classifier); the book's masks are skipped."""
-    shapes = expected_shapes(cfg)
-    seen = set()
-    for name, t in items:
-        if name.endswith(".att.mask"):
-            continue  # the book's buffer: rebuilt by nobody, SDPA masks by itself
-        if name in ("out_head.weight", "out_head.bias"):
-            want = (None, cfg.emb_dim) if name.endswith("weight") else (None,)
-            if t.dim() != len(want) or (len(want) == 2 and t.shape[1] != cfg.emb_dim):
-                raise Gpt2LoadError(
-                    f"tensor {name!r} in {where} has shape {list(t.shape)}: not a head for width {cfg.emb_dim}"
-                )
-            yield name, t
-            continue
-        if name not in shapes:
-            if ".att.W_" in name and name.endswith(".bias") and not cfg.qkv_bias:
-                raise Gpt2LoadError(
-                    f"{where} holds q/k/v biases ({name}) but its config says qkv_bias false: fix the config "
-                    "(the biases would be lost)"
-                )
-            raise Gpt2LoadError(f"tensor {name!r} in {where} is not a GPTModel parameter")
-        if tuple(t.shape) != shapes[name]:
-            raise Gpt2LoadError(
-                f"tensor {name!r} in {where} has shape {list(t.shape)}, the config wants {list(shapes[name])}"
-            )
-        seen.add(name)
-        yield name, t
-    missing = [k for k in shapes if k not in seen]
-    if missing:
-        raise Gpt2LoadError(f"{where} lacks {missing[:3]}{' and more' if len(missing) > 3 else ''}: it is incomplete")
-
-
-def head_shapes(cfg: GPTConfig, head: dict | None) -> dict[str, tuple[int, ...]]:
-    """The head tensors a file stores for `head` (as `GPTModel.head_meta()` describes it): none when tied."""
-    if not head or head.get("tied", True):
-        return {}
-    out, d = head.get("shape", [cfg.vocab_size, cfg.emb_dim])
-    return {"out_head.weight": (out, d), **({"out_head.bias": (out,)} if head.get("bias") else {})}
-
-
-def write_own(
-    path: Path,
-    cfg: GPTConfig,
-    tensors,
-    extra_meta: dict[str, str] | None = None,
-    progress=None,
-    head: dict | None = None,
-    dtype: torch.dtype = torch.float32,
-    quantized: str | None = None,
-    float_embedding: bool = False,
-) -> None:
-    """Write GPTModel tensors as gpt2load's own safetensors file, each cast to `dtype` as it is written. A tied
-    head is stored once (as tok_emb); any other head (`head`, as `GPTModel.head_meta()` gives it) is stored and
-    recorded. `quantized` ("int8"): the Linear weights and the token embedding (unless `float_embedding`, a
-    model loaded from a 0.x file) are stored as int8 + scales (see `quant.quantized_names`), and recorded."""
-    shapes = {**expected_shapes(cfg), **head_shapes(cfg, head)}
-    specs = {k: (s, dtype) for k, s in shapes.items()}
-    meta = {"format": OWN_FORMAT, "config": json.dumps(cfg.to_dict()), "dtype": dtype_name(dtype)}
-    meta.update(extra_meta or {})
-    if head is not None:
-        meta["head"] = json.dumps(head)
-    if quantized is not None:
-        specs = quantized_names(shapes, shapes, embedding=not float_embedding)
-        # int8 matrices first, from the aligned start of the data: the int8 kernel reads them in place when
-        # their sizes keep the next one aligned (all GPT-2 widths are multiples of 64)
-        specs = dict(sorted(specs.items(), key=lambda kv: kv[1][1] != torch.int8))
-        meta["quantized"] = quantized
-    stfile.write_streaming(path, specs, tensors, meta, progress)

@@ -168,20 +168,24 @@ def read_header(path: str | Path) -> tuple[dict[str, dict], dict[str, str]]:
 _TORCH_DTYPES = {v: k for k, v in _ST_DTYPES.items()}
 
 
-def mmap_tensors(path: str | Path) -> dict[str, torch.Tensor]:
+def mmap_tensors(path: str | Path, header: dict[str, dict] | None = None) -> dict[str, torch.Tensor]:
     """Every tensor of a safetensors file, zero-copy, in a private (copy-on-write) memory map.
 
     Nothing is read until a tensor is used, pages are shared with the OS file cache, and writing to a tensor
     (training) copies just the touched pages: loading costs no second copy of the weights. Each tensor has its
     own storage over its own bytes of the map, so saving some of them (`torch.save(part.state_dict())`)
-    writes only their bytes, while neighbours in the file stay neighbours in memory.
+    writes only their bytes, while neighbours in the file stay neighbours in memory. `header`: the entries
+    `read_header` already gave for this file, so it is not parsed twice.
     """
     path = Path(path)
-    header, _ = read_header(path)
+    if header is None:
+        header, _ = read_header(path)
     with open(path, "rb") as f:
         (n,) = struct.unpack("<Q", f.read(8))
         mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
     base = 8 + n
+    if any(base + e["data_offsets"][1] > len(mm) for e in header.values()):  # replaced since its header was read
+        raise Gpt2LoadError(f"{path} changed while it was being read: load it again")
     out = {}
     for name, e in header.items():
         dtype = _TORCH_DTYPES.get(e["dtype"])

@@ -11,7 +11,6 @@ int8 matrices and float32 scales. Also the finiteness check every export runs on
 
 from __future__ import annotations
 
-import json
 import os
 import warnings
 from collections.abc import Iterable, Iterator
@@ -22,16 +21,7 @@ from typing import TypeVar
 import torch
 
 from gpt2load.errors import Gpt2LoadError
-from gpt2load.formats import stfile
-from gpt2load.formats.layouts import (
-    Source,
-    _torch_load,
-    head_shapes,
-    hf_head_meta,
-    inspect_path,
-    source_dtype,
-    source_tensors,
-)
+from gpt2load.formats.layouts import Source, open_source
 from gpt2load.formats.names import (
     CONV1D,
     CONV1D_3D,
@@ -43,8 +33,9 @@ from gpt2load.formats.names import (
     expected_shapes,
     from_model_layout,
 )
+from gpt2load.formats.ownform import head_shapes
 from gpt2load.hub.fetch import model_dir
-from gpt2load.load import adapters_file, model_folder, quantized_layout, recorded_quantization
+from gpt2load.load import model_folder, quantized_layout
 from gpt2load.model.build import dtype_name
 from gpt2load.model.config import GPTConfig, resolve_size
 from gpt2load.model.lora import read_adapters
@@ -134,44 +125,21 @@ class _View:
     adapters: Path | None  # the LoRA adapters file of a model saved unmerged
 
 
-def _stored_head(src: Source) -> dict | None:
-    """The untied head load_gpt2 would give the model of `src`, or None when it would tie it."""
-    if src.kind == "openai":
-        return None
-    if src.kind == "hf":
-        return hf_head_meta(src)
-    if src.kind == "own":
-        recorded = stfile.read_header(src.path)[1].get("head")
-        if recorded is not None:
-            try:
-                head = json.loads(recorded)
-                return None if head.get("tied", True) else head
-            except (json.JSONDecodeError, AttributeError):
-                raise Gpt2LoadError(f"{src.path} has unreadable head metadata: save or convert it again") from None
-        state = stfile.mmap_tensors(src.path)
-    else:
-        state = _torch_load(src.path)
-    w, b, emb = state.get("out_head.weight"), state.get("out_head.bias"), state.get("tok_emb.weight")
-    if w is None or (b is None and emb is not None and w.shape == emb.shape and torch.equal(w, emb)):
-        return None  # what the data says, as model_from_tensors decides it
-    return {"tied": False, "shape": list(w.shape), "bias": b is not None}
-
-
 def _view(src: Source, layout: str, adapters: str) -> _View:
     """The view of `src`, every refusal (layout, head, int8, adapters) made before a tensor is read."""
     _layout(layout)
     if adapters not in ADAPTER_MODES:
         raise Gpt2LoadError(f"unknown adapters mode {adapters!r}: use one of {', '.join(ADAPTER_MODES)}")
-    kind = recorded_quantization(src)
-    if kind is not None:
-        head, int8 = quantized_layout(src.cfg, src.path, kind)
+    kind = src.quantization()
+    if kind is not None:  # only gpt2load's own form records one
+        head, int8 = quantized_layout(src, kind)  # type: ignore[arg-type]
         if layout != "book":
             raise Gpt2LoadError(
                 f"{src.path} holds {kind} weights, which only layout book names (as qweight + weight_scale): use "
                 f"layout book, or convert it with --dequantize first"
             )
         return _View(src, None if head.get("tied", True) else head, int8, None)
-    view = _View(src, _stored_head(src), None, adapters_file(src))
+    view = _View(src, src.untied_head(), None, src.adapters())
     head_names(src.cfg, layout, view.head)
     if view.adapters is not None and adapters == "list" and layout != "book":
         raise Gpt2LoadError(
@@ -204,10 +172,10 @@ def _book_tensors(view: _View, adapters: str) -> Iterator[tuple[str, torch.Tenso
     """The view's tensors in GPTModel names, one at a time."""
     src = view.src
     if view.int8 is not None:
-        state = stfile.mmap_tensors(src.path)
+        state = src.stored()  # type: ignore[attr-defined]  # an int8 file is gpt2load's own (an OwnSource)
         yield from ((name, state[name]) for name in view.int8)
         return
-    items = source_tensors(src)
+    items = src.tensors()
     if view.head is None:  # a head equal to the embedding: load_gpt2 ties it, so it is not a tensor of its own
         items = ((k, v) for k, v in items if not k.startswith("out_head."))
     if view.adapters is None:
@@ -262,7 +230,7 @@ def iter_tensors(
     Every tensor is checked (names, coverage, shapes) as it is read; dtypes are those stored (an int8 file
     yields its int8 `qweight`s and float32 `weight_scale`s).
     """
-    view = _view(inspect_path(model_folder(path, source, weights_dir, quiet=True), n_heads), layout, adapters)
+    view = _view(open_source(model_folder(path, source, weights_dir, quiet=True), n_heads), layout, adapters)
     yield from _regroup(
         _book_tensors(view, adapters),
         view.src.cfg,
@@ -313,15 +281,15 @@ def tensor_table(
     (a size name that is not downloaded is described from its preset, as float32)."""
     _layout(layout)
     if os.path.exists(model) or os.path.exists(f"{model}.index"):
-        src: Source | None = inspect_path(model, n_heads)
+        src: Source | None = open_source(model, n_heads)
     else:
         folder = model_dir(resolve_size(str(model)), source, weights_dir)
-        src = inspect_path(folder) if folder.is_dir() else None
+        src = open_source(folder) if folder.is_dir() else None
     if src is None:
         specs = layout_specs(GPTConfig.from_name(str(model)), layout)
     else:
         view = _view(src, layout, adapters)
-        specs = _layout_specs(_book_specs(view, adapters, source_dtype(src)), src.cfg, layout, view.head)
+        specs = _layout_specs(_book_specs(view, adapters, src.dtype()), src.cfg, layout, view.head)
     return [
         {"name": n, "shape": list(s), "dtype": d, "bytes": torch.Size(s).numel() * getattr(torch, d).itemsize}
         for n, s, d in specs

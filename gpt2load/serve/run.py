@@ -16,7 +16,7 @@ import uvicorn
 from gpt2load.errors import Gpt2LoadError
 from gpt2load.finetune.templates import TEMPLATES
 from gpt2load.formats import stfile
-from gpt2load.formats.layouts import inspect_path
+from gpt2load.formats.layouts import open_source
 from gpt2load.load import load_gpt2, model_folder
 from gpt2load.serve.app import ServerState, create_app
 from gpt2load.serve.batcher import Batcher
@@ -172,7 +172,7 @@ def serve(
         log.setLevel(logging.INFO)
         log.propagate = False
     where = model_folder(model, source, weights_dir)
-    src = inspect_path(where)  # an unknown or broken folder fails now, with its one-line error
+    src = open_source(where)  # an unknown or broken folder fails now, with its one-line error
     enc = tokenizer_from_folder(where if where.is_dir() else where.parent)
     model_id = where.resolve().name if os.path.exists(str(model)) else str(model)
     template = read_prompt_template(where)
