@@ -8,6 +8,7 @@ A source serves one load: its tensors are views of the one memory map (or state_
 from __future__ import annotations
 
 import json
+from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator
 from functools import cached_property
 from pathlib import Path
@@ -29,7 +30,7 @@ MODEL_MARKERS += ("pytorch_model.bin", CACHE_NAME)
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".index")
 
 
-class Source:
+class Source(ABC):
     """A model on disk in one layout: its architecture (`cfg`, read when it was opened) and answers about the
     rest, each from the files the source opened once."""
 
@@ -41,13 +42,13 @@ class Source:
         self.cfg = cfg
         self.folder = folder
 
+    @abstractmethod
     def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         """The model's tensors in GPTModel names, one at a time, with coverage and shape checks."""
-        raise NotImplementedError
 
+    @abstractmethod
     def dtype(self) -> torch.dtype:
         """The floating dtype the weights are stored in (that of the largest tensor), from headers if it can."""
-        raise NotImplementedError
 
     def head(self) -> dict | None:
         """The head the files record, as `GPTModel.head_meta()` describes it; None when they record none (a
