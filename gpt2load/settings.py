@@ -153,12 +153,4 @@ def _path(env: Mapping[str, str], name: str, absolute_only: bool = False) -> Pat
     return path.absolute()
 
 
-def env_flag(name: str) -> bool:  # (until the cache reads Settings)
-    return _flag(os.environ, name)
-
-
-def env_path(name: str) -> Path | None:  # (until the cache and native.py read Settings)
-    return _path(os.environ, name)
-
-
 __all__ = ["KernelSettings", "Settings"]

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from gpt2load.fast import native, native_build
+from gpt2load.settings import Settings
 
 GCC = shutil.which("gcc")
 needs_gcc = pytest.mark.skipif(GCC is None, reason="needs gcc to build the kernels")
@@ -142,10 +143,10 @@ def test_an_unsplittable_cc_is_one_notice(fresh, monkeypatch, capsys):
 def test_a_relative_xdg_cache_home_is_ignored(monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    monkeypatch.setenv("XDG_CACHE_HOME", "relative/cache")
-    assert native_build._build_dir() == tmp_path / "home" / ".cache" / "gpt2load" / "native"
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "abs"))
-    assert native_build._build_dir() == tmp_path / "abs" / "gpt2load" / "native"
+    relative = Settings.from_env({"XDG_CACHE_HOME": "relative/cache"})
+    assert native_build._folders(relative)[0] == tmp_path / "home" / ".cache" / "gpt2load" / "native"
+    absolute = Settings.from_env({"XDG_CACHE_HOME": str(tmp_path / "abs")})
+    assert native_build._folders(absolute)[0] == tmp_path / "abs" / "gpt2load" / "native"
 
 
 @pytest.mark.skipif(shutil.which("cc") is None and GCC is None, reason="needs a C compiler to get this far")

@@ -17,32 +17,26 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import os
 import sys
 
 import torch
 
-from gpt2load.errors import Gpt2LoadError
 from gpt2load.fast.native_build import Unusable, load_library
+from gpt2load.settings import Settings
 
 _CODES = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2}
 MAX_ROWS = 16  # beyond a few rows the arithmetic dominates and torch's matrix-matrix kernels win
 
 
-def native_setting() -> str:
-    """GPT2LOAD_NATIVE, read at each call: "0" never builds or uses gemv.c, "auto" (or unset) measures it."""
-    value = os.environ.get("GPT2LOAD_NATIVE", "").strip().lower() or "auto"
-    if value not in ("0", "auto"):
-        raise Gpt2LoadError(f"GPT2LOAD_NATIVE={value!r} is not 0 or auto: set one of them, or unset it")
-    return value
-
-
 @functools.cache
 def _library() -> tuple[ctypes.CDLL | None, str]:
-    """(the library, "") or (None, why not): built or found once per process. Why not is a one-line notice on
-    stderr (the kernels are only candidates: torch's run instead), except when no `cc` exists and CC is unset."""
+    """(the library, "") or (None, why not): built or found once per process, with the compiler and cache folder
+    the environment names at that moment (the settings are read once, here, like a process's loaded library).
+    Why not is a one-line notice on stderr (the kernels are only candidates: torch's run instead), except when
+    no `cc` exists and CC is unset. Whether the kernels are used at all is the Kernels' settings' choice
+    (GPT2LOAD_NATIVE=0: this is never called)."""
     try:
-        return load_library(), ""
+        return load_library(Settings.from_env()), ""
     except Unusable as e:
         if not e.quiet:
             print(f"gpt2load: notice: gpt2load's C kernels are unavailable, torch's run instead: {e}", file=sys.stderr)
@@ -50,13 +44,11 @@ def _library() -> tuple[ctypes.CDLL | None, str]:
 
 
 def available() -> bool:
-    """Whether the kernel may be used here (GPT2LOAD_NATIVE is not 0 and it builds and loads)."""
-    return native_setting() != "0" and _library()[0] is not None
+    """Whether the kernels build and load here."""
+    return _library()[0] is not None
 
 
 def why_unavailable() -> str:
-    if native_setting() == "0":
-        return "GPT2LOAD_NATIVE=0"
     return _library()[1]
 
 
@@ -104,7 +96,6 @@ def gemm_usable(x: torch.Tensor, w: torch.Tensor) -> bool:
         and w.shape[1] % 2 == 0
         and w.numel() > 0
         and rows > MAX_ROWS
-        and native_setting() != "0"
     ):
         return False
     lib = _library()[0]
@@ -172,7 +163,7 @@ def _attend_built(lib: ctypes.CDLL) -> bool:
 
 def attend_available() -> bool:
     """Whether attend.c may be used here: GPT2LOAD_NATIVE is not 0, the library builds, the CPU has AVX-512."""
-    lib = _library()[0] if native_setting() != "0" else None
+    lib = _library()[0]
     return lib is not None and _attend_built(lib)
 
 

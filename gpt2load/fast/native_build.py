@@ -21,6 +21,8 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+from gpt2load.settings import Settings
+
 _SOURCES = [Path(__file__).parent / "csrc" / n for n in ("gemv.c", "gemm.c", "attend.c")]
 _HEADERS = [Path(__file__).parent / "csrc" / "vecmath.h"]  # included by the sources: part of the library's name
 _FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
@@ -43,9 +45,8 @@ class Unusable(Exception):
         self.quiet = quiet
 
 
-def _compiler() -> list[str]:
+def _compiler(value: str) -> list[str]:
     """$CC split as a shell splits a word list (CC="ccache gcc -O2"), or ["cc"] when unset or blank."""
-    value = os.environ.get("CC", "")
     try:
         return shlex.split(value) or ["cc"]
     except ValueError as e:
@@ -85,17 +86,12 @@ def _own_folder(folder: Path) -> str | None:
     return None
 
 
-def _build_dir() -> Path:
-    """$XDG_CACHE_HOME/gpt2load/native, else ~/.cache/...; a relative XDG_CACHE_HOME is ignored, as the XDG
-    spec says (it would build under whatever folder the process happens to run in)."""
-    value = os.path.expanduser(os.environ.get("XDG_CACHE_HOME", ""))
-    return (Path(value) if os.path.isabs(value) else Path.home() / ".cache") / "gpt2load" / "native"
-
-
-def _folders() -> list[Path]:
+def _folders(settings: Settings) -> list[Path]:
+    """$XDG_CACHE_HOME/gpt2load/native, else ~/.cache/... (a relative XDG_CACHE_HOME is ignored, as the XDG spec
+    says: it would build under whatever folder the process happens to run in); then a private temporary one."""
     folders = [Path(tempfile.gettempdir()) / f"gpt2load-native-{os.getuid()}"]
     try:
-        folders.insert(0, _build_dir())
+        folders.insert(0, settings.cache_home() / "gpt2load" / "native")
     except (RuntimeError, KeyError):  # no home folder to be found: the temporary folder only
         pass
     return folders
@@ -189,18 +185,19 @@ def _bind(lib: ctypes.CDLL) -> None:
         getattr(lib, name)
 
 
-def load_library() -> ctypes.CDLL:
-    """The library, found verified in the first usable folder or built there; Unusable with why not."""
-    cc = _compiler()
+def load_library(settings: Settings) -> ctypes.CDLL:
+    """The library, found verified in the first usable folder or built there (the compiler and the cache folder
+    from `settings`); Unusable with why not."""
+    cc = _compiler(settings.cc)
     try:
         version = subprocess.run([*cc, "--version"], capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.SubprocessError) as e:
-        raise Unusable(f"no C compiler ({shlex.join(cc)}: {e})", quiet="CC" not in os.environ) from None
+        raise Unusable(f"no C compiler ({shlex.join(cc)}: {e})", quiet=not settings.cc) from None
     sources = [f.read_text() for f in _SOURCES + _HEADERS]
     key = hashlib.sha256("\0".join([*sources, version, _cpu_identity(), *_FLAGS, *cc]).encode()).hexdigest()
     name = f"kernels-{key[:20]}.so"
     why = None
-    for folder in _folders():
+    for folder in _folders(settings):
         target = folder / name
         try:
             why = _own_folder(folder)

@@ -11,7 +11,7 @@ from pathlib import Path
 from gpt2load.errors import Gpt2LoadError
 from gpt2load.formats.layouts import OwnSource, Source
 from gpt2load.formats.ownform import CACHE_NAME, write_own
-from gpt2load.settings import env_flag, env_path
+from gpt2load.settings import Settings
 
 
 def fingerprint(paths: list[Path]) -> str:
@@ -19,35 +19,37 @@ def fingerprint(paths: list[Path]) -> str:
     return json.dumps([[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in paths])
 
 
-def cache_dir() -> Path:
+def cache_dir(settings: Settings | None = None) -> Path:
     """gpt2load's own folder for converted weights: $GPT2LOAD_CACHE_DIR, else $XDG_CACHE_HOME/gpt2load/converted,
     else ~/.cache/gpt2load/converted."""
-    xdg = env_path("XDG_CACHE_HOME")
-    return env_path("GPT2LOAD_CACHE_DIR") or (xdg or Path.home() / ".cache") / "gpt2load" / "converted"
+    settings = settings or Settings.from_env()
+    return settings.cache_dir or settings.cache_home() / "gpt2load" / "converted"
 
 
-def cache_file(src: Source) -> Path:
+def cache_file(src: Source, settings: Settings | None = None) -> Path:
     """Where the conversion of `src` is cached: one entry per source, named by a hash of its resolved path
     (so a re-downloaded source replaces its entry instead of leaving a stale one); the file's metadata holds
     the source fingerprint, which decides whether the entry is still good."""
     key = hashlib.sha256(str(src.path.resolve()).encode()).hexdigest()[:20]
-    return cache_dir() / f"{src.folder.name}-{key}" / CACHE_NAME
+    return cache_dir(settings) / f"{src.folder.name}-{key}" / CACHE_NAME
 
 
-def cache_wanted(cache: bool | None) -> bool:
+def cache_wanted(cache: bool | None, settings: Settings | None = None) -> bool:
     """cache=False turns the conversion cache off, as does GPT2LOAD_NO_CACHE=1 when cache is None."""
-    return cache if cache is not None else not env_flag("GPT2LOAD_NO_CACHE")
+    return cache if cache is not None else not (settings or Settings.from_env()).no_cache
 
 
-def cached_source(src: Source, quiet: bool = True, cache: bool | None = None) -> Source:
+def cached_source(
+    src: Source, quiet: bool = True, cache: bool | None = None, settings: Settings | None = None
+) -> Source:
     """For OpenAI/HF sources: their conversion in gpt2load's cache folder, made on first use; else src itself.
 
     Nothing is ever written beside the source (a Hugging Face cache snapshot, a book download, a read-only
     mount): only into `cache_dir()`. If that cannot be written, or the cache is off, conversion runs in memory.
     """
-    if not src.cacheable or not cache_wanted(cache):
+    if not src.cacheable or not cache_wanted(cache, settings):
         return src
-    cached = cache_file(src)
+    cached = cache_file(src, settings)
     stamp = fingerprint(src.inputs())
     if cached.is_file():
         try:

@@ -44,16 +44,27 @@ from gpt2load.hub.sources import (
     SOURCES,
 )
 from gpt2load.model.config import PRESETS, resolve_size
+from gpt2load.settings import Settings
 
 
-def default_weights_dir() -> Path:
+def default_weights_dir(settings: Settings | None = None) -> Path:
     """`$GPT2LOAD_WEIGHTS_DIR`, else `./weights`."""
-    return Path(os.environ.get("GPT2LOAD_WEIGHTS_DIR") or "weights").expanduser().absolute()
+    settings = settings or Settings.from_env()
+    return settings.weights_dir or Path("weights").absolute()
 
 
-def model_dir(model: str, source: str = "hf", weights_dir: str | Path | None = None, revision: str = "main") -> Path:
+def model_dir(
+    model: str,
+    source: str = "hf",
+    weights_dir: str | Path | None = None,
+    revision: str = "main",
+    settings: Settings | None = None,
+) -> Path:
     """The folder that `download` fills for this model, source and revision."""
-    root = Path(weights_dir).expanduser().absolute() if weights_dir is not None else default_weights_dir()
+    if weights_dir is not None:
+        root = Path(weights_dir).expanduser().absolute()
+    else:
+        root = default_weights_dir(settings)
     size = resolve_size(model)
     return root / source / (size if revision == "main" else f"{size}@{revision.replace('/', '--')}")
 
@@ -65,6 +76,7 @@ def download(
     *,
     revision: str = "main",
     quiet: bool = False,
+    settings: Settings | None = None,
 ) -> Path:
     """Download GPT-2 weights (or reuse complete ones) and return the folder holding the verified files.
 
@@ -74,19 +86,22 @@ def download(
         weights_dir: root of the weights folders; default `default_weights_dir()`.
         revision: Hugging Face branch, tag or commit (source 'hf' only).
         quiet: no progress bars, notes or retry messages.
+        settings: gpt2load's settings (endpoints, retries, offline, the Hugging Face cache and token); default
+            read from the environment now.
     """
     size = resolve_size(model)
     if source not in SOURCES:
         raise Gpt2LoadError(f"unknown source {source!r}: use one of {', '.join(SOURCES)}")
     if source == "openai" and revision != "main":
         raise Gpt2LoadError(f"revision {revision!r} applies only to --source hf: drop --revision for openai")
-    policy = Policy.from_env()  # environment errors surface now, before any folder is made
+    settings = settings or Settings.from_env()
+    policy = Policy.from_settings(settings)  # environment errors surface now, before any folder is made
     if source == "hf":
-        base = checked_url(os.environ.get(HF_ENDPOINT_VAR) or HF_ENDPOINT, HF_ENDPOINT_VAR)
+        base = checked_url(settings.get(HF_ENDPOINT_VAR) or HF_ENDPOINT, HF_ENDPOINT_VAR)
     else:
-        base = checked_url(os.environ.get(OPENAI_URL_VAR) or OPENAI_URL, OPENAI_URL_VAR)
-    folder = model_dir(size, source, weights_dir, revision)
-    run = _Run(folder, source, size, revision, base, policy, quiet)
+        base = checked_url(settings.get(OPENAI_URL_VAR) or OPENAI_URL, OPENAI_URL_VAR)
+    folder = model_dir(size, source, weights_dir, revision, settings)
+    run = _Run(folder, source, size, revision, base, policy, quiet, settings)
     try:
         folder.mkdir(parents=True, exist_ok=True)
         with folder_lock(folder, lambda: run.note(f"waiting for another download into {folder} to finish")):
@@ -108,10 +123,18 @@ class _Run:
     """One run into one folder, under its lock."""
 
     def __init__(
-        self, folder: Path, source: str, size: str, revision: str, base: str, policy: Policy, quiet: bool
+        self,
+        folder: Path,
+        source: str,
+        size: str,
+        revision: str,
+        base: str,
+        policy: Policy,
+        quiet: bool,
+        settings: Settings,
     ) -> None:
         self.folder, self.source, self.size, self.revision = folder, source, size, revision
-        self.base, self.policy, self.quiet = base, policy, quiet
+        self.base, self.policy, self.quiet, self.settings = base, policy, quiet, settings
         self.progress = not quiet and sys.stderr.isatty()
         self.manifest = Manifest(folder)
         self.session: requests.Session | None = None
@@ -124,7 +147,7 @@ class _Run:
         todo = [n for n in SOURCES[self.source] if not self.manifest.complete(n)]
         if not todo:
             return
-        if _offline():
+        if _offline(self.settings):
             missing = [n for n in todo if not (self.source == "hf" and self.from_hf_cache(n, None, self.revision))]
             if missing:
                 cache = " (nor does the Hugging Face cache have them)" if self.source == "hf" else ""
@@ -209,7 +232,7 @@ class _Run:
     # --- Hugging Face ---
     def hf_want(self, name: str) -> tuple[Want, str | None]:
         url = f"{self.base}/{HF_REPOS[self.size]}/resolve/{quote(self.revision, safe='')}/{quote(name)}"
-        token = _hf_token()
+        token = _hf_token(self.settings)
         want = Want(name, url, "hf", headers={"Authorization": f"Bearer {token}"} if token else {})
         meta = with_retries(want, lambda: hub_head(self.session, want, self.policy), self.policy, self.note)
         if not meta.etag:
@@ -235,7 +258,7 @@ class _Run:
 
     def from_hf_cache(self, name: str, want: Want | None, revision: str) -> bool:
         """Place the file from the shared Hugging Face cache (hard link, else copy) if it is there and verifies."""
-        cached = _hf_cached(HF_REPOS[self.size], name, revision)
+        cached = _hf_cached(self.settings, HF_REPOS[self.size], name, revision)
         if cached is None:
             return False
         blob = Path(os.path.realpath(cached))
@@ -272,8 +295,8 @@ def _how(want: Want) -> str:
     return ", ".join(ways)
 
 
-def _offline() -> bool:
-    value = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or ""
+def _offline(settings: Settings) -> bool:
+    value = settings.get("HF_HUB_OFFLINE") or settings.get("TRANSFORMERS_OFFLINE") or ""
     return value.strip().upper() in {"1", "ON", "YES", "TRUE"}
 
 
@@ -281,22 +304,22 @@ def _offline() -> bool:
 # environment once, at import, and fails to import at all when HF_ENDPOINT is malformed.
 
 
-def _hf_home() -> Path:
-    if os.environ.get("HF_HOME"):
-        return Path(os.environ["HF_HOME"]).expanduser()
-    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+def _hf_home(settings: Settings) -> Path:
+    if settings.get("HF_HOME"):
+        return Path(settings.get("HF_HOME")).expanduser()
+    cache = settings.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(cache, "huggingface")
 
 
-def _hf_cache_dir() -> Path:
-    """The Hugging Face cache folder, from the environment as it is now."""
-    explicit = os.environ.get("HF_HUB_CACHE") or os.environ.get("HUGGINGFACE_HUB_CACHE")
-    return Path(explicit).expanduser() if explicit else _hf_home() / "hub"
+def _hf_cache_dir(settings: Settings) -> Path:
+    """The Hugging Face cache folder, as the settings' environment names it."""
+    explicit = settings.get("HF_HUB_CACHE") or settings.get("HUGGINGFACE_HUB_CACHE")
+    return Path(explicit).expanduser() if explicit else _hf_home(settings) / "hub"
 
 
-def _hf_cached(repo_id: str, name: str, revision: str) -> str | None:
+def _hf_cached(settings: Settings, repo_id: str, name: str, revision: str) -> str | None:
     """The path of `name` at `revision` (a branch, tag or commit) in the Hugging Face cache, if it is there."""
-    repo = _hf_cache_dir() / ("models--" + repo_id.replace("/", "--"))
+    repo = _hf_cache_dir(settings) / ("models--" + repo_id.replace("/", "--"))
     try:
         commit = (repo / "refs" / revision).read_text(encoding="utf-8").strip()
     except (OSError, UnicodeDecodeError):
@@ -305,12 +328,13 @@ def _hf_cached(repo_id: str, name: str, revision: str) -> str | None:
     return str(path) if "/" not in commit and path.is_file() else None
 
 
-def _hf_token() -> str | None:
+def _hf_token(settings: Settings) -> str | None:
     """HF_TOKEN (or the older HUGGING_FACE_HUB_TOKEN), else the token `hf auth login` saved."""
-    token = os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN")
+    token = settings.get("HF_TOKEN") or settings.get("HUGGING_FACE_HUB_TOKEN")
     if token is None:
         try:
-            token = Path(os.environ.get("HF_TOKEN_PATH") or _hf_home() / "token").expanduser().read_text().strip()
+            where = settings.get("HF_TOKEN_PATH") or _hf_home(settings) / "token"
+            token = Path(where).expanduser().read_text().strip()
         except OSError:
             return None
     return token.strip() or None

@@ -11,7 +11,6 @@ Range) and is cut where the last one was is a failure, not progress, so such a s
 from __future__ import annotations
 
 import email.utils
-import math
 import os
 import re
 import socket
@@ -29,6 +28,7 @@ from tqdm import tqdm
 from gpt2load.errors import Gpt2LoadError
 from gpt2load.hub.manifest import discard, read_json, sidecar, write_json
 from gpt2load.hub.sources import OTHER_SOURCE
+from gpt2load.settings import Settings
 
 CHUNK_BYTES = 1024 * 1024  # largest read; written as soon as it arrives
 CONNECT_TIMEOUT = 10.0
@@ -39,26 +39,12 @@ MAX_HUB_REDIRECTS = 10
 T = TypeVar("T")
 
 
-# --- the retry policy, from the environment at call time ---------------------------------------------------
-
-
-def _env_number(name: str, default: float, minimum: float, whole: bool = False) -> float:
-    raw = os.environ.get(name, "").strip()
-    if not raw:
-        return default
-    try:
-        value = int(raw) if whole else float(raw)
-    except ValueError:
-        value = math.nan
-    if not math.isfinite(value) or value < minimum:
-        kind = "whole number" if whole else "number"
-        raise Gpt2LoadError(f"{name}={raw!r} is not a {kind} >= {minimum:g}: fix or unset it")
-    return value
+# --- the retry policy, from the settings ---------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class Policy:
-    """How hard to try. `from_env()` reads the GPT2LOAD_* variables (documented in hub.py)."""
+    """How hard to try. `from_settings()` takes the GPT2LOAD_* variables' values (documented in hub/fetch.py)."""
 
     retry_base: float = 1.0  # first backoff wait, doubling per failed attempt ...
     retry_max: float = 60.0  # ... up to this cap, which also caps Retry-After
@@ -66,12 +52,13 @@ class Policy:
     read_timeout: float = 60.0  # seconds a read may stall before the transfer resumes on a new request
 
     @classmethod
-    def from_env(cls) -> Policy:
+    def from_settings(cls, settings: Settings) -> Policy:
+        number = settings.number
         return cls(
-            retry_base=_env_number("GPT2LOAD_RETRY_BASE_SECONDS", cls.retry_base, 0.0),
-            retry_max=_env_number("GPT2LOAD_RETRY_MAX_SECONDS", cls.retry_max, 0.0),
-            max_retries=int(_env_number("GPT2LOAD_MAX_RETRIES", cls.max_retries, 0, whole=True)),
-            read_timeout=_env_number("GPT2LOAD_READ_TIMEOUT", cls.read_timeout, 0.001),
+            retry_base=number("GPT2LOAD_RETRY_BASE_SECONDS", cls.retry_base, 0.0),
+            retry_max=number("GPT2LOAD_RETRY_MAX_SECONDS", cls.retry_max, 0.0),
+            max_retries=int(number("GPT2LOAD_MAX_RETRIES", cls.max_retries, 0, whole=True)),
+            read_timeout=number("GPT2LOAD_READ_TIMEOUT", cls.read_timeout, 0.001),
         )
 
     @property

@@ -22,6 +22,7 @@ from gpt2load.serve.app import ServerState, create_app
 from gpt2load.serve.batcher import Batcher
 from gpt2load.serve.guard import HostRule
 from gpt2load.serve.protocol import Limits
+from gpt2load.settings import Settings
 from gpt2load.tokenizer import tokenizer_from_folder
 
 log = logging.getLogger("gpt2load.serve")
@@ -164,7 +165,7 @@ def serve(
         max_queued_choices=max_queued_choices,
         max_logprob_entries=max_logprob_entries,
     )
-    api_key = resolve_api_key(api_key, api_key_file, dict(os.environ))
+    api_key = resolve_api_key(api_key, api_key_file, dict(Settings.from_env().env))
     if not log.handlers:  # our own logger only: one line per request on stderr
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("%(asctime)s gpt2load serve: %(message)s"))

@@ -5,7 +5,6 @@ Every collective runs on tensors on the training device, as NCCL requires on CUD
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -14,22 +13,9 @@ import torch.distributed as dist
 
 from gpt2load.errors import Gpt2LoadError
 from gpt2load.model.build import pick_device
+from gpt2load.settings import Settings
 
 T = TypeVar("T")
-
-
-def env_int(name: str, default: int, minimum: int = 0) -> int:
-    """An integer environment variable, read now (not at import), with an error that names it."""
-    raw = os.environ.get(name)
-    if raw is None or raw.strip() == "":
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise Gpt2LoadError(f"environment variable {name}={raw!r} is not a whole number: fix or unset it") from None
-    if value < minimum:
-        raise Gpt2LoadError(f"environment variable {name}={raw!r} must be at least {minimum}: fix or unset it")
-    return value
 
 
 def dist_info() -> tuple[int, int]:
@@ -39,14 +25,17 @@ def dist_info() -> tuple[int, int]:
     return 0, 1
 
 
-def init_distributed(device: str | torch.device | None = None) -> tuple[int, int, torch.device]:
+def init_distributed(
+    device: str | torch.device | None = None, settings: Settings | None = None
+) -> tuple[int, int, torch.device]:
     """Join the process group torchrun describes (WORLD_SIZE > 1): gloo on CPU, nccl on CUDA, one GPU per
     local rank. Returns (rank, world_size, device); a single process gets (0, 1, the chosen device)."""
     dev = pick_device(device)
-    world = env_int("WORLD_SIZE", 1, minimum=1)
+    settings = settings or Settings.from_env()  # torchrun's variables
+    world = int(settings.number("WORLD_SIZE", 1, 1, whole=True))
     if world <= 1:
         return 0, 1, dev
-    local = env_int("LOCAL_RANK", 0)
+    local = int(settings.number("LOCAL_RANK", 0, 0, whole=True))
     if dev.type == "cuda":
         dev = torch.device("cuda", local)
         torch.cuda.set_device(dev)
@@ -114,4 +103,4 @@ def gather(obj: T) -> list[T]:
     return out
 
 
-__all__ = ["all_sum", "broadcast", "dist_info", "env_int", "gather", "init_distributed", "rank0_first", "shutdown"]
+__all__ = ["all_sum", "broadcast", "dist_info", "gather", "init_distributed", "rank0_first", "shutdown"]
