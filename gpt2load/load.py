@@ -68,7 +68,11 @@ def locate(model: str | Path) -> tuple[Path | None, str | None]:
 
 
 def model_folder(
-    model: str | Path, source: str = "hf", weights_dir: str | Path | None = None, quiet: bool = False
+    model: str | Path,
+    source: str = "hf",
+    weights_dir: str | Path | None = None,
+    quiet: bool = False,
+    settings: Settings | None = None,
 ) -> Path:
     """The local folder (or file) for `model`: a path as is, else a size downloaded on first use."""
     path, size = locate(model)
@@ -77,7 +81,7 @@ def model_folder(
     if source not in ("hf", "openai"):
         raise Gpt2LoadError(f"unknown source {source!r}: use hf or openai")
 
-    return download(size, source, weights_dir, quiet=quiet)
+    return download(size, source, weights_dir, quiet=quiet, settings=settings)
 
 
 def load_gpt2(
@@ -126,8 +130,8 @@ def load_gpt2(
     if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0.0 <= rate < 1.0:
         raise Gpt2LoadError(f"dropout must be a number in [0, 1), got {dropout!r}")
     check_quantize(quantize)
-    src = open_source(model_folder(model, source, weights_dir, quiet), n_heads)
-    src = cached_source(src, quiet, cache)  # OpenAI/HF: gpt2load's own file of the conversion
+    src = open_source(model_folder(model, source, weights_dir, quiet, settings), n_heads)
+    src = cached_source(src, quiet, cache, settings)  # OpenAI/HF: gpt2load's own file of the conversion
     cfg = replace(src.cfg, drop_rate=float(rate))
     stored = src.quantization()
     if stored is not None:  # saved quantized (only gpt2load's own form is): loaded as it is, its floats are gone

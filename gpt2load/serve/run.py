@@ -165,14 +165,15 @@ def serve(
         max_queued_choices=max_queued_choices,
         max_logprob_entries=max_logprob_entries,
     )
-    api_key = resolve_api_key(api_key, api_key_file, dict(Settings.from_env().env))
+    settings = Settings.from_env()  # once, for the key, the download and the model's kernels
+    api_key = resolve_api_key(api_key, api_key_file, dict(settings.env))
     if not log.handlers:  # our own logger only: one line per request on stderr
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("%(asctime)s gpt2load serve: %(message)s"))
         log.addHandler(handler)
         log.setLevel(logging.INFO)
         log.propagate = False
-    where = model_folder(model, source, weights_dir)
+    where = model_folder(model, source, weights_dir, settings=settings)
     src = open_source(where)  # an unknown or broken folder fails now, with its one-line error
     enc = tokenizer_from_folder(where if where.is_dir() else where.parent)
     model_id = where.resolve().name if os.path.exists(str(model)) else str(model)
@@ -203,7 +204,7 @@ def serve(
 
     def load() -> None:
         try:
-            gpt = load_gpt2(where, device=device, dtype=dtype, quiet=True, quantize=quantize)
+            gpt = load_gpt2(where, device=device, dtype=dtype, quiet=True, quantize=quantize, settings=settings)
             state.batcher = Batcher(gpt, enc, max_batch_size, **queue_limits, on_fatal=fatal)
             log.info(f"ready: {model_id} ({src.cfg.n_params / 1e6:.0f}M parameters), batches of {max_batch_size}")
         except BaseException as e:  # the server stops and the error is reported as the command's own
