@@ -16,8 +16,8 @@ from transformers import GPT2LMHeadModel
 from gpt2load import iter_tensors
 from gpt2load.errors import Gpt2LoadError
 from gpt2load.formats.exports import export
+from gpt2load.formats.relayout import layout_specs
 from gpt2load.formats.stfile import read_header
-from gpt2load.formats.tensors import layout_specs
 from gpt2load.formats.tfcheckpoint import TFCheckpoint
 from gpt2load.load import load_gpt2
 from gpt2load.model.build import dtype_name

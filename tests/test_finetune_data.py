@@ -20,7 +20,7 @@ from gpt2load.finetune.data import (
     read_instructions,
     read_table,
 )
-from gpt2load.finetune.templates import format_example, format_instruction
+from gpt2load.generation.templates import format_example, format_instruction
 from gpt2load.tokenizer import encode, tokenizer_from_folder
 
 ENC = tokenizer_from_folder(TOKENIZER_DIR)

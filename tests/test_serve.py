@@ -14,7 +14,7 @@ from helpers import assert_clean_error, run_cli
 from serveserver import ServeProcess, make_model
 
 from gpt2load import GPTConfig, complete
-from gpt2load.finetune.templates import format_instruction
+from gpt2load.generation.templates import format_instruction
 from gpt2load.load import load_gpt2, load_tokenizer
 from gpt2load.tokenizer import encode
 

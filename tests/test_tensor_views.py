@@ -19,12 +19,13 @@ from transformers import GPT2ForSequenceClassification, GPT2LMHeadModel
 
 from gpt2load import Gpt2LoadError, export, iter_tensors, load_gpt2, save_model
 from gpt2load.formats.exports import save_finetuned
-from gpt2load.formats.tensors import NonFiniteWeightsWarning, tensor_table
+from gpt2load.formats.relayout import NonFiniteWeightsWarning
 from gpt2load.info import info
 from gpt2load.model.config import GPTConfig
 from gpt2load.model.gpt import GPTModel
 from gpt2load.model.lora import add_lora, lora_modules, lora_state, merge_lora
 from gpt2load.model.quant import quantize_model
+from gpt2load.tensors import tensor_table
 
 X = torch.tensor([[3, 1, 4, 1, 5, 9, 2, 6]])
 

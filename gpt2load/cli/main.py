@@ -150,7 +150,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def instruction_prompt(args: argparse.Namespace) -> str:
     """--instruction/--input wrapped in the template the model records (Alpaca when it records none)."""
-    from gpt2load.finetune.templates import TEMPLATES, format_instruction
+    from gpt2load.generation.templates import TEMPLATES, format_instruction
     from gpt2load.load import model_metadata
 
     template = model_metadata(args.model, args.source, args.weights_dir).get("prompt_template")
@@ -166,7 +166,7 @@ def instruction_prompt(args: argparse.Namespace) -> str:
 
 def cmd_convert(args: argparse.Namespace) -> int:
     from gpt2load.formats.exports import export, is_folder_output, load_dtype
-    from gpt2load.formats.tensors import NonFiniteWeightsWarning
+    from gpt2load.formats.relayout import NonFiniteWeightsWarning
     from gpt2load.load import load_gpt2, model_folder
     from gpt2load.model.lora import merge_lora
 
@@ -217,7 +217,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def _print_tensors(args: argparse.Namespace) -> int:
-    from gpt2load.formats.tensors import tensor_table
+    from gpt2load.tensors import tensor_table
 
     rows = tensor_table(args.model, args.layout, args.source, args.weights_dir, args.adapters)
     if args.json:

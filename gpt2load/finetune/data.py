@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from gpt2load.errors import Gpt2LoadError
-from gpt2load.finetune.templates import format_example, format_instruction
+from gpt2load.generation.templates import format_example, format_instruction
 from gpt2load.tokenizer import EOT_ID, encode
 
 IGNORE_INDEX = -100  # targets cross-entropy skips

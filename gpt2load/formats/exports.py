@@ -22,7 +22,7 @@ from gpt2load.errors import Gpt2LoadError
 from gpt2load.formats import stfile
 from gpt2load.formats.gguf import GGUF_DTYPES, export_gguf, gguf_dtype
 from gpt2load.formats.ownform import OWN_FORMAT, write_own
-from gpt2load.formats.tensors import check_finite, layout_specs, to_layout
+from gpt2load.formats.relayout import check_finite, layout_specs, to_layout
 from gpt2load.fsutil import atomic_dir, atomic_output_file, check_output, mark_file
 from gpt2load.model.build import dtype_name, pick_dtype
 from gpt2load.model.config import hf_config_dict

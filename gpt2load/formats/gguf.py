@@ -18,8 +18,8 @@ import numpy as np
 import torch
 
 from gpt2load.errors import Gpt2LoadError
+from gpt2load.formats.relayout import check_finite
 from gpt2load.formats.stfile import atomic_path
-from gpt2load.formats.tensors import check_finite
 from gpt2load.model.build import dtype_name
 from gpt2load.model.gpt import GPTModel
 from gpt2load.model.quant import refuse_quantized

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import tiktoken
 
-from gpt2load.finetune.templates import format_instruction
+from gpt2load.generation.templates import format_instruction
 from gpt2load.serve.sequence import SamplingParams
 from gpt2load.tokenizer import encode
 

@@ -14,9 +14,9 @@ from pathlib import Path
 import uvicorn
 
 from gpt2load.errors import Gpt2LoadError
-from gpt2load.finetune.templates import TEMPLATES
 from gpt2load.formats import stfile
 from gpt2load.formats.layouts import open_source
+from gpt2load.generation.templates import TEMPLATES
 from gpt2load.load import load_gpt2, model_folder
 from gpt2load.serve.app import ServerState, create_app
 from gpt2load.serve.batcher import Batcher
