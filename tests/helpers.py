@@ -69,3 +69,20 @@ def assert_clean_error(proc: subprocess.CompletedProcess, *needles: str) -> None
     assert len(errors) == 1, proc.stderr
     for needle in needles:
         assert needle in errors[0], (needle, errors[0])
+
+
+def served_model(cfg, seed: int = 3):
+    """A random GPTModel for the batcher's tests, with the backend load_gpt2 hands served models. Small
+    embeddings, so the blocks' output (which mixes the context) dominates: a row that reads another row's keys
+    and values, or the wrong columns, decodes differently."""
+    import torch
+
+    from gpt2load.fast.backend import accelerate
+    from gpt2load.model.gpt import GPTModel
+
+    torch.manual_seed(seed)
+    m = GPTModel(cfg).eval()
+    with torch.no_grad():
+        m.tok_emb.weight.mul_(0.1)
+        m.pos_emb.weight.mul_(0.1)
+    return accelerate(m)

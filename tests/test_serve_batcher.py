@@ -6,9 +6,9 @@ import threading
 
 import pytest
 import torch
-from helpers import TOKENIZER_DIR
+from helpers import TOKENIZER_DIR, served_model
 
-from gpt2load import GPTConfig, GPTModel
+from gpt2load import GPTConfig
 from gpt2load.serve.batcher import Batcher
 from gpt2load.serve.sequence import Failure, Finish, Piece, Request, SamplingParams
 from gpt2load.tokenizer import EOT_ID, tokenizer_from_folder
@@ -18,14 +18,7 @@ TINY = GPTConfig(vocab_size=50257, context_length=64, emb_dim=32, n_heads=2, n_l
 
 @pytest.fixture(scope="module")
 def model():
-    """Small embeddings, so the blocks' output (which mixes the context) dominates: a row that reads another
-    row's keys and values, or the wrong columns, decodes differently."""
-    torch.manual_seed(3)
-    m = GPTModel(TINY).eval()
-    with torch.no_grad():
-        m.tok_emb.weight.mul_(0.1)
-        m.pos_emb.weight.mul_(0.1)
-    return m
+    return served_model(TINY)
 
 
 @pytest.fixture(scope="module")

@@ -12,10 +12,10 @@ import httpx
 import pytest
 import torch
 import uvicorn
-from helpers import TOKENIZER_DIR
+from helpers import TOKENIZER_DIR, served_model
 from serveserver import ServeProcess, make_model
 
-from gpt2load import GPTConfig, GPTModel, beam_search
+from gpt2load import GPTConfig, beam_search
 from gpt2load.serve.app import ServerState, create_app
 from gpt2load.serve.batcher import Batcher, QueueFull
 from gpt2load.serve.protocol import Limits
@@ -28,12 +28,7 @@ LONG = GPTConfig(vocab_size=50257, context_length=1024, emb_dim=32, n_heads=2, n
 
 @pytest.fixture(scope="module")
 def model():
-    torch.manual_seed(3)
-    m = GPTModel(TINY).eval()
-    with torch.no_grad():  # small embeddings: a row reading another row's cache decodes differently
-        m.tok_emb.weight.mul_(0.1)
-        m.pos_emb.weight.mul_(0.1)
-    return m
+    return served_model(TINY)
 
 
 @pytest.fixture(scope="module")

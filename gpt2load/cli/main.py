@@ -10,7 +10,9 @@ import sys
 import warnings
 from collections.abc import Callable
 
+from gpt2load.cli.common import model_args
 from gpt2load.cli.finetune import add_finetune_parsers
+from gpt2load.cli.serve import add_serve_parser
 from gpt2load.cli.train import add_train_parser
 from gpt2load.errors import Gpt2LoadError
 from gpt2load.fsutil import check_output
@@ -57,19 +59,6 @@ def _bool_or_never(text: str) -> bool | str:
     if value is None:
         raise argparse.ArgumentTypeError("use true, false or never")
     return value
-
-
-def _model_args(p: argparse.ArgumentParser, positional: bool = False) -> None:
-    if positional:
-        p.add_argument("model", help="size or alias (124M, 355M, 774M, 1558M, gpt2, gpt2-xl, ...) or a local path")
-    else:
-        p.add_argument(
-            "--model",
-            default="124M",
-            help="size or alias (124M, 355M, 774M, 1558M, gpt2, ...) or a local path (default 124M)",
-        )
-    p.add_argument("--source", choices=("hf", "openai"), default="hf", help="where sizes download from (default hf)")
-    p.add_argument("--weights-dir", default=None, help="download folder (default $GPT2LOAD_WEIGHTS_DIR or ./weights)")
 
 
 def _no_cache_arg(p: argparse.ArgumentParser) -> None:
@@ -239,33 +228,6 @@ def cmd_download(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
-    from gpt2load.serve import serve
-
-    serve(
-        args.model,
-        args.source,
-        args.weights_dir,
-        host=args.host,
-        port=args.port,
-        api_key=args.api_key,
-        api_key_file=args.api_key_file,
-        allowed_hosts=tuple(h for h in args.allowed_hosts.split(",") if h.strip()),
-        device=args.device,
-        dtype=args.dtype,
-        quantize=args.quantize,
-        max_batch_size=args.max_batch_size,
-        max_queue=args.max_queue,
-        max_tokens_limit=args.max_tokens_limit,
-        log_prompts=args.log_prompts,
-        max_body_bytes=args.max_body_bytes,
-        max_choices=args.max_choices,
-        max_queued_choices=args.max_queued_choices,
-        max_logprob_entries=args.max_logprob_entries,
-    )
-    return 0
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="gpt2load",
@@ -274,7 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     g = sub.add_parser("generate", help="generate text from a prompt", description="Generate text from a prompt.")
-    _model_args(g)
+    model_args(g)
     what = g.add_mutually_exclusive_group(required=True)
     what.add_argument("--prompt", help="the text to continue ('' starts from <|endoftext|>)")
     what.add_argument("--instruction", help="an instruction for an instruction-tuned model: prints only the response")
@@ -302,7 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser(
         "convert", help="export weights as safetensors, a transformers folder, a book .pth or GGUF (llama.cpp)"
     )
-    _model_args(c)
+    model_args(c)
     c.add_argument("--to", required=True, choices=("safetensors", "hf", "pth", "gguf"))
     c.add_argument("--out", required=True, help="output file (.safetensors, .pth, .gguf) or folder (hf, safetensors)")
     c.add_argument(
@@ -321,7 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(func=cmd_convert)
 
     i = sub.add_parser("info", help="describe a model size or a local model")
-    _model_args(i, positional=True)
+    model_args(i, positional=True)
     i.add_argument("--json", action="store_true")
     i.add_argument("--tensors", action="store_true", help="list every tensor: name, shape, dtype, bytes")
     i.add_argument(
@@ -336,57 +298,12 @@ def build_parser() -> argparse.ArgumentParser:
     i.set_defaults(func=cmd_info)
 
     d = sub.add_parser("download", help="download a model's files (resumable, verified)")
-    _model_args(d, positional=True)
+    model_args(d, positional=True)
     d.add_argument("--revision", default="main", help="Hugging Face revision (default main)")
     d.add_argument("--quiet", action="store_true")
     d.set_defaults(func=cmd_download)
 
-    s = sub.add_parser(
-        "serve",
-        help="serve a model over HTTP: OpenAI's API, batching across requests, a page at /",
-        description="Serve a model with OpenAI's completions and chat API (any openai client works) and a page "
-        "to try it at /. Needs the serve extra: pip install 'gpt2load[serve]'.",
-    )
-    _model_args(s)
-    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    s.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
-    s.add_argument(
-        "--api-key",
-        default=None,
-        help="require 'Authorization: Bearer KEY' on /v1 requests (visible to other local users in the process "
-        "list: prefer --api-key-file or the GPT2LOAD_API_KEY environment variable)",
-    )
-    s.add_argument("--api-key-file", default=None, metavar="PATH", help="read the API key from this file")
-    s.add_argument(
-        "--allowed-hosts",
-        default="",
-        metavar="NAMES",
-        help="comma-separated Host names to answer besides loopback and the bound address ('*': any; for a "
-        "reverse proxy or a LAN name)",
-    )
-    s.add_argument("--dtype", choices=("float32", "bfloat16"), default=None)
-    s.add_argument("--quantize", choices=("int8",), default=None, help="int8 weight-only Linear layers and head")
-    s.add_argument("--device", default=None, help="cpu, cuda, mps (default: cuda, then mps, then cpu)")
-    s.add_argument("--max-batch-size", type=int, default=8, help="sequences decoded together (default 8)")
-    s.add_argument("--max-queue", type=int, default=64, help="requests waiting for a slot before 503 (default 64)")
-    s.add_argument("--max-tokens-limit", type=int, default=None, help="most tokens a request may ask for")
-    s.add_argument("--log-prompts", action="store_true", help="also log prompt text (never logged otherwise)")
-    s.add_argument("--max-body-bytes", type=int, default=2 * 1024 * 1024, help="largest request body (default 2 MiB)")
-    s.add_argument("--max-choices", type=int, default=128, help="prompts x n (or num_beams) per request (default 128)")
-    s.add_argument(
-        "--max-queued-choices",
-        type=int,
-        default=None,
-        help="choices waiting for a row, all requests together (default 4096)",
-    )
-    s.add_argument(
-        "--max-logprob-entries",
-        type=int,
-        default=131_072,
-        help="tokens x (logprobs+1) x choices in one answer (default 131072, a few MB of JSON)",
-    )
-    s.set_defaults(func=cmd_serve)
-
+    add_serve_parser(sub)
     add_train_parser(sub)  # training's and fine-tuning's many flags live beside them
     add_finetune_parsers(sub)
     return parser
