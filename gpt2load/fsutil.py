@@ -20,7 +20,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
-from gpt2load.errors import Gpt2LoadError
+from .errors import Gpt2LoadError
 
 try:  # POSIX; elsewhere runs go unlocked
     import fcntl

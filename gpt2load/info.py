@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from gpt2load.formats.layouts import Source, open_source
-from gpt2load.hub.fetch import model_dir
-from gpt2load.load import locate
-from gpt2load.model.build import dtype_name
-from gpt2load.model.config import GPTConfig
-from gpt2load.model.lora import read_adapters
-from gpt2load.tokenizer import find_tokenizer_files, id_marker, tokenizer_from_folder
+from .formats.layouts import Source, open_source
+from .hub.fetch import model_dir
+from .load import locate
+from .model.build import dtype_name
+from .model.config import GPTConfig
+from .model.lora import read_adapters
+from .tokenizer import find_tokenizer_files, id_marker, tokenizer_from_folder
 
 
 def _tokenizer_vocab(folder: Path, model_vocab: int) -> dict:

@@ -8,23 +8,23 @@ from pathlib import Path
 
 import torch
 
-from gpt2load.errors import Gpt2LoadError
-from gpt2load.fast.backend import accelerate
-from gpt2load.fast.int8mm import aligned_int8
-from gpt2load.fast.registry import Kernels, shared_kernels
-from gpt2load.formats import stfile
-from gpt2load.formats.cache import cached_source
-from gpt2load.formats.layouts import MODEL_MARKERS, WEIGHT_SUFFIXES, OwnSource, open_source
-from gpt2load.formats.names import expected_shapes
-from gpt2load.formats.ownform import head_shapes
-from gpt2load.hub.fetch import download
-from gpt2load.model.build import empty_model, model_from_tensors, pick_device, pick_dtype
-from gpt2load.model.config import GPTConfig, resolve_size
-from gpt2load.model.gpt import GPTModel
-from gpt2load.model.lora import load_adapters
-from gpt2load.model.quant import Int8Embedding, check_quantize, quantize_model, quantized_names
-from gpt2load.settings import Settings
-from gpt2load.tokenizer import tokenizer_from_folder
+from .errors import Gpt2LoadError
+from .fast.backend import accelerate
+from .fast.int8mm import aligned_int8
+from .fast.registry import Kernels, shared_kernels
+from .formats import stfile
+from .formats.cache import cached_source
+from .formats.layouts import MODEL_MARKERS, WEIGHT_SUFFIXES, OwnSource, open_source
+from .formats.names import expected_shapes
+from .formats.ownform import head_shapes
+from .hub.fetch import download
+from .model.build import empty_model, model_from_tensors, pick_device, pick_dtype
+from .model.config import GPTConfig, resolve_size
+from .model.gpt import GPTModel
+from .model.lora import load_adapters
+from .model.quant import Int8Embedding, check_quantize, quantize_model, quantized_names
+from .settings import Settings
+from .tokenizer import tokenizer_from_folder
 
 
 def written_as_path(model: str) -> bool:

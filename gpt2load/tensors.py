@@ -15,11 +15,11 @@ from pathlib import Path
 
 import torch
 
-from gpt2load.errors import Gpt2LoadError
-from gpt2load.formats.layouts import Source, open_source
-from gpt2load.formats.names import expected_shapes, from_model_layout
-from gpt2load.formats.ownform import head_shapes
-from gpt2load.formats.relayout import (
+from .errors import Gpt2LoadError
+from .formats.layouts import Source, open_source
+from .formats.names import expected_shapes, from_model_layout
+from .formats.ownform import head_shapes
+from .formats.relayout import (
     ADAPTER_MODES,
     Spec,
     check_layout,
@@ -28,11 +28,11 @@ from gpt2load.formats.relayout import (
     regroup,
     specs_in_layout,
 )
-from gpt2load.hub.fetch import model_dir
-from gpt2load.load import model_folder, quantized_layout
-from gpt2load.model.build import dtype_name
-from gpt2load.model.config import GPTConfig, resolve_size
-from gpt2load.model.lora import read_adapters
+from .hub.fetch import model_dir
+from .load import model_folder, quantized_layout
+from .model.build import dtype_name
+from .model.config import GPTConfig, resolve_size
+from .model.lora import read_adapters
 
 
 @dataclass

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import tiktoken
 
-from gpt2load.errors import Gpt2LoadError
-from gpt2load.hub.sources import OPENAI_SHA256 as KNOWN_SHA256  # pinned hashes of OpenAI's released files
+from .errors import Gpt2LoadError
+from .hub.sources import OPENAI_SHA256 as KNOWN_SHA256  # pinned hashes of OpenAI's released files
 
 EOT = "<|endoftext|>"
 EOT_ID = 50256

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from gpt2load.model.lora import DEFAULT_ALPHA, DEFAULT_TARGETS, TARGET_MODULES
+from ..model.lora import DEFAULT_ALPHA, DEFAULT_TARGETS, TARGET_MODULES
 
 EPILOG = """\
 Writes OUT/metrics.jsonl, OUT/loss.png (and accuracy.png for classify; both need the plot extra),
@@ -36,7 +36,7 @@ def lora_kwargs(args: argparse.Namespace) -> dict:
 
 
 def _config(args: argparse.Namespace):
-    from gpt2load.finetune.recipes import FinetuneConfig
+    from ..finetune.recipes import FinetuneConfig
 
     return FinetuneConfig(
         train_layers=args.train_layers,
@@ -61,7 +61,7 @@ def _config(args: argparse.Namespace):
 
 
 def cmd_finetune_classify(args: argparse.Namespace) -> int:
-    from gpt2load.finetune.recipes import finetune_classify
+    from ..finetune.recipes import finetune_classify
 
     finetune_classify(
         args.model,
@@ -78,7 +78,7 @@ def cmd_finetune_classify(args: argparse.Namespace) -> int:
 
 
 def cmd_finetune_instruct(args: argparse.Namespace) -> int:
-    from gpt2load.finetune.recipes import finetune_instruct
+    from ..finetune.recipes import finetune_instruct
 
     finetune_instruct(
         args.model,
@@ -93,7 +93,7 @@ def cmd_finetune_instruct(args: argparse.Namespace) -> int:
 
 
 def cmd_classify(args: argparse.Namespace) -> int:
-    from gpt2load.finetune.classify import classify_texts
+    from ..finetune.classify import classify_texts
 
     result = classify_texts(
         args.model, args.text, source=args.source, weights_dir=args.weights_dir, device=args.device, dtype=args.dtype

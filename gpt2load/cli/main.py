@@ -10,12 +10,12 @@ import sys
 import warnings
 from collections.abc import Callable
 
-from gpt2load.cli.common import model_args
-from gpt2load.cli.finetune import add_finetune_parsers
-from gpt2load.cli.serve import add_serve_parser
-from gpt2load.cli.train import add_train_parser
-from gpt2load.errors import Gpt2LoadError
-from gpt2load.fsutil import check_output
+from ..errors import Gpt2LoadError
+from ..fsutil import check_output
+from .common import model_args
+from .finetune import add_finetune_parsers
+from .serve import add_serve_parser
+from .train import add_train_parser
 
 MAX_NEW_TOKENS = 1_000_000  # hours of decoding even for 124M: anything larger is a typo
 MAX_SEED = 2**64 - 1  # torch.manual_seed's range
@@ -75,9 +75,9 @@ def _cache(args: argparse.Namespace) -> bool | None:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from gpt2load.generation.decoding import PromptTruncatedWarning
-    from gpt2load.generation.text import complete
-    from gpt2load.load import load_gpt2, load_tokenizer
+    from ..generation.decoding import PromptTruncatedWarning
+    from ..generation.text import complete
+    from ..load import load_gpt2, load_tokenizer
 
     quiet = args.json or args.quiet
     instructed = args.instruction is not None
@@ -139,8 +139,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def instruction_prompt(args: argparse.Namespace) -> str:
     """--instruction/--input wrapped in the template the model records (Alpaca when it records none)."""
-    from gpt2load.generation.templates import TEMPLATES, format_instruction
-    from gpt2load.load import model_metadata
+    from ..generation.templates import TEMPLATES, format_instruction
+    from ..load import model_metadata
 
     template = model_metadata(args.model, args.source, args.weights_dir).get("prompt_template")
     if template is None:
@@ -154,10 +154,10 @@ def instruction_prompt(args: argparse.Namespace) -> str:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from gpt2load.formats.exports import export, is_folder_output, load_dtype
-    from gpt2load.formats.relayout import NonFiniteWeightsWarning
-    from gpt2load.load import load_gpt2, model_folder
-    from gpt2load.model.lora import merge_lora
+    from ..formats.exports import export, is_folder_output, load_dtype
+    from ..formats.relayout import NonFiniteWeightsWarning
+    from ..load import load_gpt2, model_folder
+    from ..model.lora import merge_lora
 
     # the output is checked before the (slow) load, and again by the writer
     where = model_folder(args.model, args.source, args.weights_dir, quiet=args.quiet)
@@ -191,7 +191,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from gpt2load.info import info
+    from ..info import info
 
     if args.tensors:
         return _print_tensors(args)
@@ -206,7 +206,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def _print_tensors(args: argparse.Namespace) -> int:
-    from gpt2load.tensors import tensor_table
+    from ..tensors import tensor_table
 
     rows = tensor_table(args.model, args.layout, args.source, args.weights_dir, args.adapters)
     if args.json:
@@ -221,7 +221,7 @@ def _print_tensors(args: argparse.Namespace) -> int:
 
 
 def cmd_download(args: argparse.Namespace) -> int:
-    from gpt2load.hub.fetch import download
+    from ..hub.fetch import download
 
     path = download(args.model, args.source, args.weights_dir, revision=args.revision, quiet=args.quiet)
     print(path)

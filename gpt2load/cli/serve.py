@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import argparse
 
-from gpt2load.cli.common import model_args
+from .common import model_args
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from gpt2load.serve import serve
+    from ..serve import serve
 
     serve(
         args.model,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from gpt2load.cli.finetune import add_lora_args, lora_kwargs
+from .finetune import add_lora_args, lora_kwargs
 
 EPILOG = """\
 Writes OUT/metrics.jsonl, OUT/loss.png, OUT/checkpoints/step-NNNNNN.pt and the trained model in OUT itself
@@ -13,7 +13,7 @@ torchrun --nproc_per_node N -m gpt2load train ... (--batch-size is per process).
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from gpt2load.training.pretrain import train_on_files
+    from ..training.pretrain import train_on_files
 
     train_on_files(
         args.model,

@@ -9,10 +9,10 @@ from collections.abc import Callable
 
 import torch
 
-from gpt2load.errors import Gpt2LoadError
-from gpt2load.fast import native
-from gpt2load.fast.kernels import fastest
-from gpt2load.model.gpt import sdpa_causal
+from ..errors import Gpt2LoadError
+from ..model.gpt import sdpa_causal
+from . import native
+from .kernels import fastest
 
 
 def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:

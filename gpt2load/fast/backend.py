@@ -14,9 +14,7 @@ import torch
 from torch import nn
 from torch.nn.modules import module as _module
 
-from gpt2load.fast.kernels import Stacked
-from gpt2load.fast.registry import Kernels, shared_kernels
-from gpt2load.model.gpt import (
+from ..model.gpt import (
     GELU,
     FeedForward,
     GPTModel,
@@ -26,8 +24,10 @@ from gpt2load.model.gpt import (
     TransformerBlock,
     set_backend,
 )
-from gpt2load.model.quant import Int8Linear
-from gpt2load.settings import KernelSettings
+from ..model.quant import Int8Linear
+from ..settings import KernelSettings
+from .kernels import Stacked
+from .registry import Kernels, shared_kernels
 
 
 def _no_global_hooks() -> bool:

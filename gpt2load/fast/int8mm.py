@@ -8,7 +8,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from gpt2load.fast import native
+from . import native
 
 
 @functools.cache

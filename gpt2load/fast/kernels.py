@@ -15,7 +15,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from gpt2load.fast import native
+from . import native
 
 
 def _plain(x, w, b, gelu=False):

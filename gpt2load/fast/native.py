@@ -21,8 +21,8 @@ import sys
 
 import torch
 
-from gpt2load.fast.native_build import Unusable, load_library
-from gpt2load.settings import Settings
+from ..settings import Settings
+from .native_build import Unusable, load_library
 
 _CODES = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2}
 MAX_ROWS = 16  # beyond a few rows the arithmetic dominates and torch's matrix-matrix kernels win

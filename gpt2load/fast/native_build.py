@@ -21,7 +21,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from gpt2load.settings import Settings
+from ..settings import Settings
 
 _SOURCES = [Path(__file__).parent / "csrc" / n for n in ("gemv.c", "gemm.c", "attend.c")]
 _HEADERS = [Path(__file__).parent / "csrc" / "vecmath.h"]  # included by the sources: part of the library's name

@@ -13,9 +13,10 @@ from collections.abc import Callable
 
 import torch
 
-from gpt2load.errors import Gpt2LoadError
-from gpt2load.fast import attn, int8mm, native
-from gpt2load.fast.kernels import (
+from ..errors import Gpt2LoadError
+from ..settings import KernelSettings
+from . import attn, int8mm, native
+from .kernels import (
     KERNELS,
     _native,
     _onednn,
@@ -25,7 +26,6 @@ from gpt2load.fast.kernels import (
     onednn_works,
     split_pieces,
 )
-from gpt2load.settings import KernelSettings
 
 _FAST_DTYPES = (torch.float32, torch.bfloat16)
 _COLD_BYTES = 48 << 20  # weights timed in turn until this much: more than the caches hold, as in decoding

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import torch
 
-from gpt2load.errors import Gpt2LoadError
-from gpt2load.finetune.data import encode_texts, pad_rows, pool_positions
-from gpt2load.load import load_gpt2, load_tokenizer, model_metadata
+from ..errors import Gpt2LoadError
+from ..load import load_gpt2, load_tokenizer, model_metadata
+from .data import encode_texts, pad_rows, pool_positions
 
 
 @torch.no_grad()

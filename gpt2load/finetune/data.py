@@ -20,9 +20,9 @@ from pathlib import Path
 
 import torch
 
-from gpt2load.errors import Gpt2LoadError
-from gpt2load.generation.templates import format_example, format_instruction
-from gpt2load.tokenizer import EOT_ID, encode
+from ..errors import Gpt2LoadError
+from ..generation.templates import format_example, format_instruction
+from ..tokenizer import EOT_ID, encode
 
 IGNORE_INDEX = -100  # targets cross-entropy skips
 PAD_ID = EOT_ID  # the book pads with <|endoftext|>

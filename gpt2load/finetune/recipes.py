@@ -18,8 +18,16 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from gpt2load.errors import Gpt2LoadError
-from gpt2load.finetune.data import (
+from ..errors import Gpt2LoadError
+from ..fsutil import atomic_path
+from ..load import load_gpt2, load_tokenizer, model_folder
+from ..model.build import pick_device
+from ..model.lora import DEFAULT_ALPHA, DEFAULT_TARGETS, check_lora_settings, parse_targets, setup_lora
+from ..training.data import WindowLoader
+from ..training.loop import check_positive, train
+from ..training.metrics import MetricsLog, plot_curves
+from ..training.pretrain import open_run, save_final
+from .data import (
     IGNORE_INDEX,
     POOLS,
     ClassificationData,
@@ -30,14 +38,6 @@ from gpt2load.finetune.data import (
     read_instructions,
     read_table,
 )
-from gpt2load.fsutil import atomic_path
-from gpt2load.load import load_gpt2, load_tokenizer, model_folder
-from gpt2load.model.build import pick_device
-from gpt2load.model.lora import DEFAULT_ALPHA, DEFAULT_TARGETS, check_lora_settings, parse_targets, setup_lora
-from gpt2load.training.data import WindowLoader
-from gpt2load.training.loop import check_positive, train
-from gpt2load.training.metrics import MetricsLog, plot_curves
-from gpt2load.training.pretrain import open_run, save_final
 
 CLASSIFIER_KEY = "classifier"  # metadata: {"labels": [...], "pool": ..., "max_length": N}
 TEMPLATE_KEY = "prompt_template"  # metadata: the name of the template in templates.TEMPLATES

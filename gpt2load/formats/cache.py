@@ -8,10 +8,10 @@ import json
 import warnings
 from pathlib import Path
 
-from gpt2load.errors import Gpt2LoadError
-from gpt2load.formats.layouts import OwnSource, Source
-from gpt2load.formats.ownform import CACHE_NAME, write_own
-from gpt2load.settings import Settings
+from ..errors import Gpt2LoadError
+from ..settings import Settings
+from .layouts import OwnSource, Source
+from .ownform import CACHE_NAME, write_own
 
 
 def fingerprint(paths: list[Path]) -> str:

@@ -18,16 +18,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from gpt2load.errors import Gpt2LoadError
-from gpt2load.formats import stfile
-from gpt2load.formats.gguf import GGUF_DTYPES, export_gguf, gguf_dtype
-from gpt2load.formats.ownform import OWN_FORMAT, write_own
-from gpt2load.formats.relayout import check_finite, layout_specs, to_layout
-from gpt2load.fsutil import atomic_dir, atomic_output_file, check_output, mark_file
-from gpt2load.model.build import dtype_name, pick_dtype
-from gpt2load.model.config import hf_config_dict
-from gpt2load.model.gpt import GPTModel, causal_mask, stored_state
-from gpt2load.model.lora import (
+from ..errors import Gpt2LoadError
+from ..fsutil import atomic_dir, atomic_output_file, check_output, mark_file
+from ..model.build import dtype_name, pick_dtype
+from ..model.config import hf_config_dict
+from ..model.gpt import GPTModel, causal_mask, stored_state
+from ..model.lora import (
     ADAPTERS_KEY,
     ADAPTERS_NAME,
     lora_settings,
@@ -36,8 +32,12 @@ from gpt2load.model.lora import (
     without_adapters,
     write_adapters,
 )
-from gpt2load.model.quant import dequantize_model, quantization, refuse_quantized
-from gpt2load.tokenizer import find_tokenizer_files
+from ..model.quant import dequantize_model, quantization, refuse_quantized
+from ..tokenizer import find_tokenizer_files
+from . import stfile
+from .gguf import GGUF_DTYPES, export_gguf, gguf_dtype
+from .ownform import OWN_FORMAT, write_own
+from .relayout import check_finite, layout_specs, to_layout
 
 FORMATS = ("safetensors", "hf", "pth", "gguf")
 _SHORT_NAMES = {"f32": "float32", "f16": "float16", "bf16": "bfloat16"}  # GGUF's names, accepted everywhere

@@ -17,13 +17,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from gpt2load.errors import Gpt2LoadError
-from gpt2load.formats.relayout import check_finite
-from gpt2load.formats.stfile import atomic_path
-from gpt2load.model.build import dtype_name
-from gpt2load.model.gpt import GPTModel
-from gpt2load.model.quant import refuse_quantized
-from gpt2load.tokenizer import EOT, EOT_ID, find_tokenizer_files, read_ranks
+from ..errors import Gpt2LoadError
+from ..model.build import dtype_name
+from ..model.gpt import GPTModel
+from ..model.quant import refuse_quantized
+from ..tokenizer import EOT, EOT_ID, find_tokenizer_files, read_ranks
+from .relayout import check_finite
+from .stfile import atomic_path
 
 ARCH = "gpt2"
 GGUF_DTYPES = ("f32", "f16", "bf16", "q8_0")

@@ -15,14 +15,14 @@ from pathlib import Path
 
 import torch
 
-from gpt2load.errors import Gpt2LoadError
-from gpt2load.formats.names import HF, OPENAI, convert_tensors, expected_shapes, strip_hf_prefix
-from gpt2load.formats.ownform import CACHE_NAME, OWN_FORMAT
-from gpt2load.formats.tfcheckpoint import TFCheckpoint, resolve_prefix
-from gpt2load.formats.weightfiles import SafetensorsFile, TorchFile, largest_float
-from gpt2load.model.config import PRESETS, GPTConfig, read_hf_config, read_hparams, read_json_object
-from gpt2load.model.lora import ADAPTERS_KEY
-from gpt2load.model.quant import QUANTIZATIONS
+from ..errors import Gpt2LoadError
+from ..model.config import PRESETS, GPTConfig, read_hf_config, read_hparams, read_json_object
+from ..model.lora import ADAPTERS_KEY
+from ..model.quant import QUANTIZATIONS
+from .names import HF, OPENAI, convert_tensors, expected_shapes, strip_hf_prefix
+from .ownform import CACHE_NAME, OWN_FORMAT
+from .tfcheckpoint import TFCheckpoint, resolve_prefix
+from .weightfiles import SafetensorsFile, TorchFile, largest_float
 
 # Files whose presence makes a folder a model folder (rather than, say, the book's `gpt2/` download root).
 MODEL_MARKERS = ("config.json", "hparams.json", "checkpoint", "model.ckpt.index", "model.safetensors")

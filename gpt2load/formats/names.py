@@ -14,8 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
-from gpt2load.errors import Gpt2LoadError
-from gpt2load.model.config import GPTConfig
+from ..errors import Gpt2LoadError
+from ..model.config import GPTConfig
 
 COPY, CONV1D, CONV1D_3D = "copy", "conv1d", "conv1d_3d"
 

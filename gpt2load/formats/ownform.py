@@ -9,11 +9,11 @@ from pathlib import Path
 
 import torch
 
-from gpt2load.formats import stfile
-from gpt2load.formats.names import expected_shapes
-from gpt2load.model.build import dtype_name
-from gpt2load.model.config import GPTConfig
-from gpt2load.model.quant import quantized_names
+from ..model.build import dtype_name
+from ..model.config import GPTConfig
+from ..model.quant import quantized_names
+from . import stfile
+from .names import expected_shapes
 
 CACHE_NAME = "gpt2load.safetensors"  # the converted weights file (in gpt2load's cache folder, or a user's export)
 OWN_FORMAT = "gpt2load"  # the `format` metadata value (and config.json `model_type`) that marks the form

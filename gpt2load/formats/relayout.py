@@ -15,8 +15,10 @@ from typing import TypeVar
 
 import torch
 
-from gpt2load.errors import Gpt2LoadError
-from gpt2load.formats.names import (
+from ..errors import Gpt2LoadError
+from ..model.build import dtype_name
+from ..model.config import GPTConfig
+from .names import (
     CONV1D,
     CONV1D_3D,
     HF,
@@ -27,9 +29,7 @@ from gpt2load.formats.names import (
     expected_shapes,
     from_model_layout,
 )
-from gpt2load.formats.ownform import head_shapes
-from gpt2load.model.build import dtype_name
-from gpt2load.model.config import GPTConfig
+from .ownform import head_shapes
 
 T = TypeVar("T")
 LAYOUTS: dict[str, tuple[NameMap | None, str]] = {"book": (None, ""), "hf": (HF, HF_PREFIX), "openai": (OPENAI, "")}

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch
 
-from gpt2load.errors import Gpt2LoadError
-from gpt2load.fsutil import atomic_path
+from ..errors import Gpt2LoadError
+from ..fsutil import atomic_path
 
 _ST_DTYPES: dict[torch.dtype, str] = {
     torch.float32: "F32",

@@ -18,7 +18,7 @@ from pathlib import Path
 import crc32c as _crc32c
 import torch
 
-from gpt2load.errors import Gpt2LoadError
+from ..errors import Gpt2LoadError
 
 _TABLE_MAGIC = 0xDB4775248B80FB57
 _FOOTER_LEN = 48  # two block handles padded to 40 bytes, then the 8-byte magic

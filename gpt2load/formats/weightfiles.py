@@ -9,8 +9,8 @@ from pathlib import Path
 
 import torch
 
-from gpt2load.errors import Gpt2LoadError
-from gpt2load.formats import stfile
+from ..errors import Gpt2LoadError
+from . import stfile
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _ST_FLOATS = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}

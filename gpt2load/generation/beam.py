@@ -20,10 +20,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gpt2load.errors import Gpt2LoadError
-from gpt2load.generation.decoding import check_context, check_prompt, make_decoder, model_vocab
-from gpt2load.generation.sampling import GenerationConfig, check_lengths
-from gpt2load.tokenizer import EOT_ID
+from ..errors import Gpt2LoadError
+from ..tokenizer import EOT_ID
+from .decoding import check_context, check_prompt, make_decoder, model_vocab
+from .sampling import GenerationConfig, check_lengths
 
 _NEG = -1.0e9  # transformers' "impossible" score
 

@@ -22,9 +22,9 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from gpt2load.errors import Gpt2LoadError
-from gpt2load.model.gpt import GPTModel
-from gpt2load.tokenizer import EOT_ID
+from ..errors import Gpt2LoadError
+from ..model.gpt import GPTModel
+from ..tokenizer import EOT_ID
 
 
 class PromptTruncatedWarning(UserWarning):

@@ -7,9 +7,9 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from gpt2load.errors import Gpt2LoadError
-from gpt2load.generation.decoding import check_context, check_prompt, make_decoder, model_device, model_vocab
-from gpt2load.generation.sampling import GenerationConfig, apply_repetition_penalty, mask_token, sample
+from ..errors import Gpt2LoadError
+from .decoding import check_context, check_prompt, make_decoder, model_device, model_vocab
+from .sampling import GenerationConfig, apply_repetition_penalty, mask_token, sample
 
 
 def make_generator(seed: int | None, generator: torch.Generator | None, device: torch.device) -> torch.Generator | None:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from gpt2load.errors import Gpt2LoadError
+from ..errors import Gpt2LoadError
 
 _FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 

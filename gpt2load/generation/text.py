@@ -11,12 +11,12 @@ import tiktoken
 import torch
 from torch import nn
 
-from gpt2load.errors import Gpt2LoadError
-from gpt2load.generation.beam import beam_search, check_beam
-from gpt2load.generation.decoding import check_context, check_prompt, model_device, model_vocab
-from gpt2load.generation.generate import make_generator, stream
-from gpt2load.generation.sampling import GenerationConfig
-from gpt2load.tokenizer import encode, token_bytes
+from ..errors import Gpt2LoadError
+from ..tokenizer import encode, token_bytes
+from .beam import beam_search, check_beam
+from .decoding import check_context, check_prompt, model_device, model_vocab
+from .generate import make_generator, stream
+from .sampling import GenerationConfig
 
 
 def stream_text(enc: tiktoken.Encoding, token_ids: Iterable[int]) -> Iterator[str]:

@@ -26,11 +26,13 @@ from urllib.parse import quote
 
 import requests
 
-from gpt2load.errors import Gpt2LoadError
-from gpt2load.hub import verify as checks
-from gpt2load.hub.http import Policy, Want, checked_url, hub_head, same_origin, transfer, with_retries
-from gpt2load.hub.manifest import Manifest, digests, discard, folder_lock, link_or_copy, remove_stale, sidecar
-from gpt2load.hub.sources import (
+from ..errors import Gpt2LoadError
+from ..model.config import PRESETS, resolve_size
+from ..settings import Settings
+from . import verify as checks
+from .http import Policy, Want, checked_url, hub_head, same_origin, transfer, with_retries
+from .manifest import Manifest, digests, discard, folder_lock, link_or_copy, remove_stale, sidecar
+from .sources import (
     HF_ENDPOINT,
     HF_ENDPOINT_VAR,
     HF_REPOS,
@@ -43,8 +45,6 @@ from gpt2load.hub.sources import (
     OPENAI_URL_VAR,
     SOURCES,
 )
-from gpt2load.model.config import PRESETS, resolve_size
-from gpt2load.settings import Settings
 
 
 def default_weights_dir(settings: Settings | None = None) -> Path:

@@ -25,10 +25,10 @@ import requests
 import urllib3
 from tqdm import tqdm
 
-from gpt2load.errors import Gpt2LoadError
-from gpt2load.hub.manifest import discard, read_json, sidecar, write_json
-from gpt2load.hub.sources import OTHER_SOURCE
-from gpt2load.settings import Settings
+from ..errors import Gpt2LoadError
+from ..settings import Settings
+from .manifest import discard, read_json, sidecar, write_json
+from .sources import OTHER_SOURCE
 
 CHUNK_BYTES = 1024 * 1024  # largest read; written as soon as it arrives
 CONNECT_TIMEOUT = 10.0

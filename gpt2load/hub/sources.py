@@ -6,7 +6,7 @@ for all four sizes) and the data file's size (4 bytes per float32 parameter of t
 
 from __future__ import annotations
 
-from gpt2load.model.config import PRESETS, GPTConfig
+from ..model.config import PRESETS, GPTConfig
 
 OPENAI_URL = "https://openaipublic.blob.core.windows.net/gpt-2/models"
 OPENAI_URL_VAR = "GPT2LOAD_OPENAI_URL"

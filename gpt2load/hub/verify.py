@@ -20,12 +20,12 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from gpt2load.errors import Gpt2LoadError
-from gpt2load.formats.names import CONV1D, CONV1D_3D, OPENAI, expected_shapes
-from gpt2load.formats.tfcheckpoint import _fields, read_index, verify_checkpoint
-from gpt2load.hub.manifest import link_or_copy
-from gpt2load.hub.sources import OPENAI_DATA, OPENAI_HPARAMS, OPENAI_INDEX
-from gpt2load.model.config import GPTConfig, read_hf_config, read_hparams
+from ..errors import Gpt2LoadError
+from ..formats.names import CONV1D, CONV1D_3D, OPENAI, expected_shapes
+from ..formats.tfcheckpoint import _fields, read_index, verify_checkpoint
+from ..model.config import GPTConfig, read_hf_config, read_hparams
+from .manifest import link_or_copy
+from .sources import OPENAI_DATA, OPENAI_HPARAMS, OPENAI_INDEX
 
 _FLOAT32 = 1  # TensorFlow DataType enum
 # MetaGraphDef's fields (meta_info_def, graph_def, saver_def, collection_def, signature_def, asset_file_def,

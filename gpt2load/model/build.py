@@ -8,9 +8,9 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from gpt2load.errors import Gpt2LoadError
-from gpt2load.model.config import GPTConfig
-from gpt2load.model.gpt import GPTModel
+from ..errors import Gpt2LoadError
+from .config import GPTConfig
+from .gpt import GPTModel
 
 
 def pick_device(device: str | torch.device | None = None) -> torch.device:

@@ -7,7 +7,7 @@ import math
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-from gpt2load.errors import Gpt2LoadError
+from ..errors import Gpt2LoadError
 
 # Sane ranges for every whole-number hyperparameter, far beyond any GPT-2 (1558M: 1600 wide, 48 deep), so a
 # typo or a hostile file fails here, before a single tensor or module is allocated.

@@ -17,10 +17,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gpt2load.errors import Gpt2LoadError
-from gpt2load.model.config import GPTConfig
-from gpt2load.model.kvcache import KVCache
-from gpt2load.model.quant import Int8Embedding, Int8Linear
+from ..errors import Gpt2LoadError
+from .config import GPTConfig
+from .kvcache import KVCache
+from .quant import Int8Embedding, Int8Linear
 
 # What a module asks its backend (gpt2load.fast.backend.Backend); each answer is None when the fast way does not
 # apply. Typed loosely on purpose: the model knows the questions, not the speed layer.

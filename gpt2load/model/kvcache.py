@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from gpt2load.model.config import GPTConfig
+from .config import GPTConfig
 
 
 class KVCache:

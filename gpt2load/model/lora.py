@@ -19,8 +19,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from gpt2load.errors import Gpt2LoadError
-from gpt2load.fsutil import atomic_path
+from ..errors import Gpt2LoadError
+from ..fsutil import atomic_path
 
 # Target names users pass (`--lora-targets`), each meaning module paths relative to one transformer block.
 # "head" is the model's output head, allowed only when it is not tied to the token embedding.

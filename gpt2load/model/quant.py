@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gpt2load.errors import Gpt2LoadError
+from ..errors import Gpt2LoadError
 
 QUANTIZATIONS = ("int8",)
 

@@ -3,11 +3,11 @@
 Needs the `serve` extra (FastAPI and uvicorn); without it, `serve` raises a Gpt2LoadError that says so.
 """
 
-from gpt2load.errors import Gpt2LoadError
+from ..errors import Gpt2LoadError
 
 try:
-    from gpt2load.serve.app import create_app
-    from gpt2load.serve.run import serve
+    from .app import create_app
+    from .run import serve
 except ModuleNotFoundError as e:
     if e.name not in ("fastapi", "uvicorn", "starlette"):
         raise

@@ -17,12 +17,12 @@ from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
-from gpt2load.serve.batcher import Batcher, QueueFull
-from gpt2load.serve.guard import HostCheck, HostRule, check_content_type, parse_body, read_body
-from gpt2load.serve.protocol import APIError, Limits, chat_job, clip, completion_job
-from gpt2load.serve.responses import Answer
-from gpt2load.serve.sequence import Failure, Finish, Piece
-from gpt2load.serve.sequence import Request as Work
+from .batcher import Batcher, QueueFull
+from .guard import HostCheck, HostRule, check_content_type, parse_body, read_body
+from .protocol import APIError, Limits, chat_job, clip, completion_job
+from .responses import Answer
+from .sequence import Failure, Finish, Piece
+from .sequence import Request as Work
 
 log = logging.getLogger("gpt2load.serve")
 

@@ -25,12 +25,12 @@ from collections.abc import Callable, Iterable
 import tiktoken
 import torch
 
-from gpt2load.generation.beam import beam_search
-from gpt2load.generation.sampling import apply_repetition_penalty, mask_token, sample
-from gpt2load.model.gpt import GPTModel
-from gpt2load.serve.sequence import Piece, Request, Sequence, TokenInfo
-from gpt2load.serve.slots import SlotCache
-from gpt2load.tokenizer import decode_ids, token_bytes
+from ..generation.beam import beam_search
+from ..generation.sampling import apply_repetition_penalty, mask_token, sample
+from ..model.gpt import GPTModel
+from ..tokenizer import decode_ids, token_bytes
+from .sequence import Piece, Request, Sequence, TokenInfo
+from .slots import SlotCache
 
 log = logging.getLogger("gpt2load.serve")
 

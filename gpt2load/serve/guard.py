@@ -17,7 +17,7 @@ from collections.abc import Awaitable, Callable, Iterable
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse
 
-from gpt2load.serve.protocol import APIError, clip
+from .protocol import APIError, clip
 
 # Real bodies nest 4 deep (messages, content parts); json's C parser recurses, so 10^5 brackets would overflow it.
 MAX_DEPTH = 64

@@ -11,9 +11,9 @@ from dataclasses import dataclass
 
 import tiktoken
 
-from gpt2load.generation.templates import format_instruction
-from gpt2load.serve.sequence import SamplingParams
-from gpt2load.tokenizer import encode
+from ..generation.templates import format_instruction
+from ..tokenizer import encode
+from .sequence import SamplingParams
 
 MAX_LOGPROBS = 20
 MAX_N = 128

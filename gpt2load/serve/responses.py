@@ -6,9 +6,9 @@ import time
 
 import tiktoken
 
-from gpt2load.serve.protocol import Job
-from gpt2load.serve.sequence import Finish, Piece, TokenInfo
-from gpt2load.tokenizer import token_bytes
+from ..tokenizer import token_bytes
+from .protocol import Job
+from .sequence import Finish, Piece, TokenInfo
 
 
 class Answer:

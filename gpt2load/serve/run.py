@@ -13,17 +13,17 @@ from pathlib import Path
 
 import uvicorn
 
-from gpt2load.errors import Gpt2LoadError
-from gpt2load.formats import stfile
-from gpt2load.formats.layouts import open_source
-from gpt2load.generation.templates import TEMPLATES
-from gpt2load.load import load_gpt2, model_folder
-from gpt2load.serve.app import ServerState, create_app
-from gpt2load.serve.batcher import Batcher
-from gpt2load.serve.guard import HostRule
-from gpt2load.serve.protocol import Limits
-from gpt2load.settings import Settings
-from gpt2load.tokenizer import tokenizer_from_folder
+from ..errors import Gpt2LoadError
+from ..formats import stfile
+from ..formats.layouts import open_source
+from ..generation.templates import TEMPLATES
+from ..load import load_gpt2, model_folder
+from ..settings import Settings
+from ..tokenizer import tokenizer_from_folder
+from .app import ServerState, create_app
+from .batcher import Batcher
+from .guard import HostRule
+from .protocol import Limits
 
 log = logging.getLogger("gpt2load.serve")
 

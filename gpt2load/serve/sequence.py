@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import tiktoken
 import torch
 
-from gpt2load.generation.text import TextTracker
+from ..generation.text import TextTracker
 
 
 @dataclass

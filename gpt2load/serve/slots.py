@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from gpt2load.model.gpt import GPTModel, KVCache
+from ..model.gpt import GPTModel, KVCache
 
 
 class SlotCache:

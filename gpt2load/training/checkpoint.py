@@ -17,10 +17,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from gpt2load.errors import Gpt2LoadError
-from gpt2load.fsutil import atomic_path
-from gpt2load.model.gpt import GPTModel, is_derived
-from gpt2load.training.distributed import broadcast, dist_info, rank0_first
+from ..errors import Gpt2LoadError
+from ..fsutil import atomic_path
+from ..model.gpt import GPTModel, is_derived
+from .distributed import broadcast, dist_info, rank0_first
 
 CHECKPOINT_FORMAT = "gpt2load-train"
 CHECKPOINT_VERSION = 1

@@ -16,10 +16,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from gpt2load.errors import Gpt2LoadError
-from gpt2load.fsutil import atomic_path
-from gpt2load.tokenizer import EOT, EOT_ID, encode
-from gpt2load.training.checkpoint import rng_state, set_rng_state
+from ..errors import Gpt2LoadError
+from ..fsutil import atomic_path
+from ..tokenizer import EOT, EOT_ID, encode
+from .checkpoint import rng_state, set_rng_state
 
 CACHE_VERSION = 1
 CHUNK_CHARS = 1 << 22  # tokenize about 4M characters at a time, so big files need little memory

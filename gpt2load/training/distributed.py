@@ -11,9 +11,9 @@ from typing import TypeVar
 import torch
 import torch.distributed as dist
 
-from gpt2load.errors import Gpt2LoadError
-from gpt2load.model.build import pick_device
-from gpt2load.settings import Settings
+from ..errors import Gpt2LoadError
+from ..model.build import pick_device
+from ..settings import Settings
 
 T = TypeVar("T")
 

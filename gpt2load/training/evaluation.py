@@ -11,12 +11,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gpt2load.errors import Gpt2LoadError
-from gpt2load.generation.generate import generate
-from gpt2load.model.build import pick_dtype
-from gpt2load.model.gpt import GPTModel
-from gpt2load.tokenizer import EOT_ID, decode_ids, encode
-from gpt2load.training.distributed import all_sum
+from ..errors import Gpt2LoadError
+from ..generation.generate import generate
+from ..model.build import pick_dtype
+from ..model.gpt import GPTModel
+from ..tokenizer import EOT_ID, decode_ids, encode
+from .distributed import all_sum
 
 IGNORE_INDEX = -100  # targets with this value count for nothing (padding, masked prompts), as in PyTorch
 

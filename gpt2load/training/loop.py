@@ -22,12 +22,12 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from gpt2load.errors import Gpt2LoadError
-from gpt2load.fsutil import open_run_folder
-from gpt2load.model.build import pick_dtype
-from gpt2load.model.gpt import GPTModel, stored_state
-from gpt2load.model.quant import refuse_quantized
-from gpt2load.training.checkpoint import (
+from ..errors import Gpt2LoadError
+from ..fsutil import open_run_folder
+from ..model.build import pick_dtype
+from ..model.gpt import GPTModel, stored_state
+from ..model.quant import refuse_quantized
+from .checkpoint import (
     CHECKPOINT_FORMAT,
     CHECKPOINT_VERSION,
     find_resume_checkpoint,
@@ -38,9 +38,9 @@ from gpt2load.training.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from gpt2load.training.data import BatchStream, total_steps
-from gpt2load.training.distributed import all_sum, dist_info, gather, rank0_first
-from gpt2load.training.evaluation import (
+from .data import BatchStream, total_steps
+from .distributed import all_sum, dist_info, gather, rank0_first
+from .evaluation import (
     Batch,
     LossFn,
     autocast,
@@ -50,8 +50,8 @@ from gpt2load.training.evaluation import (
     sample_text,
     token_loss,
 )
-from gpt2load.training.metrics import MetricsLog, perplexity, plot_losses
-from gpt2load.training.optim import WarmupCosine, apply_freezing, make_optimizer
+from .metrics import MetricsLog, perplexity, plot_losses
+from .optim import WarmupCosine, apply_freezing, make_optimizer
 
 
 def check_positive(**values) -> None:

@@ -7,7 +7,7 @@ import math
 from collections.abc import Sequence
 from pathlib import Path
 
-from gpt2load.fsutil import atomic_path
+from ..fsutil import atomic_path
 
 
 def perplexity(loss: float | None) -> float | None:

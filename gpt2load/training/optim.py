@@ -8,8 +8,8 @@ import re
 import torch
 from torch import nn
 
-from gpt2load.errors import Gpt2LoadError
-from gpt2load.model.gpt import GPTModel
+from ..errors import Gpt2LoadError
+from ..model.gpt import GPTModel
 
 
 def parse_train_layers(spec: str, n_layers: int) -> int | None:

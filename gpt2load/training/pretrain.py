@@ -12,15 +12,15 @@ from pathlib import Path
 import numpy as np
 from torch import nn
 
-from gpt2load.errors import Gpt2LoadError
-from gpt2load.formats.exports import save_finetuned
-from gpt2load.fsutil import MARKER, RunLock, atomic_path, check_output, open_run_folder
-from gpt2load.load import load_gpt2, load_tokenizer, model_folder
-from gpt2load.model.gpt import GPTModel
-from gpt2load.model.lora import DEFAULT_ALPHA, DEFAULT_TARGETS, check_lora_settings, parse_targets, setup_lora
-from gpt2load.training.data import TokenWindows, WindowLoader, split_tokens, tokenize_files
-from gpt2load.training.distributed import init_distributed, rank0_first, shutdown
-from gpt2load.training.loop import check_positive, train
+from ..errors import Gpt2LoadError
+from ..formats.exports import save_finetuned
+from ..fsutil import MARKER, RunLock, atomic_path, check_output, open_run_folder
+from ..load import load_gpt2, load_tokenizer, model_folder
+from ..model.gpt import GPTModel
+from ..model.lora import DEFAULT_ALPHA, DEFAULT_TARGETS, check_lora_settings, parse_targets, setup_lora
+from .data import TokenWindows, WindowLoader, split_tokens, tokenize_files
+from .distributed import init_distributed, rank0_first, shutdown
+from .loop import check_positive, train
 
 
 def _set_dropout(net: GPTModel, rate: float) -> None:
