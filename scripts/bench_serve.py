@@ -6,6 +6,10 @@ all clients at once. Requests/s and completion tokens/s are over the wall time o
 is against one client (requests served one at a time).
 
     python scripts/bench.py serve [--shape 124M|tiny] [--clients 1,4,8] [--requests 2] [--max-tokens 64]
+
+Then the server's memory under a full queue: while one long request holds the decoding thread, clients queue
+requests of --max-choices choices each (with penalties, whose state is the costly part) until the server says
+503 queue_full; the server's resident memory before and after is read from /proc.
 """
 
 from __future__ import annotations
@@ -76,6 +80,46 @@ def round_trip(url: str, model: str, clients: int, requests: int, max_tokens: in
     return time.perf_counter() - start, sum(tokens)
 
 
+def resident_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def queue_memory(url: str, model: str, pid: int, choices: int, context: int) -> tuple[int, float]:
+    """(choices queued until 503, the server's RSS growth in MB) with the decoding thread busy."""
+    long = {"model": model, "prompt": PROMPTS[0], "max_tokens": context - 16, "temperature": 0}
+    holder = threading.Thread(target=lambda: httpx.post(url + "/v1/completions", json=long, timeout=600))
+    holder.start()
+    time.sleep(1.0)
+    before, queued, waiting = resident_mb(pid), 0, []
+    body = {
+        "model": model,
+        "prompt": [f"{p} {i}" for i in range(choices // 16) for p in PROMPTS[:1]],
+        "n": 16,
+        "max_tokens": 16,
+        "presence_penalty": 0.5,
+        "frequency_penalty": 0.5,
+    }
+
+    def send(out: list) -> None:
+        out.append(httpx.post(url + "/v1/completions", json=body, timeout=600).status_code)
+
+    while True:
+        status: list = []
+        t = threading.Thread(target=send, args=(status,))
+        t.start()
+        t.join(2.0)  # a queued request stays open; a refused one returns at once
+        if status and status[0] == 503:
+            break
+        waiting.append(t)
+        queued += (choices // 16) * 16
+    grown = resident_mb(pid) - before
+    httpx.post(url + "/v1/completions", json={"model": model, "prompt": "x", "max_tokens": 1}, timeout=1)
+    return queued, grown
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="bench.py serve", description=__doc__.split("\n\n")[0])
     p.add_argument("--shape", choices=sorted(SHAPES), default="124M", help="random weights of this shape")
@@ -84,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-tokens", type=int, default=64, help="new tokens per request")
     p.add_argument("--max-batch-size", type=int, default=8)
     p.add_argument("--threads", type=int, default=None, help="the server's OMP_NUM_THREADS (default: torch's own)")
+    p.add_argument("--queue-memory", action="store_true", help="only the memory under a full queue")
     args = p.parse_args(argv)
     counts = [int(c) for c in args.clients.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
@@ -91,6 +136,13 @@ def main(argv: list[str] | None = None) -> int:
         flags = ("--model", str(folder), "--max-batch-size", str(args.max_batch_size))
         with ServeProcess(*flags, threads=args.threads) as s:
             round_trip(s.url, args.shape, 1, 1, 4)  # warm-up
+            if args.queue_memory:
+                queued, grown = queue_memory(s.url, args.shape, s.proc.pid, 128, SHAPES[args.shape].context_length)
+                print(
+                    f"{args.shape}: {queued} choices queued (with penalties) until 503; server RSS grew {grown:.1f} MB"
+                )
+                s.proc.kill()
+                return 0
             print(f"gpt2load serve, {args.shape}-shaped random weights, fp32, {cpu_name()}")
             print(f"each client: {args.requests} requests x {args.max_tokens} new tokens (greedy)\n")
             print("| concurrent clients | requests/s | tokens/s | vs 1 client |")
