@@ -365,7 +365,25 @@ def open_source(path: str | Path, n_heads: int | None = None) -> Source:
     )
 
 
+def _magic(p: Path) -> bytes:
+    try:
+        with open(p, "rb") as f:
+            return f.read(8)
+    except OSError:
+        return b""
+
+
 def _open_file(p: Path, n_heads: int | None = None) -> Source:
+    # Formats with a magic number are recognised by content, whatever their suffix.
+    magic = _magic(p) if p.is_file() else b""
+    if magic[:4] == b"GGUF":
+        from .ggufread import open_gguf
+
+        return open_gguf(p, n_heads)
+    if magic[:4] == (20240326).to_bytes(4, "little"):  # llm.c's model file
+        from .llmc import open_llmc
+
+        return open_llmc(p)
     if p.suffix == ".index" or Path(str(p) + ".index").exists():
         prefix = p.with_suffix("") if p.suffix == ".index" else p
         return OpenAISource(prefix, read_hparams(prefix.parent / "hparams.json"), prefix.parent)
