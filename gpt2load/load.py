@@ -14,6 +14,7 @@ from .fast.int8mm import aligned_int8
 from .fast.registry import Kernels, shared_kernels
 from .formats import stfile
 from .formats.cache import cached_source
+from .formats.ggufread import gguf_tokenizer, is_gguf
 from .formats.layouts import MODEL_MARKERS, WEIGHT_SUFFIXES, OwnSource, open_source
 from .formats.names import expected_shapes
 from .formats.ownform import head_shapes
@@ -24,7 +25,7 @@ from .model.gpt import GPTModel
 from .model.lora import load_adapters
 from .model.quant import Int8Embedding, check_quantize, quantize_model, quantized_names
 from .settings import Settings
-from .tokenizer import tokenizer_from_folder
+from .tokenizer import find_tokenizer_files, tokenizer_from_folder
 
 
 def written_as_path(model: str) -> bool:
@@ -191,7 +192,10 @@ def load_tokenizer(model: str | Path = "124M", source: str = "hf", weights_dir: 
     """The GPT-2 tokenizer (a tiktoken Encoding) from the files that come with `model`'s weights."""
 
     where = model_folder(model, source, weights_dir, quiet=True)
-    return tokenizer_from_folder(where if where.is_dir() else where.parent)
+    folder = where if where.is_dir() else where.parent
+    if where.is_file() and find_tokenizer_files(folder) is None and is_gguf(where):
+        return gguf_tokenizer(where)  # a GGUF file carries its tokenizer in its metadata
+    return tokenizer_from_folder(folder)
 
 
 def model_metadata(model: str | Path, source: str = "hf", weights_dir: str | Path | None = None) -> dict[str, str]:

@@ -110,6 +110,11 @@ def read_ranks(vocab_path: str | Path, merges_path: str | Path) -> dict[bytes, i
     alphabet = _byte_alphabet()
     ranks = _read_vocab(vocab_path, raw_vocab, alphabet)
     implied = _ranks_from_merges(merges_path, raw_merges, alphabet)
+    _check_agree(vocab_path, merges_path, ranks, implied)
+    return ranks
+
+
+def _check_agree(vocab_path: Path, merges_path: Path, ranks: dict[bytes, int], implied: dict[bytes, int]) -> None:
     if ranks != implied:
         if len(ranks) != len(implied):
             why = f"{len(ranks)} tokens, the merges make {len(implied)}"
@@ -117,7 +122,18 @@ def read_ranks(vocab_path: str | Path, merges_path: str | Path) -> dict[bytes, i
             tok = next(t for t, i in implied.items() if ranks.get(t) != i)
             why = f"token {tok!r} has id {ranks.get(tok)}, the merges give it {implied[tok]}"
         raise Gpt2LoadError(f"{vocab_path} and {merges_path} do not belong together ({why}): download both again")
-    return ranks
+
+
+def encoding_from_lists(where: str | Path, tokens: list[str], merges: list[str]) -> tiktoken.Encoding:
+    """GPT-2's encoding from its tokens in id order (<|endoftext|> among them) and its merge lines, as a GGUF
+    file's `tokenizer.ggml.tokens` / `.merges` hold them: checked as `read_ranks` checks the files."""
+    where, alphabet = Path(where), _byte_alphabet()
+    if len(set(tokens)) != len(tokens):
+        raise Gpt2LoadError(f"{where} lists a token twice in its vocabulary: get the file again")
+    ranks = _read_vocab(where, json.dumps({t: i for i, t in enumerate(tokens)}).encode(), alphabet)
+    _check_agree(where, where, ranks, _ranks_from_merges(where, "\n".join(merges).encode(), alphabet))
+    specials = {EOT: tokens.index(EOT)}
+    return tiktoken.Encoding(name="gpt2", pat_str=PAT_STR, mergeable_ranks=ranks, special_tokens=specials)
 
 
 @lru_cache(maxsize=8)
