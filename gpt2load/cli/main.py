@@ -262,16 +262,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.set_defaults(func=cmd_generate)
 
     c = sub.add_parser(
-        "convert", help="export weights as safetensors, a transformers folder, a book .pth or GGUF (llama.cpp)"
+        "convert", help="export weights as safetensors, a transformers folder, a book .pth, GGUF or llm.c's .bin"
     )
     model_args(c)
-    c.add_argument("--to", required=True, choices=("safetensors", "hf", "pth", "gguf"))
+    c.add_argument("--to", required=True, choices=("safetensors", "hf", "pth", "gguf", "llmc"))
     c.add_argument("--out", required=True, help="output file (.safetensors, .pth, .gguf) or folder (hf, safetensors)")
     c.add_argument(
         "--dtype",
         choices=("float32", "bfloat16", "float16", "f32", "bf16", "f16", "q8_0"),
         default=None,
-        help="float32, bfloat16 or float16 (default: as stored); for gguf f32, f16 (default), bf16 or q8_0",
+        help="float32, bfloat16 or float16 (default: as stored); for gguf f32, f16 (default), bf16 or q8_0; "
+        "for llmc float32 or bfloat16",
     )
     c.add_argument("--force", action="store_true", help="replace an earlier gpt2load output of this format at --out")
     c.add_argument("--dequantize", action="store_true", help="write an int8 model's weights as float32")

@@ -36,10 +36,11 @@ from ..model.quant import dequantize_model, quantization, refuse_quantized
 from ..tokenizer import find_tokenizer_files
 from . import stfile
 from .gguf import GGUF_DTYPES, export_gguf, gguf_dtype
+from .llmc import export_llmc
 from .ownform import OWN_FORMAT, write_own
 from .relayout import check_finite, layout_specs, to_layout
 
-FORMATS = ("safetensors", "hf", "pth", "gguf")
+FORMATS = ("safetensors", "hf", "pth", "gguf", "llmc")
 _SHORT_NAMES = {"f32": "float32", "f16": "float16", "bf16": "bfloat16"}  # GGUF's names, accepted everywhere
 QUANTIZED = tuple(d for d in GGUF_DTYPES if d not in _SHORT_NAMES)
 QKV = ("query", "key", "value")
@@ -278,11 +279,11 @@ def export(
     dequantize: bool = False,
     strict: bool = False,
 ) -> Path:
-    """Write `model` as `to` (safetensors, hf, pth or gguf) at `out`.
+    """Write `model` as `to` (safetensors, hf, pth, gguf or llmc) at `out`.
 
     Args:
         dtype: float32, bfloat16 or float16 for safetensors/hf/pth (default the model's own); for gguf
-            f32, f16 (default), bf16 or q8_0.
+            f32, f16 (default), bf16 or q8_0; for llmc float32 or bfloat16 (default the model's own).
         out: a new path, or an empty folder; never a folder or file gpt2load did not write.
         force: replace an earlier gpt2load output of the same format at `out` (only its own files).
         protect: paths (e.g. the source model) that `out` may not be or contain.
@@ -307,4 +308,6 @@ def export(
         return export_hf(model, out, tokenizer_dir, dtype, force=force, protect=protect, strict=strict)
     if to == "pth":
         return export_pth(model, out, dtype, force=force, protect=protect, strict=strict)
+    if to == "llmc":
+        return export_llmc(model, out, dtype, force=force, protect=protect, strict=strict)
     raise Gpt2LoadError(f"unknown export format {to!r}: use one of {', '.join(FORMATS)}")
