@@ -42,12 +42,13 @@ def _stored(src: Source) -> dict:
     return out
 
 
-def info(model: str, source: str = "hf", weights_dir: str | Path | None = None) -> dict:
-    """Architecture, parameter count, stored dtype, tokenizer size and where the files are (or would go)."""
+def info(model: str, source: str = "hf", weights_dir: str | Path | None = None, *, n_heads: int | None = None) -> dict:
+    """Architecture, parameter count, stored dtype, tokenizer size and where the files are (or would go).
+    `n_heads` as for load_gpt2 (a book-layout .pth of a width no GPT-2 size has)."""
     path, size = locate(model)
     stored: dict = {}
     if path is not None:
-        src = open_source(path)
+        src = open_source(path, n_heads)
         cfg, where, layout, name = src.cfg, str(src.path), src.kind, path.name
         folder = path if path.is_dir() else path.parent
         stored = _stored(src)

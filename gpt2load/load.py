@@ -198,7 +198,13 @@ def load_tokenizer(model: str | Path = "124M", source: str = "hf", weights_dir: 
     return tokenizer_from_folder(folder)
 
 
-def model_metadata(model: str | Path, source: str = "hf", weights_dir: str | Path | None = None) -> dict[str, str]:
+def model_metadata(
+    model: str | Path,
+    source: str = "hf",
+    weights_dir: str | Path | None = None,
+    *,
+    n_heads: int | None = None,
+) -> dict[str, str]:
     """The header metadata of a model saved in gpt2load's own form ({} for other forms): where fine-tuning
-    records what using the model needs (`classifier`, `prompt_template`)."""
-    return open_source(model_folder(model, source, weights_dir, quiet=True)).metadata()
+    records what using the model needs (`classifier`, `prompt_template`). `n_heads` as for load_gpt2."""
+    return open_source(model_folder(model, source, weights_dir, quiet=True), n_heads).metadata()

@@ -7,6 +7,7 @@ import argparse
 import json
 
 from ..model.lora import DEFAULT_ALPHA, DEFAULT_TARGETS, TARGET_MODULES
+from .common import n_heads_arg
 
 EPILOG = """\
 Writes OUT/metrics.jsonl, OUT/loss.png (and accuracy.png for classify; both need the plot extra),
@@ -56,6 +57,7 @@ def _config(args: argparse.Namespace):
         weights_dir=args.weights_dir,
         device=args.device,
         quiet=args.quiet,
+        n_heads=args.n_heads,
         **lora_kwargs(args),
     )
 
@@ -96,7 +98,13 @@ def cmd_classify(args: argparse.Namespace) -> int:
     from ..finetune.classify import classify_texts
 
     result = classify_texts(
-        args.model, args.text, source=args.source, weights_dir=args.weights_dir, device=args.device, dtype=args.dtype
+        args.model,
+        args.text,
+        source=args.source,
+        weights_dir=args.weights_dir,
+        device=args.device,
+        dtype=args.dtype,
+        n_heads=args.n_heads,
     )
     if args.json:
         print(json.dumps(result))
@@ -112,6 +120,7 @@ def _shared(p: argparse.ArgumentParser, train_layers: str, epochs: int) -> None:
     p.add_argument("--model", default="124M", help="size or alias (124M, gpt2-medium, ...) or a local path")
     p.add_argument("--source", choices=("hf", "openai"), default="hf", help="where sizes download from")
     p.add_argument("--weights-dir", default=None, help="download folder (default $GPT2LOAD_WEIGHTS_DIR or ./weights)")
+    n_heads_arg(p)
     p.add_argument("--out", required=True, help="run folder: metrics, plots, checkpoints and the final model")
     length = p.add_mutually_exclusive_group()
     length.add_argument("--epochs", type=int, default=None, help=f"passes over the data (default {epochs})")
@@ -175,6 +184,7 @@ def add_finetune_parsers(subparsers) -> None:
     k.add_argument("--model", required=True, help="a fine-tuned classifier (the OUT of finetune classify)")
     k.add_argument("--source", choices=("hf", "openai"), default="hf", help=argparse.SUPPRESS)
     k.add_argument("--weights-dir", default=None, help=argparse.SUPPRESS)
+    n_heads_arg(k)
     k.add_argument("--text", action="append", required=True, help="a text to classify (repeatable)")
     k.add_argument("--device", default=None, help="cpu, cuda, mps (default: cuda, then mps, then cpu)")
     k.add_argument("--dtype", choices=("float32", "bfloat16"), default=None)

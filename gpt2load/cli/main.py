@@ -93,6 +93,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         quiet=quiet,
         cache=_cache(args),
         quantize=args.quantize,
+        n_heads=args.n_heads,
     )
     enc = load_tokenizer(args.model, args.source, args.weights_dir)
     streaming = not args.json and args.num_beams == 1 and args.num_return_sequences == 1
@@ -142,7 +143,7 @@ def instruction_prompt(args: argparse.Namespace) -> str:
     from ..generation.templates import TEMPLATES, format_instruction
     from ..load import model_metadata
 
-    template = model_metadata(args.model, args.source, args.weights_dir).get("prompt_template")
+    template = model_metadata(args.model, args.source, args.weights_dir, n_heads=args.n_heads).get("prompt_template")
     if template is None:
         print("gpt2load: notice: the model records no prompt template; using the Alpaca template", file=sys.stderr)
     elif template not in TEMPLATES:
@@ -164,7 +165,14 @@ def cmd_convert(args: argparse.Namespace) -> int:
     check_output(args.out, args.to, folder=is_folder_output(args.to, args.out), force=args.force, protect=[where])
     dtype = load_dtype(args.to, args.dtype)
     model = load_gpt2(
-        args.model, args.source, args.weights_dir, device="cpu", dtype=dtype, quiet=args.quiet, cache=_cache(args)
+        args.model,
+        args.source,
+        args.weights_dir,
+        device="cpu",
+        dtype=dtype,
+        quiet=args.quiet,
+        cache=_cache(args),
+        n_heads=args.n_heads,
     )
     merge_lora(model)  # a model saved with --no-merge is exported as the one model it computes
     folder = where if where.is_dir() else where.parent
@@ -195,7 +203,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 
     if args.tensors:
         return _print_tensors(args)
-    data = info(args.model, args.source, args.weights_dir)
+    data = info(args.model, args.source, args.weights_dir, n_heads=args.n_heads)
     if args.json:
         print(json.dumps(data, indent=2))
     else:
@@ -208,7 +216,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 def _print_tensors(args: argparse.Namespace) -> int:
     from ..tensors import tensor_table
 
-    rows = tensor_table(args.model, args.layout, args.source, args.weights_dir, args.adapters)
+    rows = tensor_table(args.model, args.layout, args.source, args.weights_dir, args.adapters, n_heads=args.n_heads)
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
@@ -299,7 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.set_defaults(func=cmd_info)
 
     d = sub.add_parser("download", help="download a model's files (resumable, verified)")
-    model_args(d, positional=True)
+    model_args(d, positional=True, heads=False)
     d.add_argument("--revision", default="main", help="Hugging Face revision (default main)")
     d.add_argument("--quiet", action="store_true")
     d.set_defaults(func=cmd_download)

@@ -30,6 +30,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_choices=args.max_choices,
         max_queued_choices=args.max_queued_choices,
         max_logprob_entries=args.max_logprob_entries,
+        n_heads=args.n_heads,
     )
     return 0
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from .common import n_heads_arg
 from .finetune import add_lora_args, lora_kwargs
 
 EPILOG = """\
@@ -49,6 +50,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         sample_prompt=args.sample_prompt,
         sample_tokens=args.sample_tokens,
         progress=False if args.quiet else None,
+        n_heads=args.n_heads,
         **lora_kwargs(args),
     )
     return 0
@@ -66,6 +68,7 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--model", default="124M", help="size or alias (124M, gpt2-medium, ...) or a local path")
     p.add_argument("--source", choices=("hf", "openai"), default="hf", help="where sizes download from (default hf)")
     p.add_argument("--weights-dir", default=None, help="download folder (default $GPT2LOAD_WEIGHTS_DIR or ./weights)")
+    n_heads_arg(p)
     data = p.add_argument_group("data")
     data.add_argument("--data", nargs="+", required=True, metavar="PATH", help="text files or folders of .txt")
     data.add_argument("--val-data", nargs="+", default=None, metavar="PATH", help="separate validation text")

@@ -80,10 +80,11 @@ def classify_texts(
     weights_dir: str | Path | None = None,
     device: str | None = None,
     dtype: str | None = None,
+    n_heads: int | None = None,
 ) -> dict:
     """Load a fine-tuned classifier (its labels, pool and max_length from the file's metadata) and classify
     `texts`: `{"results": [{"label": ..., "probs": {label: p}}]}` (what `gpt2load classify` prints)."""
-    raw = model_metadata(model, source, weights_dir).get("classifier")
+    raw = model_metadata(model, source, weights_dir, n_heads=n_heads).get("classifier")
     if raw is None:
         raise Gpt2LoadError(
             f"{model} is not a fine-tuned classifier (its metadata has no labels): make one with "
@@ -94,7 +95,7 @@ def classify_texts(
         labels, pool, max_length = info["labels"], info["pool"], info["max_length"]
     except (json.JSONDecodeError, KeyError, TypeError):
         raise Gpt2LoadError(f"{model}: the classifier metadata is damaged: fine-tune it again") from None
-    net = load_gpt2(model, source, weights_dir, device=device, dtype=dtype, quiet=True)
+    net = load_gpt2(model, source, weights_dir, device=device, dtype=dtype, quiet=True, n_heads=n_heads)
     enc = load_tokenizer(model, source, weights_dir)
     return {"results": classify(net, enc, texts, labels, pool=pool, max_length=max_length)}
 

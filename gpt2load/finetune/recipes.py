@@ -54,7 +54,8 @@ class FinetuneConfig:
     as the book trains), weight_decay, eval_every / eval_batches (steps between evaluations / batches each),
     save_every / keep_checkpoints, seed, dtype ("float32" or "bfloat16" autocast), resume, progress;
     lora_rank / lora_alpha / lora_targets (train LoRA adapters only, see lora.add_lora) and merge (fold them into
-    the saved model; False saves them beside it); source / weights_dir / device / quiet (as for load_gpt2).
+    the saved model; False saves them beside it); source / weights_dir / device / quiet / n_heads (as for
+    load_gpt2).
     """
 
     train_layers: str | None = None
@@ -79,6 +80,7 @@ class FinetuneConfig:
     weights_dir: str | Path | None = None
     device: str | None = None
     quiet: bool = False
+    n_heads: int | None = None
 
     def check(self) -> None:
         """The settings that can be checked before any loading, as one clear error each."""
@@ -115,7 +117,9 @@ def accuracy(model: nn.Module, batches) -> float | None:
 
 def _load(cfg: FinetuneConfig, model):
     """(model in float32, tokenizer, the folder its tokenizer files are in)."""
-    net = load_gpt2(model, cfg.source, cfg.weights_dir, device=pick_device(cfg.device), quiet=cfg.quiet)
+    net = load_gpt2(
+        model, cfg.source, cfg.weights_dir, device=pick_device(cfg.device), quiet=cfg.quiet, n_heads=cfg.n_heads
+    )
     enc = load_tokenizer(model, cfg.source, cfg.weights_dir)
     where = model_folder(model, cfg.source, cfg.weights_dir, quiet=True)
     return net, enc, where if where.is_dir() else where.parent

@@ -256,8 +256,8 @@ def _book_config(shapes: dict[str, tuple[int, ...]], path: Path, n_heads: int | 
     heads = n_heads or {c.emb_dim: c.n_heads for c in PRESETS.values()}.get(d)
     if heads is None:
         raise Gpt2LoadError(
-            f"{path}: emb_dim {d} is not a GPT-2 size, so the head count is unknown: pass n_heads= to load_gpt2 "
-            "or save the model in gpt2load's own form, which records the config"
+            f"{path}: emb_dim {d} is not a GPT-2 size, so the head count is unknown: pass --n-heads N "
+            "(n_heads= in Python) or save the model in gpt2load's own form, which records the config"
         )
     bias = "trf_blocks.0.att.W_query.bias" in shapes
     return GPTConfig(vocab_size=vocab, context_length=ctx, emb_dim=d, n_heads=heads, n_layers=layers, qkv_bias=bias)

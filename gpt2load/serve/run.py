@@ -136,6 +136,7 @@ def serve(
     max_choices: int = 128,
     max_queued_choices: int | None = None,
     max_logprob_entries: int = 131_072,
+    n_heads: int | None = None,
 ) -> None:
     """Serve a model over HTTP with OpenAI's API and a page at `/`, until interrupted.
 
@@ -154,6 +155,7 @@ def serve(
         max_queued_choices: choices that may wait for a row, across requests (default: the batcher's).
         max_logprob_entries: tokens x (logprobs + 1) x choices one answer may hold.
         quantize: "int8" for int8 weight-only Linear layers and head (as `load_gpt2`).
+        n_heads: as for load_gpt2 (a book-layout .pth of a width no GPT-2 size has).
     """
     _check_flags(
         port,
@@ -174,7 +176,7 @@ def serve(
         log.setLevel(logging.INFO)
         log.propagate = False
     where = model_folder(model, source, weights_dir, settings=settings)
-    src = open_source(where)  # an unknown or broken folder fails now, with its one-line error
+    src = open_source(where, n_heads)  # an unknown or broken folder fails now, with its one-line error
     enc = tokenizer_from_folder(where if where.is_dir() else where.parent)
     model_id = where.resolve().name if os.path.exists(str(model)) else str(model)
     template = read_prompt_template(where)
@@ -204,7 +206,9 @@ def serve(
 
     def load() -> None:
         try:
-            gpt = load_gpt2(where, device=device, dtype=dtype, quiet=True, quantize=quantize, settings=settings)
+            gpt = load_gpt2(
+                where, device=device, dtype=dtype, quiet=True, quantize=quantize, settings=settings, n_heads=n_heads
+            )
             state.batcher = Batcher(gpt, enc, max_batch_size, **queue_limits, on_fatal=fatal)
             log.info(f"ready: {model_id} ({src.cfg.n_params / 1e6:.0f}M parameters), batches of {max_batch_size}")
         except BaseException as e:  # the server stops and the error is reported as the command's own

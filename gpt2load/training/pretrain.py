@@ -131,6 +131,7 @@ def train_on_files(
     lora_alpha: float = DEFAULT_ALPHA,
     lora_targets: str | Sequence[str] = DEFAULT_TARGETS,
     merge: bool = True,
+    n_heads: int | None = None,
     **options,
 ) -> Path:
     """Continue pretraining `model` on text files and save the result in the run folder `out` itself (and in
@@ -152,6 +153,7 @@ def train_on_files(
         quiet: no download/tokenizing messages.
         lora_rank, lora_alpha, lora_targets: train LoRA adapters only (see lora.add_lora).
         merge: save the adapters merged into the model (False: beside it, see exports.save_finetuned).
+        n_heads: as for load_gpt2 (a book-layout .pth of a width no GPT-2 size has).
         **options: passed to `train` (max_steps, epochs, grad_accum, lr, ..., resume, sample_prompt).
     """
     check_positive(batch_size=batch_size, context_length=context_length, stride=stride)
@@ -169,7 +171,7 @@ def train_on_files(
     try:
         out = Path(out)
         lock = rank0_first(lambda: open_run(out) if rank == 0 else None)
-        net = load_gpt2(model, source, weights_dir, device=dev, quiet=quiet or rank > 0)
+        net = load_gpt2(model, source, weights_dir, device=dev, quiet=quiet or rank > 0, n_heads=n_heads)
         _set_dropout(net, dropout)
         enc = load_tokenizer(model, source, weights_dir)
         length = context_length or net.cfg.context_length
