@@ -35,6 +35,8 @@ def _stored(src: Source) -> dict:
     if kind is not None:
         return {"dtype": f"{kind} (per-row float32 scales; LayerNorms, biases, positions float32)"}
     out = {"dtype": dtype_name(src.dtype())}
+    if src.kind == "nanogpt":  # the training state nanoGPT records beside the weights (iter_num, config)
+        out.update(src.metadata())
     path = src.adapters()
     if path is not None:
         rank, alpha, targets, _ = read_adapters(path)

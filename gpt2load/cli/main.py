@@ -273,7 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
         "convert", help="export weights as safetensors, a transformers folder, a book .pth, GGUF or llm.c's .bin"
     )
     model_args(c)
-    c.add_argument("--to", required=True, choices=("safetensors", "hf", "pth", "gguf", "llmc"))
+    c.add_argument("--to", required=True, choices=("safetensors", "hf", "pth", "gguf", "llmc", "nanogpt"))
     c.add_argument("--out", required=True, help="output file (.safetensors, .pth, .gguf) or folder (hf, safetensors)")
     c.add_argument(
         "--dtype",

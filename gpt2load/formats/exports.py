@@ -37,10 +37,11 @@ from ..tokenizer import find_tokenizer_files
 from . import stfile
 from .gguf import GGUF_DTYPES, export_gguf, gguf_dtype
 from .llmc import export_llmc
+from .nanogpt import export_nanogpt
 from .ownform import OWN_FORMAT, write_own
 from .relayout import check_finite, layout_specs, to_layout
 
-FORMATS = ("safetensors", "hf", "pth", "gguf", "llmc")
+FORMATS = ("safetensors", "hf", "pth", "gguf", "llmc", "nanogpt")
 _SHORT_NAMES = {"f32": "float32", "f16": "float16", "bf16": "bfloat16"}  # GGUF's names, accepted everywhere
 QUANTIZED = tuple(d for d in GGUF_DTYPES if d not in _SHORT_NAMES)
 QKV = ("query", "key", "value")
@@ -279,10 +280,10 @@ def export(
     dequantize: bool = False,
     strict: bool = False,
 ) -> Path:
-    """Write `model` as `to` (safetensors, hf, pth, gguf or llmc) at `out`.
+    """Write `model` as `to` (safetensors, hf, pth, gguf, llmc or nanogpt, a `ckpt.pt`) at `out`.
 
     Args:
-        dtype: float32, bfloat16 or float16 for safetensors/hf/pth (default the model's own); for gguf
+        dtype: float32, bfloat16 or float16 for safetensors/hf/pth/nanogpt (default the model's own); for gguf
             f32, f16 (default), bf16 or q8_0; for llmc float32 or bfloat16 (default the model's own).
         out: a new path, or an empty folder; never a folder or file gpt2load did not write.
         force: replace an earlier gpt2load output of the same format at `out` (only its own files).
@@ -308,6 +309,8 @@ def export(
         return export_hf(model, out, tokenizer_dir, dtype, force=force, protect=protect, strict=strict)
     if to == "pth":
         return export_pth(model, out, dtype, force=force, protect=protect, strict=strict)
+    if to == "nanogpt":
+        return export_nanogpt(model, out, export_dtype(model, dtype), force=force, protect=protect, strict=strict)
     if to == "llmc":
         return export_llmc(model, out, dtype, force=force, protect=protect, strict=strict)
     raise Gpt2LoadError(f"unknown export format {to!r}: use one of {', '.join(FORMATS)}")

@@ -19,6 +19,7 @@ from ..model.config import PRESETS, GPTConfig, read_hf_config, read_hparams, rea
 from ..model.lora import ADAPTERS_KEY
 from ..model.quant import QUANTIZATIONS
 from .names import HF, OPENAI, convert_tensors, expected_shapes, strip_hf_prefix
+from .nanogpt import NanoGPTSource, is_nanogpt
 from .ownform import CACHE_NAME, OWN_FORMAT
 from .source import Source
 from .tfcheckpoint import TFCheckpoint, resolve_prefix
@@ -327,6 +328,8 @@ def _open_file(p: Path, n_heads: int | None = None) -> Source:
         return HFSource(p, read_hf_config(p.parent / "config.json"), p.parent, st)
     if p.suffix in (".pth", ".pt", ".bin"):
         tf = TorchFile(p)
+        if is_nanogpt(tf.raw()):  # a dict with "model" and nanoGPT's training keys, whatever the suffix
+            return NanoGPTSource.from_file(p, tf)
         state = tf.tensors()
         if "tok_emb.weight" in state:
             return BookSource(p, _book_config({k: tuple(v.shape) for k, v in state.items()}, p, n_heads), p.parent, tf)

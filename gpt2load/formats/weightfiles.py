@@ -47,18 +47,24 @@ class TorchFile:
     """A torch.save state_dict, loaded once."""
 
     def __init__(self, path: Path, state: dict[str, torch.Tensor] | None = None) -> None:
-        self.path, self._state = path, state
+        self.path, self._state, self._raw = path, state, state
+
+    def raw(self) -> object:
+        """What torch.load gave, loaded once: a state_dict, or a checkpoint dict holding one (nanoGPT's)."""
+        if self._raw is None:
+            self._raw = _torch_load(self.path)
+        return self._raw
 
     def tensors(self) -> dict[str, torch.Tensor]:
         if self._state is None:
-            self._state = _torch_load(self.path)
+            self._state = _state_dict(self.raw(), self.path)
         return self._state
 
     def dtype(self) -> torch.dtype:
         return largest_float((t.nbytes, t.dtype) for t in self.tensors().values())
 
 
-def _torch_load(p: Path) -> dict[str, torch.Tensor]:
+def _torch_load(p: Path) -> object:
     # torch.save's zip format can be memory-mapped (zero-copy); the legacy format (torch < 1.6, many older
     # pytorch_model.bin files, `_use_new_zipfile_serialization=False`) cannot, and is read into memory.
     mmap = zipfile.is_zipfile(p)
@@ -68,6 +74,11 @@ def _torch_load(p: Path) -> dict[str, torch.Tensor]:
         raise Gpt2LoadError(
             f"{p} could not be read as a PyTorch state_dict ({type(e).__name__}): is it complete?"
         ) from None
+    return state
+
+
+def _state_dict(state: object, p: Path) -> dict[str, torch.Tensor]:
+    """The state_dict in what torch.load gave, every entry checked to be a named tensor."""
     if isinstance(state, dict) and "model_state_dict" in state:  # the book's chapter-5 checkpoint
         state = state["model_state_dict"]
     if not isinstance(state, dict):
