@@ -95,7 +95,7 @@ def cmd_finetune_instruct(args: argparse.Namespace) -> int:
 
 
 def cmd_classify(args: argparse.Namespace) -> int:
-    from ..finetune.classify import classify_texts
+    from ..finetune.classify import classify_texts, parse_labels
 
     result = classify_texts(
         args.model,
@@ -105,6 +105,9 @@ def cmd_classify(args: argparse.Namespace) -> int:
         device=args.device,
         dtype=args.dtype,
         n_heads=args.n_heads,
+        labels=None if args.labels is None else parse_labels(args.labels),
+        pool=args.pool,
+        max_length=args.max_length,
     )
     if args.json:
         print(json.dumps(result))
@@ -180,12 +183,37 @@ def add_finetune_parsers(subparsers) -> None:
     _shared(i, "all", 2)
     i.set_defaults(func=cmd_finetune_instruct)
 
-    k = subparsers.add_parser("classify", help="classify texts with a fine-tuned classifier")
-    k.add_argument("--model", required=True, help="a fine-tuned classifier (the OUT of finetune classify)")
+    k = subparsers.add_parser(
+        "classify", help="classify texts with a classifier (finetune classify's OUT, or the book's chapter 6 .pth)"
+    )
+    k.add_argument(
+        "--model",
+        required=True,
+        help="a classifier: the OUT of finetune classify, or any model whose head has one output per class",
+    )
     k.add_argument("--source", choices=("hf", "openai"), default="hf", help=argparse.SUPPRESS)
     k.add_argument("--weights-dir", default=None, help=argparse.SUPPRESS)
     n_heads_arg(k)
     k.add_argument("--text", action="append", required=True, help="a text to classify (repeatable)")
+    k.add_argument(
+        "--labels",
+        default=None,
+        metavar="A,B,...",
+        help="class names in the head's order, e.g. ham,spam (default: what the model records, else 0,1,...)",
+    )
+    k.add_argument(
+        "--pool",
+        choices=("last", "last-real"),
+        default=None,
+        help="position classified: last-real (the text's last token) or last (the book's: padded to --max-length; "
+        "default: what the model records, else last-real)",
+    )
+    k.add_argument(
+        "--max-length",
+        type=int,
+        default=None,
+        help="tokens per text (default: what the model records, else its context length)",
+    )
     k.add_argument("--device", default=None, help="cpu, cuda, mps (default: cuda, then mps, then cpu)")
     k.add_argument("--dtype", choices=("float32", "bfloat16"), default=None)
     k.add_argument("--json", action="store_true", help='print {"results": [{"label", "probs"}]}')
