@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .errors import Gpt2LoadError
 from .formats.layouts import Source, open_source
 from .hub.fetch import model_dir
 from .load import locate
 from .model.build import dtype_name
-from .model.config import GPTConfig
+from .model.config import PRESETS, GPTConfig
 from .model.lora import read_adapters
 from .tokenizer import find_tokenizer_files, id_marker, tokenizer_from_folder
 
@@ -49,6 +50,10 @@ def info(model: str, source: str = "hf", weights_dir: str | Path | None = None, 
     `n_heads` as for load_gpt2 (a book-layout .pth of a width no GPT-2 size has)."""
     path, size = locate(model)
     stored: dict = {}
+    if size is not None and size not in PRESETS:  # a repo id: its architecture is in its downloaded config.json
+        path = model_dir(size, "hf", weights_dir)
+        if not path.is_dir():
+            raise Gpt2LoadError(f"{size} is not downloaded: run `gpt2load download {size}` first")
     if path is not None:
         src = open_source(path, n_heads)
         cfg, where, layout, name = src.cfg, str(src.path), src.kind, path.name

@@ -18,7 +18,8 @@ from .formats.ggufread import gguf_tokenizer, is_gguf
 from .formats.layouts import MODEL_MARKERS, WEIGHT_SUFFIXES, OwnSource, open_source
 from .formats.names import expected_shapes
 from .formats.ownform import head_shapes
-from .hub.fetch import download
+from .hub.fetch import download, hf_repo
+from .hub.sources import is_repo_id
 from .model.build import empty_model, model_from_tensors, pick_device, pick_dtype
 from .model.config import GPTConfig, resolve_size
 from .model.gpt import GPTModel
@@ -48,13 +49,18 @@ def locate(model: str | Path) -> tuple[Path | None, str | None]:
 
     A Path or anything written as a path is a path. A bare word is a model name (124M, gpt2, ...) unless a
     file of that name exists, or a folder of that name that holds a model: so `gpt2` inside the book's working
-    folder, whose `gpt2/` holds only size subfolders, still means the model named gpt2.
+    folder, whose `gpt2/` holds only size subfolders, still means the model named gpt2. A Hugging Face repo id
+    (`owner/name`) is downloaded unless a file, or a folder holding a model, has that path.
     """
     if isinstance(model, Path):
         return model, None
     model = str(model)
     if written_as_path(model):
-        return Path(model).expanduser(), None
+        here = Path(model).expanduser()
+        if is_repo_id(model) and not model.lower().endswith(WEIGHT_SUFFIXES):
+            if not (here.is_file() or Path(model + ".index").exists() or _is_model_folder(here)):
+                return None, hf_repo(model)[0]
+        return here, None
     here = Path(model)
     exists = here.exists() or Path(model + ".index").exists()
     try:

@@ -28,10 +28,10 @@ from .formats.relayout import (
     regroup,
     specs_in_layout,
 )
-from .hub.fetch import model_dir
+from .hub.fetch import hf_repo, model_dir
 from .load import model_folder, quantized_layout
 from .model.build import dtype_name
-from .model.config import GPTConfig, resolve_size
+from .model.config import PRESETS, GPTConfig
 from .model.lora import read_adapters
 
 
@@ -176,8 +176,10 @@ def tensor_table(
     if os.path.exists(model) or os.path.exists(f"{model}.index"):
         src: Source | None = open_source(model, n_heads)
     else:
-        folder = model_dir(resolve_size(str(model)), source, weights_dir)
+        folder = model_dir(str(model), source, weights_dir)  # a size, or a Hugging Face repo id
         src = open_source(folder) if folder.is_dir() else None
+        if src is None and hf_repo(str(model))[0] not in PRESETS:
+            raise Gpt2LoadError(f"{model} is not downloaded: run `gpt2load download {model}` first")
     if src is None:
         specs = layout_specs(GPTConfig.from_name(str(model)), layout)
     else:

@@ -44,6 +44,7 @@ from .sources import (
     OPENAI_URL,
     OPENAI_URL_VAR,
     SOURCES,
+    is_repo_id,
 )
 
 
@@ -51,6 +52,18 @@ def default_weights_dir(settings: Settings | None = None) -> Path:
     """`$GPT2LOAD_WEIGHTS_DIR`, else `./weights`."""
     settings = settings or Settings.from_env()
     return settings.weights_dir or Path("weights").absolute()
+
+
+def hf_repo(model: str) -> tuple[str, str]:
+    """(what the download folder is named after, the Hugging Face repo id): a size or alias gives its size and
+    openai-community's repo; any other `owner/name` is a repo of its own."""
+    try:
+        size = resolve_size(model)
+    except Gpt2LoadError:
+        if is_repo_id(model):
+            return model, model
+        raise
+    return size, HF_REPOS[size]
 
 
 def model_dir(
@@ -65,8 +78,8 @@ def model_dir(
         root = Path(weights_dir).expanduser().absolute()
     else:
         root = default_weights_dir(settings)
-    size = resolve_size(model)
-    return root / source / (size if revision == "main" else f"{size}@{revision.replace('/', '--')}")
+    name = hf_repo(model)[0].replace("/", "--")  # a repo id's folder is owner--name
+    return root / source / (name if revision == "main" else f"{name}@{revision.replace('/', '--')}")
 
 
 def download(
@@ -81,7 +94,8 @@ def download(
     """Download GPT-2 weights (or reuse complete ones) and return the folder holding the verified files.
 
     Args:
-        model: a size ('124M', '355M', '774M', '1558M') or alias ('gpt2', 'gpt2-medium', ...).
+        model: a size ('124M', '355M', '774M', '1558M') or alias ('gpt2', 'gpt2-medium', ...), or any Hugging
+            Face repo id `owner/name` whose config.json says model_type gpt2 (source 'hf').
         source: 'hf' (Hugging Face safetensors) or 'openai' (OpenAI's TensorFlow checkpoint).
         weights_dir: root of the weights folders; default `default_weights_dir()`.
         revision: Hugging Face branch, tag or commit (source 'hf' only).
@@ -89,9 +103,11 @@ def download(
         settings: gpt2load's settings (endpoints, retries, offline, the Hugging Face cache and token); default
             read from the environment now.
     """
-    size = resolve_size(model)
+    size, repo = hf_repo(model)
     if source not in SOURCES:
         raise Gpt2LoadError(f"unknown source {source!r}: use one of {', '.join(SOURCES)}")
+    if source == "openai" and size not in PRESETS:
+        raise Gpt2LoadError(f"{size} is a Hugging Face repo id: it downloads from the hub, drop --source openai")
     if source == "openai" and revision != "main":
         raise Gpt2LoadError(f"revision {revision!r} applies only to --source hf: drop --revision for openai")
     settings = settings or Settings.from_env()
@@ -101,7 +117,7 @@ def download(
     else:
         base = checked_url(settings.get(OPENAI_URL_VAR) or OPENAI_URL, OPENAI_URL_VAR)
     folder = model_dir(size, source, weights_dir, revision, settings)
-    run = _Run(folder, source, size, revision, base, policy, quiet, settings)
+    run = _Run(folder, source, size, revision, base, policy, quiet, settings, repo)
     try:
         folder.mkdir(parents=True, exist_ok=True)
         with folder_lock(folder, lambda: run.note(f"waiting for another download into {folder} to finish")):
@@ -132,8 +148,9 @@ class _Run:
         policy: Policy,
         quiet: bool,
         settings: Settings,
+        repo: str,
     ) -> None:
-        self.folder, self.source, self.size, self.revision = folder, source, size, revision
+        self.folder, self.source, self.size, self.revision, self.repo = folder, source, size, revision, repo
         self.base, self.policy, self.quiet, self.settings = base, policy, quiet, settings
         self.progress = not quiet and sys.stderr.isatty()
         self.manifest = Manifest(folder)
@@ -179,6 +196,9 @@ class _Run:
         transfer(self.session, want, part, self.policy, self.progress, self.note)
         try:
             sha256 = self.verify(part, want)
+        except checks.NotGPT2:
+            discard(part)
+            raise
         except _Corrupt as e:
             discard(part)
             raise Gpt2LoadError(
@@ -204,6 +224,8 @@ class _Run:
         if want.check:
             try:
                 want.check(path)
+            except checks.NotGPT2 as e:  # another kind of model: say what it is, once, naming the repo
+                raise checks.NotGPT2(f"{self.repo} {e}") from None
             except Gpt2LoadError as e:
                 raise _Corrupt(str(e)) from None
         return sha256
@@ -231,7 +253,7 @@ class _Run:
 
     # --- Hugging Face ---
     def hf_want(self, name: str) -> tuple[Want, str | None]:
-        url = f"{self.base}/{HF_REPOS[self.size]}/resolve/{quote(self.revision, safe='')}/{quote(name)}"
+        url = f"{self.base}/{self.repo}/resolve/{quote(self.revision, safe='')}/{quote(name)}"
         token = _hf_token(self.settings)
         want = Want(name, url, "hf", headers={"Authorization": f"Bearer {token}"} if token else {})
         meta = with_retries(want, lambda: hub_head(self.session, want, self.policy), self.policy, self.note)
@@ -258,7 +280,7 @@ class _Run:
 
     def from_hf_cache(self, name: str, want: Want | None, revision: str) -> bool:
         """Place the file from the shared Hugging Face cache (hard link, else copy) if it is there and verifies."""
-        cached = _hf_cached(self.settings, HF_REPOS[self.size], name, revision)
+        cached = _hf_cached(self.settings, self.repo, name, revision)
         if cached is None:
             return False
         blob = Path(os.path.realpath(cached))
@@ -278,6 +300,9 @@ class _Run:
         link_or_copy(blob, part)
         try:
             sha256 = self.verify(part, want)
+        except checks.NotGPT2:
+            discard(part)
+            raise
         except _Corrupt as e:
             discard(part)
             self.note(f"{cached} in the Hugging Face cache is not usable ({e}): ignoring it")

@@ -6,6 +6,8 @@ for all four sizes) and the data file's size (4 bytes per float32 parameter of t
 
 from __future__ import annotations
 
+import re
+
 from ..model.config import PRESETS, GPTConfig
 
 OPENAI_URL = "https://openaipublic.blob.core.windows.net/gpt-2/models"
@@ -40,6 +42,15 @@ HF_REPOS = {
     "1558M": "openai-community/gpt2-xl",
 }
 HF_FILES = ("config.json", "vocab.json", "merges.txt", "model.safetensors")
+# Any other Hugging Face repo id: owner/name as the hub allows them (no "--" or "..", which also keeps the
+# folder name owner--name unambiguous); a repo whose config.json says model_type gpt2 downloads like a size.
+_REPO_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}")
+
+
+def is_repo_id(name: str) -> bool:
+    """True when `name` is written as a Hugging Face repo id (owner/name)."""
+    return bool(_REPO_ID.fullmatch(name)) and "--" not in name and ".." not in name and not name.endswith((".", "-"))
+
 
 SOURCES = {"hf": HF_FILES, "openai": OPENAI_FILES}
 OTHER_SOURCE = {"hf": "openai", "openai": "hf"}

@@ -142,7 +142,18 @@ def data_matches_crc32c(data: Path, folder: Path, size: str) -> None:
             raise Gpt2LoadError(str(e).replace(tmp + os.sep, "").rsplit(": ", 1)[0]) from None
 
 
+class NotGPT2(Gpt2LoadError):
+    """A config.json that parses but describes another kind of model: said as what it is, not as corruption."""
+
+
 def config_is_gpt2(path: Path, folder: Path, size: str) -> None:
+    try:
+        raw = json.loads(path.read_bytes())
+    except (ValueError, UnicodeDecodeError):
+        raw = None  # read_hf_config says what is wrong with it
+    kind = raw.get("model_type", "gpt2") if isinstance(raw, dict) else "gpt2"
+    if kind != "gpt2":
+        raise NotGPT2(f"is a {str(kind)[:64]!r} model (its config.json's model_type), not GPT-2: gpt2load loads gpt2")
     read_hf_config(path)
 
 
