@@ -16,7 +16,7 @@ from gpt2load.generation.decoding import CachedDecoder
 from gpt2load.generation.sampling import apply_repetition_penalty, apply_temperature, sample, top_k_filter, top_p_filter
 from gpt2load.generation.text import stream_text
 from gpt2load.model.config import GPTConfig
-from gpt2load.tokenizer import EOT_ID, tokenizer_from_folder
+from gpt2load.tokenizer import EOT_ID, decode_ids, tokenizer_from_folder
 
 BIG_VOCAB = GPTConfig(vocab_size=50257, context_length=64, emb_dim=32, n_heads=2, n_layers=2)
 PROMPT = torch.tensor([[5, 17, 33, 2, 8]])
@@ -381,8 +381,9 @@ def test_bad_tensor_inputs(tiny):
         assert generate(ours, PROMPT, 0).shape == PROMPT.shape
 
 
-def test_ids_past_the_tokenizer_print_a_marker(tmp_path):
-    """A nanoGPT-style padded vocabulary (50304 rows): an id with no token shows as a marker, through the CLI."""
+def test_ids_past_the_tokenizer_are_never_generated_and_print_a_marker(tmp_path):
+    """A nanoGPT-style padded vocabulary (50304 rows): the CLI never generates an id with no token, even when
+    it scores highest; `generate` itself (ids, no tokenizer) may, and such an id decodes as a marker."""
     from helpers import run_cli
 
     from gpt2load import save_model
@@ -411,5 +412,7 @@ def test_ids_past_the_tokenizer_print_a_marker(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr
     done = json.loads(proc.stdout)["completions"][0]
-    assert done["token_ids"] == [50300, 50300]
-    assert done["text"] == "<|id:50300|><|id:50300|>"
+    assert len(done["token_ids"]) == 2 and max(done["token_ids"]) < 50257 and "<|id:" not in done["text"]
+    with torch.inference_mode():
+        assert int(model(torch.tensor([[17250]]))[0, -1].argmax()) == 50300  # it would have won
+    assert decode_ids(tokenizer_from_folder(TOKENIZER_DIR), [50300, 50300]) == "<|id:50300|><|id:50300|>"

@@ -70,6 +70,7 @@ def beam_search(
     *,
     context_size: int | None = None,
     should_stop: Callable[[], bool] | None = None,
+    vocab_limit: int | None = None,
 ) -> BeamResult:
     """The most likely continuations of each prompt row by beam search (deterministic).
 
@@ -86,6 +87,8 @@ def beam_search(
         context_size: the window, as in `generate` (decoding past it slides the window).
         should_stop: asked before every step; once it returns True the search ends there (a server's client
             went away) and the result is incomplete: to be thrown away.
+        vocab_limit: only ids below it are chosen (a vocabulary padded past the tokenizer's, as llm.c's and
+            nanoGPT's: the padding rows are no tokens).
 
     Returns:
         BeamResult(sequences, scores, lengths), best first for each prompt, equal to transformers'
@@ -108,6 +111,7 @@ def beam_search(
             num_return_sequences,
             context_size,
             should_stop,
+            vocab_limit,
         )
     return BeamResult(*(t.clone() for t in result))  # plain tensors, usable outside inference mode
 
@@ -122,7 +126,7 @@ def _widen(t: torch.Tensor, cap: int, pad: int) -> torch.Tensor:
     return torch.cat((t, t.new_full((*t.shape[:2], cap - t.shape[2]), pad)), 2)
 
 
-def _search(model, idx, L, K, lp, early_stopping, eos_id, n_return, context_size, should_stop=None):
+def _search(model, idx, L, K, lp, early_stopping, eos_id, n_return, context_size, should_stop=None, limit=None):
     B, P = idx.shape
     device = idx.device
     pad = eos_id if eos_id is not None else 0
@@ -155,7 +159,7 @@ def _search(model, idx, L, K, lp, early_stopping, eos_id, n_return, context_size
         if step > cap:
             cap = min(L, 2 * cap)
             run_tokens, fin_tokens = (_widen(t, cap, pad) for t in (run_tokens, fin_tokens))
-        logp = F.log_softmax(logits.float(), dim=-1)
+        logp = F.log_softmax((logits if limit is None else logits[:, :limit]).float(), dim=-1)
         V = logp.shape[-1]
         total = (logp.view(B, K, V) + run_scores[:, :, None]).view(B, K * V)
         cand_scores, flat = torch.topk(total, n_cand)  # [B, 2K], best first

@@ -86,7 +86,8 @@ def _steps(model, idx, config: GenerationConfig, context_size, gen, attention_ma
             logits = apply_repetition_penalty(logits, seen, config.repetition_penalty)
         if eos_id is not None and i < config.min_new_tokens:
             logits = mask_token(logits, eos_id)
-        tokens = sample(logits, config.temperature, config.top_k, config.top_p, gen)
+        allowed = logits if config.vocab_limit is None else logits[:, : config.vocab_limit]
+        tokens = sample(allowed, config.temperature, config.top_k, config.top_p, gen)
         if eos_id is not None:
             tokens = tokens.masked_fill(done, eos_id)
             done |= tokens == eos_id

@@ -140,12 +140,15 @@ class GenerationConfig:
     repetition_penalty: float = 1.0
     min_new_tokens: int = 0
     eos_id: int | None = None
+    vocab_limit: int | None = None  # only ids below it are chosen (a vocabulary padded past the tokenizer's)
 
     def __post_init__(self) -> None:
         check_lengths(self.max_new_tokens, self.min_new_tokens)
         check_sampling(self.temperature, self.top_k, self.top_p, self.repetition_penalty)
         if self.eos_id is not None:
             _whole("eos_id", self.eos_id, 0)
+        if self.vocab_limit is not None:
+            _whole("vocab_limit", self.vocab_limit, 1)
 
     def check_vocab(self, vocab_size: int | None) -> None:
         """Raise unless eos_id is a token of a vocabulary of `vocab_size` (None: unknown, not checked)."""

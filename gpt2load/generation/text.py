@@ -152,7 +152,10 @@ def complete(
     vocab = model_vocab(model)
     eos = enc.eot_token if vocab is None or enc.eot_token < vocab else None
     gen = make_generator(seed, None, device)
-    config = replace(config, eos_id=eos)
+    # Rows past the tokenizer's (llm.c's and nanoGPT's padding to a multiple of 64 or 128) are no tokens: with
+    # zero weights they score 0, above a trained model's typical logits, and would be chosen.
+    limit = enc.n_vocab if vocab is not None and vocab > enc.n_vocab else None
+    config = replace(config, eos_id=eos, vocab_limit=limit)
     results = []
     for text in texts:
         ids = encode(enc, text) or [enc.eot_token]
@@ -170,6 +173,7 @@ def complete(
                 eos,
                 num_return_sequences,
                 context_size=context_size,
+                vocab_limit=limit,
             )
             for seq, score, n in zip(res.sequences, res.scores.tolist(), res.lengths.tolist(), strict=True):
                 new = seq[len(ids) : len(ids) + n].tolist()

@@ -74,6 +74,8 @@ class Batcher:
         self.max_batch_size, self.max_queue, self.max_queued_choices = max_batch_size, max_queue, max_queued_choices
         self.on_fatal, self.restart_window = on_fatal, restart_window
         self.eos = enc.eot_token if enc.eot_token < model.cfg.vocab_size else None
+        # a vocabulary padded past the tokenizer's (llm.c, nanoGPT): the padding rows are never chosen
+        self.vocab = min(model.cfg.vocab_size, enc.n_vocab)
         self.device = model.pos_emb.weight.device
         self.cache: SlotCache | None = SlotCache(model, max_batch_size)
         self.active: list[Sequence] = []
@@ -243,12 +245,12 @@ class Batcher:
         self.current = request
         try:
             prompt = request.prompts[index // request.n]
-            seq = Sequence(request, index, prompt, self.enc, self.model.cfg.vocab_size, self.device)
+            seq = Sequence(request, index, prompt, self.enc, self.vocab, self.device)
             idx = torch.tensor([prompt], device=self.device)
             kv = self.model.new_cache(1, len(prompt))
             p = seq.params
             # every position's logits only when echo shows the prompt's log-probabilities
-            logits = self.model(idx, cache=kv, last_only=not p.echo)[0].float()  # [P or 1, V]
+            logits = self.model(idx, cache=kv, last_only=not p.echo)[0, :, : self.vocab].float()  # [P or 1, V]
             if p.echo:
                 self._echo(seq, logits)
             if p.max_tokens == 0:
@@ -335,7 +337,7 @@ class Batcher:
         try:
             mask, pos = self.cache.begin(batch)
             idx = torch.tensor([[s.last] for s in self.active], device=self.device)
-            logits = self.model(idx, cache=self.cache, attn_mask=mask, pos_ids=pos)[:, -1].float()
+            logits = self.model(idx, cache=self.cache, attn_mask=mask, pos_ids=pos)[:, -1, : self.vocab].float()
             self.cache.end()
         except Exception as e:
             # No one row to blame: the step's rows fail, and the cache (maybe half written) starts afresh.
@@ -364,7 +366,7 @@ class Batcher:
     def _beams(self, request: Request) -> None:
         """Beam search runs alone (the batch waits): n best sequences per prompt, stop strings applied after.
         A cancelled request stops at the next step of the search."""
-        p, vocab = request.params, self.model.cfg.vocab_size
+        p, vocab = request.params, self.vocab
         self.current = request
 
         def stop() -> bool:
@@ -377,7 +379,7 @@ class Batcher:
                 idx = torch.tensor([prompt], device=self.device)
                 res = beam_search(
                     self.model, idx, p.max_tokens, p.num_beams, p.length_penalty, False, self.eos, request.n,
-                    should_stop=stop,
+                    should_stop=stop, vocab_limit=self.vocab,
                 )  # fmt: skip
                 if stop():
                     return
