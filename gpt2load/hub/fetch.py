@@ -30,12 +30,14 @@ from ..errors import Gpt2LoadError
 from ..model.config import PRESETS, resolve_size
 from ..settings import Settings
 from . import verify as checks
-from .http import Policy, Want, checked_url, hub_head, same_origin, transfer, with_retries
+from .http import NotFound, Policy, Want, checked_url, hub_head, same_origin, transfer, with_retries
 from .manifest import Manifest, digests, discard, folder_lock, link_or_copy, remove_stale, sidecar
 from .sources import (
+    HF_BIN,
     HF_ENDPOINT,
     HF_ENDPOINT_VAR,
     HF_REPOS,
+    HF_WEIGHTS,
     MAX_BYTES,
     MAX_WEIGHTS_BYTES,
     OPENAI_DATA,
@@ -162,10 +164,12 @@ class _Run:
 
     def fetch_all(self) -> None:
         todo = [n for n in SOURCES[self.source] if not self.manifest.complete(n)]
+        if self.size not in PRESETS and self.manifest.complete(HF_BIN):  # a repo id that had no safetensors
+            todo = [n for n in todo if n != HF_WEIGHTS]
         if not todo:
             return
         if _offline(self.settings):
-            missing = [n for n in todo if not (self.source == "hf" and self.from_hf_cache(n, None, self.revision))]
+            missing = [n for n in todo if not (self.source == "hf" and self.from_cache_offline(n))]
             if missing:
                 cache = " (nor does the Hugging Face cache have them)" if self.source == "hf" else ""
                 raise Gpt2LoadError(
@@ -176,7 +180,33 @@ class _Run:
         with requests.Session() as self.session:
             self.session.headers.update({"User-Agent": "gpt2load", "Accept-Encoding": "identity"})
             for name in todo:
-                self.fetch(name)
+                if name == HF_WEIGHTS and self.size not in PRESETS:
+                    self.fetch_repo_weights()
+                else:
+                    self.fetch(name)
+
+    def from_cache_offline(self, name: str) -> bool:
+        if self.from_hf_cache(name, None, self.revision):
+            return True
+        # a repo id whose cached snapshot has pytorch_model.bin in place of model.safetensors
+        return name == HF_WEIGHTS and self.size not in PRESETS and self.from_hf_cache(HF_BIN, None, self.revision)
+
+    def fetch_repo_weights(self) -> None:
+        """A repo id's model.safetensors, else (a 404 for it: older repos) its pytorch_model.bin, verified the same
+        way. The sizes keep their pinned model.safetensors."""
+        try:
+            self.fetch(HF_WEIGHTS)
+            return
+        except NotFound:
+            pass
+        try:
+            self.fetch(HF_BIN)
+            self.note(f"{self.repo} has no {HF_WEIGHTS}: used its {HF_BIN} instead")  # after: neither is one line
+        except NotFound:
+            raise Gpt2LoadError(
+                f"{self.repo} (revision {self.revision}) has neither {HF_WEIGHTS} nor {HF_BIN}: gpt2load needs "
+                "one of them; check the repo's files on the hub"
+            ) from None
 
     def fetch(self, name: str) -> None:
         dest = self.folder / name

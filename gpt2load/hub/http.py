@@ -104,6 +104,10 @@ class Want:
         return self.origin or self.url
 
 
+class NotFound(Gpt2LoadError):
+    """HTTP 404: the file is not there (a repo id without model.safetensors falls back on pytorch_model.bin)."""
+
+
 class Transient(Exception):
     """A failure worth retrying: connection error, timeout, cut, 408/429/5xx."""
 
@@ -145,7 +149,7 @@ def raise_for_status(want: Want, url: str, status: int, headers) -> NoReturn:
     other = OTHER_SOURCE[want.source]
     if status == 404:
         what = "check the model name and --revision" if want.source == "hf" else "check the model name"
-        raise Gpt2LoadError(f"{want.name} not found (HTTP 404) at {url}: {what}, or try --source {other}")
+        raise NotFound(f"{want.name} not found (HTTP 404) at {url}: {what}, or try --source {other}")
     if status in (401, 403):
         raise Gpt2LoadError(
             f"access to {want.name} denied (HTTP {status}) at {url}: set HF_TOKEN if the "

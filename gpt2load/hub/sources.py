@@ -41,7 +41,10 @@ HF_REPOS = {
     "774M": "openai-community/gpt2-large",
     "1558M": "openai-community/gpt2-xl",
 }
-HF_FILES = ("config.json", "vocab.json", "merges.txt", "model.safetensors")
+HF_WEIGHTS = "model.safetensors"
+HF_FILES = ("config.json", "vocab.json", "merges.txt", HF_WEIGHTS)
+# A repo id without model.safetensors (older repos, many fine-tunes) has its weights here instead.
+HF_BIN = "pytorch_model.bin"
 # Any other Hugging Face repo id: owner/name as the hub allows them (no "--" or "..", which also keeps the
 # folder name owner--name unambiguous); a repo whose config.json says model_type gpt2 downloads like a size.
 _REPO_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}")

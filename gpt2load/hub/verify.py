@@ -4,8 +4,9 @@ Hub files are checked against the hub's own id of their content (sha256 for LFS 
 rest) by the caller; the checks here look inside files: OpenAI's `checkpoint` and `hparams.json` must parse and
 describe the size asked for, `model.ckpt.index` must parse as a tensor bundle whose tensors are exactly those
 of that architecture, `model.ckpt.meta` must parse as a MetaGraphDef (protobuf wire format), the data file
-must match every tensor's CRC32C; a Hugging Face `config.json` must parse as a GPT-2 config and
-`model.safetensors` must have a well-formed header. Each raises Gpt2LoadError saying what is wrong.
+must match every tensor's CRC32C; a Hugging Face `config.json` must parse as a GPT-2 config,
+`model.safetensors` must have a well-formed header and `pytorch_model.bin` (a repo without safetensors) must
+load with `torch.load(weights_only=True)` as a state_dict of tensors. Each raises Gpt2LoadError saying what is wrong.
 
 Every check takes (file, its download folder, the size asked for): `OPENAI_CHECKS` and `HF_CHECKS` map file
 names to them. Checks that read an earlier file (the index reads hparams.json) rely on the download order.
@@ -17,15 +18,18 @@ import json
 import os
 import struct
 import tempfile
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
+
+import torch
 
 from ..errors import Gpt2LoadError
 from ..formats.names import CONV1D, CONV1D_3D, OPENAI, expected_shapes
 from ..formats.tfcheckpoint import _fields, read_index, verify_checkpoint
 from ..model.config import GPTConfig, read_hf_config, read_hparams
 from .manifest import link_or_copy
-from .sources import OPENAI_DATA, OPENAI_HPARAMS, OPENAI_INDEX
+from .sources import HF_BIN, MAX_WEIGHTS_BYTES, OPENAI_DATA, OPENAI_HPARAMS, OPENAI_INDEX
 
 _FLOAT32 = 1  # TensorFlow DataType enum
 # MetaGraphDef's fields (meta_info_def, graph_def, saver_def, collection_def, signature_def, asset_file_def,
@@ -181,6 +185,22 @@ def safetensors_header_parses(path: Path, folder: Path, size: str) -> None:
         raise Gpt2LoadError("not a safetensors file (its header is not a JSON object)")
 
 
+def bin_is_a_state_dict(path: Path, folder: Path, size: str) -> None:
+    """`pytorch_model.bin`: within the weights cap, and `torch.load(weights_only=True)` gives a non-empty dict of
+    named tensors (weights_only: a pickle from the network must not run code)."""
+    if path.stat().st_size > MAX_WEIGHTS_BYTES:
+        raise Gpt2LoadError(f"larger than the {MAX_WEIGHTS_BYTES >> 30} GiB cap for a weights file")
+    try:  # the zip format maps; the legacy one (older .bin files) is read into memory, hence the cap
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+    except Exception as e:  # torch raises many types for a bad or hostile file
+        raise Gpt2LoadError(f"not a state_dict that loads with weights_only=True ({type(e).__name__})") from None
+    if not isinstance(state, dict) or not state:
+        raise Gpt2LoadError(f"it holds a {type(state).__name__}, not a state_dict of tensors")
+    for key, value in state.items():
+        if not isinstance(key, str) or not isinstance(value, torch.Tensor):
+            raise Gpt2LoadError(f"entry {str(key)[:64]!r} holds a {type(value).__name__}, not a tensor")
+
+
 Check = Callable[[Path, Path, str], None]
 OPENAI_CHECKS: dict[str, Check] = {
     "checkpoint": checkpoint_names_model_ckpt,
@@ -193,4 +213,5 @@ HF_CHECKS: dict[str, Check] = {
     "config.json": config_is_gpt2,
     "vocab.json": vocab_is_json_object,
     "model.safetensors": safetensors_header_parses,
+    HF_BIN: bin_is_a_state_dict,
 }
