@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .errors import Gpt2LoadError
+from .formats.ggufread import gguf_tokenizer, is_gguf
 from .formats.layouts import Source, open_source
 from .hub.fetch import model_dir
 from .load import locate
@@ -14,11 +15,19 @@ from .model.lora import read_adapters
 from .tokenizer import find_tokenizer_files, id_marker, tokenizer_from_folder
 
 
-def _tokenizer_vocab(folder: Path, model_vocab: int) -> dict:
-    """The tokenizer's vocabulary size beside the model's, and what happens to ids only the model has."""
-    if not folder.is_dir() or find_tokenizer_files(folder) is None:
+def _tokenizer_vocab(folder: Path, model_vocab: int, model_file: Path | None = None) -> dict:
+    """The tokenizer's vocabulary size beside the model's, and what happens to ids only the model has. A GGUF
+    `model_file` without tokenizer files beside it has its own, as load_tokenizer reads it."""
+    has_files = folder.is_dir() and find_tokenizer_files(folder) is not None
+    if not has_files and model_file is not None and model_file.is_file() and is_gguf(model_file):
+        try:
+            n = gguf_tokenizer(model_file).n_vocab
+        except Gpt2LoadError as e:
+            return {"tokenizer_vocab_size": f"no usable tokenizer ({e})"}
+    elif not has_files:
         return {"tokenizer_vocab_size": "no tokenizer files"}
-    n = tokenizer_from_folder(folder).n_vocab
+    else:
+        n = tokenizer_from_folder(folder).n_vocab
     out: dict = {"tokenizer_vocab_size": n}
     if model_vocab > n:  # e.g. nanoGPT's 50304 rows, padded for speed: the extra ids have no text
         out["vocab_note"] = (
@@ -50,6 +59,7 @@ def info(model: str, source: str = "hf", weights_dir: str | Path | None = None, 
     `n_heads` as for load_gpt2 (a book-layout .pth of a width no GPT-2 size has)."""
     path, size = locate(model)
     stored: dict = {}
+    model_file = None
     if size is not None and size not in PRESETS:  # a repo id: its architecture is in its downloaded config.json
         path = model_dir(size, "hf", weights_dir)
         if not path.is_dir():
@@ -57,7 +67,7 @@ def info(model: str, source: str = "hf", weights_dir: str | Path | None = None, 
     if path is not None:
         src = open_source(path, n_heads)
         cfg, where, layout, name = src.cfg, str(src.path), src.kind, path.name
-        folder = path if path.is_dir() else path.parent
+        folder, model_file = (path, None) if path.is_dir() else (path.parent, path)
         stored = _stored(src)
     else:
         name, cfg, layout = size, GPTConfig.from_name(size), source
@@ -71,5 +81,5 @@ def info(model: str, source: str = "hf", weights_dir: str | Path | None = None, 
         "float32_bytes": f"{4 * cfg.n_params:,}",
         **stored,
         **cfg.to_dict(),
-        **_tokenizer_vocab(folder, cfg.vocab_size),
+        **_tokenizer_vocab(folder, cfg.vocab_size, model_file),
     }

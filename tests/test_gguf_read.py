@@ -199,6 +199,17 @@ def test_cli_info_and_clean_errors(small, tmp_path):
     assert_clean_error(run_cli("info", str(tmp_path / "bad.gguf")), "bad.gguf")
 
 
+def test_info_reports_the_files_own_tokenizer(own_files, small, tmp_path):
+    from gpt2load.info import info
+
+    assert not (own_files["f16"].parent / "vocab.json").exists()
+    got = info(str(own_files["f16"]))
+    assert got["tokenizer_vocab_size"] == 50257 and "vocab_note" not in got
+    proc = run_cli("info", str(write_independent(tmp_path / "m.gguf", small)), "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["tokenizer_vocab_size"] == SMALL.vocab_size
+
+
 def test_missing_gguf_package_is_one_line(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "gguf", None)  # import gguf now raises ImportError
     with pytest.raises(Gpt2LoadError, match=r"pip install 'gpt2load\[gguf\]'"):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -29,6 +30,7 @@ from gpt2load.load import load_gpt2
 from gpt2load.model.build import model_from_tensors
 from gpt2load.model.config import GPTConfig
 from gpt2load.tensors import iter_tensors
+from gpt2load.tokenizer import tokenizer_from_folder
 
 LM = GPTConfig(vocab_size=50257, context_length=96, emb_dim=64, n_heads=4, n_layers=2)
 IDS = torch.tensor([[1, 5, 9, 2, 7, 3, 11, 4], [8, 0, 6, 10, 2, 2, 1, 95]])
@@ -251,3 +253,36 @@ def test_cli_convert_to_llmc_then_generate_and_info(lm_folder, tmp_path):
 
 def test_tokenizer_dir_is_real():
     assert (TOKENIZER_DIR / "encoder.json").is_file()
+
+
+def _read_llmc_tokenizer(path: Path) -> tuple[list[int], list[bytes]]:
+    """An independent reader of llm.c's gpt2_tokenizer.bin: 256 int32, then a uint8 length and bytes per id."""
+    data = path.read_bytes()
+    header = list(struct.unpack("<256i", data[:1024]))
+    tokens, pos = [], 1024
+    for _ in range(header[2]):
+        n = data[pos]
+        tokens.append(data[pos + 1 : pos + 1 + n])
+        pos += 1 + n
+    assert pos == len(data)
+    return header, tokens
+
+
+def test_writer_puts_llm_c_tokenizer_beside_the_file_and_keeps_a_foreign_one(tiny, tmp_path, capsys):
+    _, gpt = tiny
+    enc = tokenizer_from_folder(TOKENIZER_DIR)
+    out = export(gpt, "llmc", tmp_path / "a" / "m.bin", tokenizer_dir=TOKENIZER_DIR)
+    header, tokens = _read_llmc_tokenizer(out.parent / "gpt2_tokenizer.bin")
+    assert header[:4] == [20240328, 2, 50257, 50256] and not any(header[4:])
+    for i in (0, 11, 198, 464, 1000, 31373, 50255, 50256):
+        assert tokens[i] == enc.decode_single_token_bytes(i)
+    export(gpt, "llmc", tmp_path / "a" / "m2.bin", tokenizer_dir=TOKENIZER_DIR)  # ours: written again
+    assert "notice" not in capsys.readouterr().err
+    export_llmc(gpt, tmp_path / "b" / "m.bin")  # no tokenizer given: none written
+    assert not (tmp_path / "b" / "gpt2_tokenizer.bin").exists()
+    foreign = tmp_path / "b" / "gpt2_tokenizer.bin"
+    foreign.write_bytes(b"llm.c's own")
+    export(gpt, "llmc", tmp_path / "b" / "m2.bin", tokenizer_dir=TOKENIZER_DIR)
+    assert foreign.read_bytes() == b"llm.c's own"
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "gpt2load did not write it" in err[0]

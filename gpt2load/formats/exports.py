@@ -312,5 +312,5 @@ def export(
     if to == "nanogpt":
         return export_nanogpt(model, out, export_dtype(model, dtype), force=force, protect=protect, strict=strict)
     if to == "llmc":
-        return export_llmc(model, out, dtype, force=force, protect=protect, strict=strict)
+        return export_llmc(model, out, dtype, force=force, protect=protect, strict=strict, tokenizer_dir=tokenizer_dir)
     raise Gpt2LoadError(f"unknown export format {to!r}: use one of {', '.join(FORMATS)}")

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import math
 import mmap
+import os
 import struct
+import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import replace
 from functools import cached_property
@@ -23,11 +25,12 @@ from pathlib import Path
 import torch
 
 from ..errors import Gpt2LoadError
-from ..fsutil import atomic_output_file
+from ..fsutil import atomic_output_file, atomic_path, mark_file, owned_format
 from ..model.build import dtype_name, pick_dtype
 from ..model.config import GPTConfig
 from ..model.gpt import GPTModel, stored_state
 from ..model.quant import refuse_quantized
+from ..tokenizer import find_tokenizer_files, tokenizer_from_folder
 from .names import expected_shapes
 from .relayout import check_finite
 from .source import Source
@@ -39,6 +42,9 @@ HEADER_INTS = 256
 HEADER_BYTES = 4 * HEADER_INTS
 PAD_MULTIPLE = 128  # llm.c pads the vocabulary to a multiple of 128 (50257 -> 50304)
 GPT2_VOCAB = 50257
+TOKENIZER_MAGIC = 20240328  # llm.c's gpt2_tokenizer.bin: version 2 carries the EOT id in the header
+TOKENIZER_VERSION = 2
+TOKENIZER_NAME = "gpt2_tokenizer.bin"
 
 _QKV = ("query", "key", "value")
 # llm.c's tensors in file order: its name, the GPTModel names it fills ("{}" is the layer; three names: the
@@ -182,13 +188,15 @@ def export_llmc(
     force: bool = False,
     protect: Sequence[Path] = (),
     strict: bool = False,
+    tokenizer_dir: str | Path | None = None,
 ) -> Path:
     """Write `model` as llm.c's model file (version 3 for float32, 5 for bfloat16; default the model's dtype,
     float32 when that is neither), tensor by tensor. The vocabulary is padded with zero rows to a multiple of
     128; the header's vocabulary is the model's without trailing all-zero rows (llm.c's padding, in a model
     read from llm.c) and at most GPT-2's 50257 (a padded nanoGPT model's extra rows stay, as padding). A model
     without q/k/v biases gets zero biases. The head must be tied (llm.c has no other). `out`, `force`,
-    `protect`, `strict`: as for exports.save_model."""
+    `protect`, `strict`: as for exports.save_model. When `tokenizer_dir` has GPT-2 tokenizer files, llm.c's
+    `gpt2_tokenizer.bin` is written beside the file too (never over a file gpt2load did not write)."""
     refuse_quantized(model, "llm.c's files cannot hold", "export with dequantize=True (--dequantize)")
     out = Path(out)
     if dtype is None and model.pos_emb.weight.dtype not in VERSIONS:
@@ -221,7 +229,49 @@ def export_llmc(
             _write(f, t)
             if name == "tok_emb.weight" and padded > cfg.vocab_size:  # llm.c's zero rows
                 _write(f, torch.zeros(padded - cfg.vocab_size, cfg.emb_dim, dtype=dt))
+    blob = _tokenizer_blob(tokenizer_dir)
+    if blob is not None:
+        _write_tokenizer(out.parent / TOKENIZER_NAME, blob)
     return out
+
+
+def _notice(message: str) -> None:
+    print(f"gpt2load: notice: {message}", file=sys.stderr)
+
+
+def _tokenizer_blob(tokenizer_dir: str | Path | None) -> bytes | None:
+    """llm.c's tokenizer file for the tokenizer in `tokenizer_dir` (as train_gpt2.py's write_tokenizer
+    writes it: 256 int32, then each id's bytes after a uint8 length), or None when there is none."""
+    if tokenizer_dir is None or not find_tokenizer_files(tokenizer_dir):
+        return None
+    try:
+        enc = tokenizer_from_folder(tokenizer_dir)
+    except Gpt2LoadError as e:
+        _notice(f"{TOKENIZER_NAME} not written: {e}")
+        return None
+    n, eot = enc.n_vocab, enc.eot_token
+    parts = [struct.pack(f"<{HEADER_INTS}i", TOKENIZER_MAGIC, TOKENIZER_VERSION, n, eot, *[0] * (HEADER_INTS - 4))]
+    for i in range(n):
+        try:
+            b = enc.decode_single_token_bytes(i)
+        except KeyError:  # llm.c's file has a token for every id
+            _notice(f"{TOKENIZER_NAME} not written: the tokenizer has no token {i}")
+            return None
+        if len(b) > 255:  # llm.c stores each length in one byte
+            _notice(f"{TOKENIZER_NAME} not written: token {i} is {len(b)} bytes, more than llm.c's 255")
+            return None
+        parts.append(bytes([len(b)]) + b)
+    return b"".join(parts)
+
+
+def _write_tokenizer(path: Path, blob: bytes) -> None:
+    # a file gpt2load did not write there (llm.c's own, say) is the user's: left as it is
+    if os.path.lexists(path) and (path.is_symlink() or owned_format(path) != "llmc-tokenizer"):
+        _notice(f"{path} exists and gpt2load did not write it: left as it is")
+        return
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(blob)
+    mark_file(path, "llmc-tokenizer")
 
 
 def _real_vocab(emb: torch.Tensor | None, vocab: int) -> int:
