@@ -7,9 +7,8 @@ is against one client (requests served one at a time).
 
     python scripts/bench.py serve [--shape 124M|tiny] [--clients 1,4,8] [--requests 2] [--max-tokens 64]
 
-Then the server's memory under a full queue: while one long request holds the decoding thread, clients queue
-requests of --max-choices choices each (with penalties, whose state is the costly part) until the server says
-503 queue_full; the server's resident memory before and after is read from /proc.
+--queue-memory instead measures what waiting choices cost: a Batcher (the server's decoding engine) is held in
+a prefill while requests of 128 choices with penalties fill its queue up to the default 4096 waiting choices.
 """
 
 from __future__ import annotations
@@ -26,6 +25,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the server fixture and model maker
 
+from helpers import TOKENIZER_DIR  # noqa: E402
 from serveserver import ServeProcess, make_model  # noqa: E402
 
 from gpt2load.model.config import PRESETS, GPTConfig  # noqa: E402
@@ -80,43 +80,38 @@ def round_trip(url: str, model: str, clients: int, requests: int, max_tokens: in
     return time.perf_counter() - start, sum(tokens)
 
 
-def resident_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
+def queue_memory(shape: GPTConfig, max_queued_choices: int) -> tuple[int, float]:
+    """(choices queued, RSS growth in MB) of filling a Batcher's queue with requests of 128 choices with penalties
+    (their costly state) while its decoding thread is held in a prefill: what waiting choices cost."""
+    import torch
 
+    from gpt2load.model.gpt import GPTModel
+    from gpt2load.serve.batcher import Batcher, QueueFull
+    from gpt2load.serve.sequence import Request, SamplingParams
+    from gpt2load.tokenizer import tokenizer_from_folder
 
-def queue_memory(url: str, model: str, pid: int, choices: int, context: int) -> tuple[int, float]:
-    """(choices queued until 503, the server's RSS growth in MB) with the decoding thread busy."""
-    long = {"model": model, "prompt": PROMPTS[0], "max_tokens": context - 16, "temperature": 0}
-    holder = threading.Thread(target=lambda: httpx.post(url + "/v1/completions", json=long, timeout=600))
-    holder.start()
-    time.sleep(1.0)
-    before, queued, waiting = resident_mb(pid), 0, []
-    body = {
-        "model": model,
-        "prompt": [f"{p} {i}" for i in range(choices // 16) for p in PROMPTS[:1]],
-        "n": 16,
-        "max_tokens": 16,
-        "presence_penalty": 0.5,
-        "frequency_penalty": 0.5,
-    }
-
-    def send(out: list) -> None:
-        out.append(httpx.post(url + "/v1/completions", json=body, timeout=600).status_code)
-
-    while True:
-        status: list = []
-        t = threading.Thread(target=send, args=(status,))
-        t.start()
-        t.join(2.0)  # a queued request stays open; a refused one returns at once
-        if status and status[0] == 503:
-            break
-        waiting.append(t)
-        queued += (choices // 16) * 16
-    grown = resident_mb(pid) - before
-    httpx.post(url + "/v1/completions", json={"model": model, "prompt": "x", "max_tokens": 1}, timeout=1)
+    statm = Path("/proc/self/statm")
+    model = GPTModel(shape).eval()
+    gate = threading.Event()
+    model.register_forward_pre_hook(lambda module, args: None if gate.wait() else None)
+    batcher = Batcher(model, tokenizer_from_folder(TOKENIZER_DIR), 8, 64, max_queued_choices=max_queued_choices)
+    try:
+        batcher.submit(Request([[1, 2]], 1, SamplingParams(max_tokens=1), lambda e: None))  # holds the thread
+        time.sleep(0.5)
+        before = int(statm.read_text().split()[1]) * 4096 / 2**20
+        params = SamplingParams(max_tokens=16, temperature=1.0, presence_penalty=0.5, frequency_penalty=0.5)
+        queued = 0
+        with torch.inference_mode():
+            while True:
+                try:
+                    batcher.submit(Request([[100 + i] * 8 for i in range(8)], 16, params, lambda e: None, False))
+                except QueueFull:
+                    break
+                queued += 128
+        grown = int(statm.read_text().split()[1]) * 4096 / 2**20 - before
+    finally:
+        gate.set()
+        batcher.close()
     return queued, grown
 
 
@@ -130,19 +125,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=None, help="the server's OMP_NUM_THREADS (default: torch's own)")
     p.add_argument("--queue-memory", action="store_true", help="only the memory under a full queue")
     args = p.parse_args(argv)
+    if args.queue_memory:
+        queued, grown = queue_memory(SHAPES[args.shape], 4096)
+        print(f"{queued} choices waiting (128 per request, with penalties): RSS grew {grown:.1f} MB", flush=True)
+        return 0
     counts = [int(c) for c in args.clients.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
         folder = make_model(Path(tmp) / args.shape, SHAPES[args.shape])
         flags = ("--model", str(folder), "--max-batch-size", str(args.max_batch_size))
         with ServeProcess(*flags, threads=args.threads) as s:
             round_trip(s.url, args.shape, 1, 1, 4)  # warm-up
-            if args.queue_memory:
-                queued, grown = queue_memory(s.url, args.shape, s.proc.pid, 128, SHAPES[args.shape].context_length)
-                print(
-                    f"{args.shape}: {queued} choices queued (with penalties) until 503; server RSS grew {grown:.1f} MB"
-                )
-                s.proc.kill()
-                return 0
             print(f"gpt2load serve, {args.shape}-shaped random weights, fp32, {cpu_name()}")
             print(f"each client: {args.requests} requests x {args.max_tokens} new tokens (greedy)\n")
             print("| concurrent clients | requests/s | tokens/s | vs 1 client |")

@@ -14,6 +14,7 @@ import pytest
 import torch
 from helpers import TOKENIZER_DIR, assert_clean_error, run_cli
 from oracle import TINY, hf_config, pair
+from test_heads import X, close, logits
 from torch import nn
 from transformers import GPT2ForSequenceClassification, GPT2LMHeadModel
 
@@ -26,17 +27,6 @@ from gpt2load.model.gpt import GPTModel
 from gpt2load.model.lora import add_lora, lora_modules, lora_state, merge_lora
 from gpt2load.model.quant import quantize_model
 from gpt2load.tensors import tensor_table
-
-X = torch.tensor([[3, 1, 4, 1, 5, 9, 2, 6]])
-
-
-def logits(model, x=X):
-    with torch.no_grad():
-        return model(x)
-
-
-def close(a, b):
-    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
 def same_as_table(path, layout="book", **kw):

@@ -88,14 +88,6 @@ def onednn_works(dtype: torch.dtype) -> bool:
         return False
 
 
-def _rows_bucket(rows: int) -> int:
-    """Calibration buckets of the number of rows a matmul sees (decoding, batches/beams, prompts)."""
-    return 1 if rows <= 1 else 4 if rows <= 4 else 16 if rows <= 16 else 256 if rows <= 256 else 4096
-
-
-_COLD_BYTES = 48 << 20  # weights timed in turn until this much: more than the caches hold, as in decoding
-
-
 def fastest(fns: list[Callable], items: list, reps: int = 2) -> int:
     """Index of the fastest of `fns`, each timed by a pass calling it on every one of `items`: a pass each of
     warm-up (the first call allocates and packs), then `reps` rounds in which each takes a pass in turn, its best
