@@ -7,9 +7,11 @@ greedy and prefill (both libraries in bf16); int8 weight-only greedy (against tr
 gpt2load's own fp32) with its fidelity to fp32 on a teacher-forced 512-token text; greedy over 8 left-padded
 prompts; fp32 greedy and beam search at the 1558M shape (random weights written once to a temporary folder in
 transformers' layout, loaded by both libraries from there). Also the CPU, its flags that matter (AMX, AVX512-BF16,
-VNNI), the memory bandwidth, and each decoding row's share of the bound (weights read per step / bandwidth).
+VNNI), the memory bandwidth, and each decoding row's share of the bound (weights read per step / bandwidth). With
+llama-cpp-python installed, a second table puts llama.cpp beside gpt2load at each precision on GGUF files of the
+same weights (scripts/bench_llama.py).
 
-    python scripts/bench.py generate [--reps 3] [--sizes 124M,1558M] [--profile]
+    python scripts/bench.py generate [--reps 3] [--sizes 124M,1558M] [--profile] [--no-llama] [--llama-src DIR]
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))  # the oracle: same weights in both
 
+from bench_llama import add_llama_options, llama_bench  # noqa: E402
 from helpers import TOKENIZER_DIR  # noqa: E402
 from oracle import hf_config, pair  # noqa: E402
 
@@ -154,8 +157,9 @@ def big_pair(size: str, folder: Path):
     return hf, load_gpt2(folder, device="cpu", quiet=True), cfg
 
 
-def big_rows(t: Table, size: str, n: int, nb: int, k: int) -> None:
-    """fp32 greedy and beam-search rows at `size`."""
+def big_rows(t: Table, size: str, n: int, nb: int, k: int, llama=None) -> None:
+    """fp32 greedy and beam-search rows at `size`; then `llama(size, model, prompt, folder)` if given (the llama.cpp
+    rows), with transformers' copy freed first."""
     with tempfile.TemporaryDirectory() as tmp:
         hf, ours, cfg = big_pair(size, Path(tmp))
         hf.generation_config.eos_token_id = None
@@ -182,6 +186,9 @@ def big_rows(t: Table, size: str, n: int, nb: int, k: int) -> None:
             step_bytes,
             nb,
         )
+        if llama is not None:
+            del hf
+            llama(size, ours, prompt, Path(tmp))
 
 
 def profile_decoding(model, idx, steps: int) -> None:
@@ -243,7 +250,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--big-tokens", type=int, default=20, help="1558M rows: new tokens (greedy and beam)")
     p.add_argument("--baseline", metavar="REV", help="also time gpt2load at git revision REV in the fp32 rows")
     p.add_argument("--profile", action="store_true", help="also profile gpt2load's decoding by operator")
+    add_llama_options(p)
     args = p.parse_args(argv)
+    llama, error = llama_bench(args, TOKENIZER_DIR)
+    if error:
+        print(error, file=sys.stderr)
+        return 1
 
     import transformers
 
@@ -332,9 +344,14 @@ def main(argv: list[str] | None = None) -> int:
         n,
         **base,
     )
+    llama_rows: list = []
+    if llama:
+        with tempfile.TemporaryDirectory() as tmp:
+            llama_rows += llama.rows("124M", {"fp32": ours, "bf16": ours16, "int8": ours8}, prompt, Path(tmp))
     for size in (s.strip() for s in args.sizes.split(",")):
         if size not in ("124M", ""):
-            big_rows(t, size, args.big_tokens, args.big_tokens, k)
+            big = (lambda *a: llama_rows.extend(llama.big(*a))) if llama else None
+            big_rows(t, size, args.big_tokens, args.big_tokens, k, big)
     top1, kl = fidelity(ours, ours8, text, entropy=3.0)
     top1_16, kl_16 = fidelity(ours, ours16, text, entropy=3.0)
 
@@ -374,6 +391,8 @@ def main(argv: list[str] | None = None) -> int:
         f"{rss32[1] / 1e6:.0f} MB, int8 from its saved form {rss8[1] / 1e6:.0f} MB = {rss8[1] / rss32[1]:.2f}x, "
         f"int8 quantized on loading {rss8q[1] / 1e6:.0f} MB = {rss8q[1] / rss32[1]:.2f}x."
     )
+    if llama:
+        llama.print(llama_rows)
     if args.profile:
         profile_decoding(ours, prompt, 50)
     return 0
