@@ -11,6 +11,7 @@ import torch
 from .errors import Gpt2LoadError
 from .fast.backend import accelerate
 from .fast.int8mm import aligned_int8
+from .fast.kernelstore import machine_store
 from .fast.registry import Kernels, shared_kernels
 from .formats import stfile
 from .formats.cache import cached_source
@@ -125,14 +126,14 @@ def load_gpt2(
         quantize: "int8" for int8 weight-only Linear layers and head (see gpt2load.model.quant); a file saved
             quantized loads quantized whatever this says.
         kernels: the speed layer's `Kernels` the model computes with at inference (gpt2load.fast); default the
-            process's shared one for the settings' kernel choices.
+            process's shared one for the settings' kernel choices, with the machine's store of measured choices.
         settings: gpt2load's settings; default read from the environment now (`Settings.from_env()`).
 
     The output head is what the files hold: tied to tok_emb as in GPT-2, untied when a stored head differs
     from the embedding (the book's load_weights_into_gpt and its fine-tuning), or a classifier head.
     """
     settings = settings or Settings.from_env()  # a bad variable fails here, naming it
-    kernels = kernels or shared_kernels(settings.kernels)
+    kernels = kernels or shared_kernels(settings.kernels, machine_store(settings))
     rate = 0.0 if dropout is None else dropout
     if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0.0 <= rate < 1.0:
         raise Gpt2LoadError(f"dropout must be a number in [0, 1), got {dropout!r}")

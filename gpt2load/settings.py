@@ -90,6 +90,7 @@ class Settings:
     xdg_cache_home: Path | None = None  # XDG_CACHE_HOME, when absolute (a relative one is ignored, as the spec says)
     weights_dir: Path | None = None  # GPT2LOAD_WEIGHTS_DIR
     cc: str = ""  # CC: the C compiler for gpt2load's kernels
+    kernel_store: bool = True  # GPT2LOAD_KERNEL_CACHE=0: measured kernel choices are neither read nor kept
     env: Mapping[str, str] = field(default_factory=dict, repr=False)  # what the rest was read from
 
     @classmethod
@@ -103,6 +104,7 @@ class Settings:
             xdg_cache_home=_path(env, "XDG_CACHE_HOME", absolute_only=True),
             weights_dir=_path(env, "GPT2LOAD_WEIGHTS_DIR"),
             cc=env.get("CC", "").strip(),
+            kernel_store=_flag(env, "GPT2LOAD_KERNEL_CACHE", default=True),
             env=env,
         )
 
@@ -132,9 +134,11 @@ class Settings:
         return self.xdg_cache_home or Path.home() / ".cache"
 
 
-def _flag(env: Mapping[str, str], name: str) -> bool:
-    """A yes/no variable: 1/true/yes/on or 0/false/no/off (any case); unset or empty is no."""
+def _flag(env: Mapping[str, str], name: str, default: bool = False) -> bool:
+    """A yes/no variable: 1/true/yes/on or 0/false/no/off (any case); unset or empty is `default`."""
     value = env.get(name, "").strip().lower()
+    if not value:
+        return default
     if value in _TRUE:
         return True
     if value in _FALSE:

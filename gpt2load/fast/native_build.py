@@ -28,7 +28,8 @@ _HEADERS = [Path(__file__).parent / "csrc" / "vecmath.h"]  # included by the sou
 _FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
 
 
-def _cpu_identity() -> str:
+def cpu_identity() -> str:
+    """The CPU as the library's name and the kernel store's key know it: its model name and flags."""
     try:
         text = Path("/proc/cpuinfo").read_text(errors="replace")
     except OSError:
@@ -185,17 +186,23 @@ def _bind(lib: ctypes.CDLL) -> None:
         getattr(lib, name)
 
 
+def build_identity(cc: str) -> str:
+    """The hash of the sources, the compiler (`cc`, the CC setting, and its version), the flags and the CPU that
+    names the library built from them (its first 20 digits); Unusable when there is no compiler."""
+    command = _compiler(cc)
+    try:
+        version = subprocess.run([*command, "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError) as e:
+        raise Unusable(f"no C compiler ({shlex.join(command)}: {e})", quiet=not cc) from None
+    sources = [f.read_text() for f in _SOURCES + _HEADERS]
+    return hashlib.sha256("\0".join([*sources, version, cpu_identity(), *_FLAGS, *command]).encode()).hexdigest()
+
+
 def load_library(settings: Settings) -> ctypes.CDLL:
     """The library, found verified in the first usable folder or built there (the compiler and the cache folder
     from `settings`); Unusable with why not."""
     cc = _compiler(settings.cc)
-    try:
-        version = subprocess.run([*cc, "--version"], capture_output=True, text=True, timeout=30).stdout
-    except (OSError, subprocess.SubprocessError) as e:
-        raise Unusable(f"no C compiler ({shlex.join(cc)}: {e})", quiet=not settings.cc) from None
-    sources = [f.read_text() for f in _SOURCES + _HEADERS]
-    key = hashlib.sha256("\0".join([*sources, version, _cpu_identity(), *_FLAGS, *cc]).encode()).hexdigest()
-    name = f"kernels-{key[:20]}.so"
+    name = f"kernels-{build_identity(settings.cc)[:20]}.so"
     why = None
     for folder in _folders(settings):
         target = folder / name

@@ -1,14 +1,18 @@
 """The speed layer's state in one explicit object: `Kernels` holds the settings it was built with and the kernel
-chosen for each matmul and attention shape (forced by the settings, or measured once per shape and thread count).
+chosen for each matmul and attention shape (forced by the settings, or measured once per shape and thread count,
+and kept per machine by its `KernelStore`, if it has one, so a later process measures nothing).
 
 Nothing here reads the environment: the settings come from `gpt2load.settings`, read at an entry point. A test
 builds `Kernels(KernelSettings(matmul="split"))` for fixed choices and reads `kernels.linear_choices` to see
-what ran, instead of clearing module caches. `shared_kernels(settings)` is the one instance per settings that
-`load_gpt2` hands its models, so a second model of the same shapes does not measure again.
+what ran, instead of clearing module caches. `shared_kernels(settings, store)` is the one instance per settings
+and store that `load_gpt2` hands its models (with the machine's store), so a second model of the same shapes
+does not measure again.
 """
 
 from __future__ import annotations
 
+import time
+import weakref
 from collections.abc import Callable
 
 import torch
@@ -26,6 +30,7 @@ from .kernels import (
     onednn_works,
     split_pieces,
 )
+from .kernelstore import KernelStore, StoredChoices
 
 _FAST_DTYPES = (torch.float32, torch.bfloat16)
 _COLD_BYTES = 48 << 20  # weights timed in turn until this much: more than the caches hold, as in decoding
@@ -45,17 +50,53 @@ class Kernels:
         measured: the kernel measured fastest, per shape bucket (shared by float and int8 matmuls).
         int8_choices: the function `int8_linear` calls, per call shape.
         attention_choices: the function `attention` calls, per shape bucket and layout.
+        calibration_seconds, measurements: the time spent measuring and how many choices were measured (a choice
+            found in the store costs neither).
+
+    Args:
+        settings: what may be used (default: everything, measured).
+        store: where measured choices persist per machine (`kernelstore.machine_store(settings)`), or None to
+            measure in every process. What was measured is written back when the process exits, or by `save()`.
     """
 
-    def __init__(self, settings: KernelSettings | None = None) -> None:
+    def __init__(self, settings: KernelSettings | None = None, store: KernelStore | None = None) -> None:
         self.settings = settings or KernelSettings()
+        self.store = store
         self.linear_choices: dict[tuple, Callable] = {}
         self.measured: dict[tuple, Callable] = {}
         self.int8_choices: dict[tuple, Callable] = {}
         self.attention_choices: dict[tuple, Callable] = {}
+        self.calibration_seconds = 0.0
+        self.measurements = 0
+        self._stored = None if store is None else StoredChoices(store, self.settings)
+        if self._stored is not None:  # at exit (or when this is collected): what was measured, written back
+            weakref.finalize(self, self._stored.save)
 
-    def __reduce__(self):  # a pickled model's Kernels comes back with its settings, to measure again
-        return (Kernels, (self.settings,))
+    def __reduce__(self):  # a pickled model's Kernels comes back with its settings and store, to measure again
+        return (Kernels, (self.settings, self.store))
+
+    def save(self) -> None:
+        """Write the choices measured so far to the store now (else done at exit)."""
+        if self._stored is not None:
+            self._stored.save()
+
+    def _recall(self, key: tuple, candidates: tuple, agrees: Callable[[Callable], bool]) -> Callable | None:
+        """The stored choice for `key`, if one of `candidates`; one other than the first only if it `agrees` with
+        the reference on this input (else the first, and the entry is dropped); None: not stored, measure."""
+        kernel = None if self._stored is None else self._stored.get(key)
+        if kernel is None or kernel not in candidates:
+            return None
+        if kernel is candidates[0] or agrees(kernel):
+            return kernel
+        self._stored.put(key, None)
+        return candidates[0]
+
+    def _measured(self, key: tuple, kernel: Callable, start: float) -> Callable:
+        self.calibration_seconds += time.perf_counter() - start
+        self.measurements += 1
+        if self._stored is not None:
+            self._stored.put(key, kernel)
+        return kernel
 
     def __deepcopy__(self, memo: dict) -> Kernels:  # copies of a model share their measurements
         return self
@@ -123,24 +164,28 @@ class Kernels:
         key = (kernels, x.dtype, rows, w.shape, b is None, gelu, torch.get_num_threads())
         kernel = self.measured.get(key)
         if kernel is None:
-            kernel = kernels[0]
-            try:
-                want = (ref or kernel)(x, w, b, gelu, *extra).float()
-                tol = 1e-4 if x.dtype == torch.float32 else 5e-2
-                agree = [
-                    k for k in kernels[1:] if torch.allclose(k(x, w, b, gelu, *extra).float(), want, atol=tol, rtol=tol)
-                ]
-                if agree:
-                    size = w.numel() * w.element_size()
-                    weights = [w] + [w.clone() for _ in range(min(31, _COLD_BYTES // size) if rows <= 16 else 0)]
-                    reps = 3 if len(weights) > 1 else 4  # one weight: a single call per pass, closer to each other
-                    candidates = [kernel, *agree]
-                    fns = [lambda m, k=k: k(x, m, b, gelu, *extra) for k in candidates]
-                    kernel = candidates[fastest(fns, weights, reps)]
-                    del weights
-            except RuntimeError:
-                pass
+            reference = ref or kernels[0]
+            kernel = self._recall(key, kernels, lambda k: bool(_agreeing((k,), reference, x, w, b, gelu, extra)))
+            if kernel is None:
+                start = time.perf_counter()
+                kernel = self._measured(key, self._fastest(x, w, b, gelu, kernels, extra, reference, rows), start)
             self.measured[key] = kernel
+        return kernel
+
+    def _fastest(self, x, w, b, gelu, kernels: tuple, extra: tuple, reference: Callable, rows: int) -> Callable:
+        kernel = kernels[0]
+        try:
+            agree = _agreeing(kernels[1:], reference, x, w, b, gelu, extra)
+            if agree:
+                size = w.numel() * w.element_size()
+                weights = [w] + [w.clone() for _ in range(min(31, _COLD_BYTES // size) if rows <= 16 else 0)]
+                reps = 3 if len(weights) > 1 else 4  # one weight: a single call per pass, closer to each other
+                candidates = [kernel, *agree]
+                fns = [lambda m, k=k: k(x, m, b, gelu, *extra) for k in candidates]
+                kernel = candidates[fastest(fns, weights, reps)]
+                del weights
+        except RuntimeError:
+            pass
         return kernel
 
     # -- int8 matmuls -------------------------------------------------------------------------------------------
@@ -202,8 +247,36 @@ class Kernels:
         key = (ours, attn.shape_key(q, k, v, mask), torch.get_num_threads())
         kernel = self.attention_choices.get(key)
         if kernel is None:
-            kernel = self.attention_choices[key] = attn.choose(ours, q, k, v, mask, forced=setting == "native")
+            if setting == "native":  # forced: nothing to measure
+                kernel = attn.choose(ours, q, k, v, mask, forced=True)
+            else:
+                kernel = self._recall(key, (attn.sdpa, ours), lambda fn: _attention_agrees(fn, q, k, v, mask))
+                if kernel is None:
+                    start = time.perf_counter()
+                    kernel = self._measured(key, attn.choose(ours, q, k, v, mask, forced=False), start)
+            self.attention_choices[key] = kernel
         return kernel(q, k, v, mask)
+
+
+def _agreeing(kernels: tuple, reference: Callable, x, w, b, gelu: bool, extra: tuple) -> list[Callable]:
+    """Those of `kernels` whose product agrees with `reference`'s on this input (none if one of them fails)."""
+    try:
+        want = reference(x, w, b, gelu, *extra).float()
+        tol = 1e-4 if x.dtype == torch.float32 else 5e-2
+        return [k for k in kernels if torch.allclose(k(x, w, b, gelu, *extra).float(), want, atol=tol, rtol=tol)]
+    except RuntimeError:
+        return []
+
+
+def _attention_agrees(kernel: Callable, q, k, v, mask) -> bool:
+    """Whether attend.c's `kernel` takes these inputs and agrees with torch's (attn.choose's check, untimed)."""
+    if not attn._usable(kernel, q, k, v, mask):
+        return False
+    try:
+        tol = 3e-2 if q.dtype is torch.bfloat16 else 1e-4
+        return torch.allclose(kernel(q, k, v, mask).float(), attn.sdpa(q, k, v, mask).float(), atol=tol, rtol=tol)
+    except RuntimeError:
+        return False
 
 
 def _flat(kernel: Callable) -> Callable:
@@ -217,15 +290,15 @@ def _flat(kernel: Callable) -> Callable:
     return flattened
 
 
-_shared: dict[KernelSettings, Kernels] = {}
+_shared: dict[tuple[KernelSettings, KernelStore | None], Kernels] = {}
 
 
-def shared_kernels(settings: KernelSettings) -> Kernels:
-    """The process's one `Kernels` for these settings (what `load_gpt2` hands its models): measurements made for
-    one model serve the next of the same shapes."""
-    kernels = _shared.get(settings)
+def shared_kernels(settings: KernelSettings, store: KernelStore | None = None) -> Kernels:
+    """The process's one `Kernels` for these settings and store (what `load_gpt2` hands its models, with the
+    machine's store): measurements made for one model serve the next of the same shapes."""
+    kernels = _shared.get((settings, store))
     if kernels is None:
-        kernels = _shared[settings] = Kernels(settings)
+        kernels = _shared[settings, store] = Kernels(settings, store)
     return kernels
 
 
