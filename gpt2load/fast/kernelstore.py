@@ -182,15 +182,18 @@ class StoredChoices:
     def save(self) -> None:
         """Write what was measured since the last save, over what the file holds now (another process may have
         written it meanwhile)."""
-        if not self._new or self._key is None:
+        new = dict(self._new)  # (a copy: at exit, a serving thread may still be measuring)
+        if not new or self._key is None:
             return
         entries = self.store.read(self._key)
-        for text, name in self._new.items():
+        for text, name in new.items():
             entries.pop(text, None)  # (re-inserted last: the newest are kept under the cap)
             if name is not None:
                 entries[text] = name
-        self.store.write(self._key, entries)
-        self._new.clear()
+        if self.store.write(self._key, entries):
+            for text, name in new.items():
+                if self._new.get(text, name) == name:
+                    self._new.pop(text, None)
 
 
 __all__ = ["KernelStore", "StoredChoices", "machine_store", "NAMES"]
