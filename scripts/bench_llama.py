@@ -9,12 +9,15 @@ the engines alternating round by round with the same thread count; both include 
 llama.cpp must be built for the CPU it runs on (pip's default, GGML_NATIVE=ON): a portable build leaves out
 AVX-512 and friends, is slower, and would flatter gpt2load. The build's instruction sets (from
 llama_print_system_info) are compared with /proc/cpuinfo and a portable build is flagged in the table's header
-(`--require-native-llama` makes it an error).
+(`--require-native-llama` makes it an error). To show a portable (AVX2-only) build beside a native one on an
+AVX-512 machine, run the bench again with LLAMA_CPP_LIB_PATH=DIR naming that build's llama_cpp/lib folder
+(llama-cpp-python loads its libraries from there): its rows are marked (portable).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import subprocess
 import sys
@@ -81,8 +84,8 @@ def native_report() -> tuple[str, bool]:
         return f"llama.cpp build uses {used}: native for this CPU.", True
     return (
         f"WARNING: llama.cpp was built without {', '.join(missing)} which this CPU has: a portable build, slower "
-        "than what a user installing it gets; rebuild with `pip install --no-binary :all: --force-reinstall "
-        "llama-cpp-python==0.3.36` (GGML_NATIVE=ON) for a fair comparison. Rows marked (portable).",
+        "than what a user installing it gets; rebuild with `pip install --no-binary llama-cpp-python --no-cache-dir "
+        "--force-reinstall llama-cpp-python==0.3.36` (GGML_NATIVE=ON) for a fair comparison",
         False,
     )
 
@@ -187,7 +190,8 @@ def llama_rows(
     ids = prompt[0].tolist()
     start, n_ctx = len(ids), len(ids) + n + 8
     fp32_tokens = generate(models["fp32"], prompt, n)[0].tolist()
-    fp32_logits = models["fp32"](prompt)[0, -1].detach().float().numpy()
+    with torch.no_grad():
+        fp32_logits = models["fp32"](prompt)[0, -1].float().numpy()
     theirs = converter_ggufs(models["fp32"], llama_src, folder, tokenizer_dir, list(types))
     rows = []
     for prec, ftype in ROWS:
@@ -328,7 +332,10 @@ class LlamaBench:
         return self.rows(size, models, prompt, folder, big=True)
 
     def print(self, rows: list) -> None:
-        print_table(rows, self.args.reps, [self.build_line, self.cpu_line, self.src_line])
+        lib = os.environ.get("LLAMA_CPP_LIB_PATH")
+        lines = [self.build_line + ("" if self.native else ". Rows marked (portable).")]
+        lines += [f"llama.cpp's libraries from LLAMA_CPP_LIB_PATH={lib}"] if lib else []
+        print_table(rows, self.args.reps, [*lines, self.cpu_line, self.src_line])
 
 
 def llama_bench(args, tokenizer_dir: Path) -> tuple[LlamaBench | None, str]:
