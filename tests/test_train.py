@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import json
-import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,13 +15,12 @@ import pytest
 import torch
 from helpers import TOKENIZER_DIR, assert_clean_error
 from safetensors.torch import load_file
+from train_helpers import CFG, COMMON, ENV, make_corpus, make_model, max_diff, metrics, run, torchrun, train_cmd
 
 from gpt2load import evaluate  # the public API
 from gpt2load.cli.main import main
 from gpt2load.errors import Gpt2LoadError
-from gpt2load.formats.exports import save_model
 from gpt2load.load import load_gpt2
-from gpt2load.model.config import GPTConfig
 from gpt2load.model.gpt import GPTModel
 from gpt2load.tokenizer import encode, tokenizer_from_folder
 from gpt2load.training.data import TokenWindows, WindowLoader
@@ -31,31 +28,15 @@ from gpt2load.training.loop import TrainConfig, train
 from gpt2load.training.metrics import plot_losses
 from gpt2load.training.optim import WarmupCosine, make_optimizer
 
-CFG = GPTConfig(vocab_size=50257, context_length=32, emb_dim=16, n_heads=2, n_layers=2)
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-COMMON = ["--context-length", "16", "--eval-batches", "2", "--lr", "3e-3", "--quiet", "--device", "cpu"]
-
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
-    """A tiny random model with GPT-2's real vocabulary, saved in gpt2load's own form with the tokenizer."""
-    torch.manual_seed(0)
-    model = GPTModel(CFG)
-    with torch.no_grad():
-        model.tok_emb.weight.mul_(0.05)  # GPT-2-like scale, so the starting loss is near log(vocab)
-    return save_model(model, tmp_path_factory.mktemp("model") / "tiny", tokenizer_dir=TOKENIZER_DIR)
+    return make_model(tmp_path_factory.mktemp("model") / "tiny")
 
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> Path:
-    rng = random.Random(0)
-    subj = ["the cat", "a dog", "my friend", "the teacher", "our neighbour"]
-    verb = ["sees", "likes", "finds", "paints", "follows"]
-    obj = ["the ball", "a red house", "the river", "an old book", "the garden"]
-    lines = [f"{rng.choice(subj).capitalize()} {rng.choice(verb)} {rng.choice(obj)}." for _ in range(700)]
-    path = tmp_path_factory.mktemp("data") / "corpus.txt"
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return path
+    return make_corpus(tmp_path_factory.mktemp("data"))
 
 
 def loaders(corpus: Path, batch: int = 4, length: int = 16):
@@ -64,27 +45,6 @@ def loaders(corpus: Path, batch: int = 4, length: int = 16):
     cut = int(len(tokens) * 0.9)
     train_w, val_w = TokenWindows(tokens[:cut], length, length), TokenWindows(tokens[cut:], length, length)
     return WindowLoader(train_w, batch, seed=1), WindowLoader(val_w, batch, shuffle=False), train_w
-
-
-def train_cmd(model_dir: Path, corpus: Path, out: Path, *extra: str) -> list[str]:
-    return ["train", "--model", str(model_dir), "--data", str(corpus), "--out", str(out), *COMMON, *extra]
-
-
-def run(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "gpt2load", *args], capture_output=True, text=True, env=ENV, timeout=timeout
-    )
-
-
-def metrics(out: Path, drop=("tokens_per_s",)) -> list[dict]:
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in r.items() if k not in drop} for r in rows]
-
-
-def max_diff(a: Path, b: Path, skip: str = "$") -> float:
-    sa, sb = load_file(a / "final" / "model.safetensors"), load_file(b / "final" / "model.safetensors")
-    assert sa.keys() == sb.keys()
-    return max((sa[k] - sb[k]).abs().max().item() for k in sa if not k.endswith(skip))
 
 
 # ---------------------------------------------------------------- the loop (Python API)
@@ -390,20 +350,11 @@ def test_final_model_generates_and_exports_to_transformers(model_dir, corpus, tm
 # ---------------------------------------------------------------- two processes (torchrun, gloo)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_processes_match_one_process_with_the_whole_batch(model_dir, corpus, tmp_path):
     flags = ["--max-steps", "6", "--eval-every", "3", "--save-every", "6", "--grad-accum", "2"]  # no_sync too
     one, two = tmp_path / "one", tmp_path / "two"
     assert main(train_cmd(model_dir, corpus, one, *flags, "--batch-size", "4")) == 0
-    torchrun = Path(sys.executable).with_name("torchrun")
-    cmd = [str(torchrun), "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(free_port())]
-    cmd += ["-m", "gpt2load", *train_cmd(model_dir, corpus, two, *flags, "--batch-size", "2")]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=180)
+    proc = torchrun(*train_cmd(model_dir, corpus, two, *flags, "--batch-size", "2"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     a, b = metrics(one), metrics(two)
     assert [r["step"] for r in a] == [r["step"] for r in b] == [0, 3, 6]

@@ -36,6 +36,36 @@ def lora_kwargs(args: argparse.Namespace) -> dict:
     }
 
 
+def add_parallel_args(p: argparse.ArgumentParser) -> None:
+    """--strategy/--cpu-offload/--activation-checkpointing/--no-memory-check, shared by train and fine-tuning."""
+    g = p.add_argument_group("memory and several processes (torchrun)")
+    g.add_argument(
+        "--strategy",
+        choices=("ddp", "fsdp"),
+        default="ddp",
+        help="under torchrun: ddp (a full copy per process, default) or fsdp (weights, gradients and optimizer "
+        "state sharded across the processes)",
+    )
+    g.add_argument("--cpu-offload", action="store_true", help="with --strategy fsdp: keep the shards in host memory")
+    g.add_argument(
+        "--activation-checkpointing",
+        action="store_true",
+        help="recompute each block's activations in the backward instead of keeping them",
+    )
+    g.add_argument(
+        "--no-memory-check", action="store_true", help="train even when the memory estimate exceeds the device's"
+    )
+
+
+def parallel_kwargs(args: argparse.Namespace) -> dict:
+    return {
+        "strategy": args.strategy,
+        "cpu_offload": args.cpu_offload,
+        "activation_checkpointing": args.activation_checkpointing,
+        "memory_check": not args.no_memory_check,
+    }
+
+
 def _config(args: argparse.Namespace):
     from ..finetune.recipes import FinetuneConfig
 
@@ -59,6 +89,7 @@ def _config(args: argparse.Namespace):
         quiet=args.quiet,
         n_heads=args.n_heads,
         **lora_kwargs(args),
+        **parallel_kwargs(args),
     )
 
 
@@ -142,6 +173,7 @@ def _shared(p: argparse.ArgumentParser, train_layers: str, epochs: int) -> None:
     ev.add_argument("--save-every", type=int, default=500, help="steps between checkpoints (default 500)")
     ev.add_argument("--resume", action="store_true", help="continue from the newest valid checkpoint in OUT")
     add_lora_args(p)
+    add_parallel_args(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar or download messages")
 
 

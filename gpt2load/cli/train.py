@@ -5,12 +5,13 @@ from __future__ import annotations
 import argparse
 
 from .common import n_heads_arg
-from .finetune import add_lora_args, lora_kwargs
+from .finetune import add_lora_args, add_parallel_args, lora_kwargs, parallel_kwargs
 
 EPILOG = """\
 Writes OUT/metrics.jsonl, OUT/loss.png, OUT/checkpoints/step-NNNNNN.pt and the trained model in OUT itself
 (and OUT/final): gpt2load generate --model OUT. One run per OUT at a time. Multi-process:
-torchrun --nproc_per_node N -m gpt2load train ... (--batch-size is per process)."""
+torchrun --nproc_per_node N -m gpt2load train ... (--batch-size is per process; --strategy fsdp shards the model,
+gradients and optimizer state across the processes)."""
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -52,6 +53,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         progress=False if args.quiet else None,
         n_heads=args.n_heads,
         **lora_kwargs(args),
+        **parallel_kwargs(args),
     )
     return 0
 
@@ -102,6 +104,7 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
     ev.add_argument("--keep-checkpoints", type=int, default=3, help="checkpoints kept (default 3)")
     ev.add_argument("--resume", action="store_true", help="continue from the newest valid checkpoint in OUT")
     add_lora_args(p)
+    add_parallel_args(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar or download messages")
     p.set_defaults(func=cmd_train)
     return p

@@ -21,12 +21,13 @@ from torch import nn
 from ..errors import Gpt2LoadError
 from ..fsutil import atomic_path
 from ..load import load_gpt2, load_tokenizer, model_folder
-from ..model.build import pick_device
 from ..model.lora import DEFAULT_ALPHA, DEFAULT_TARGETS, check_lora_settings, parse_targets, setup_lora
 from ..training.data import WindowLoader
+from ..training.distributed import all_sum, dist_info, init_distributed, rank0_first, shutdown
 from ..training.loop import check_positive, train
 from ..training.metrics import MetricsLog, plot_curves
-from ..training.pretrain import open_run, save_final
+from ..training.pretrain import open_run, save_trained, sharding_skeleton
+from ..training.sharding import check_strategy
 from .data import (
     IGNORE_INDEX,
     POOLS,
@@ -55,7 +56,8 @@ class FinetuneConfig:
     save_every / keep_checkpoints, seed, dtype ("float32" or "bfloat16" autocast), resume, progress;
     lora_rank / lora_alpha / lora_targets (train LoRA adapters only, see lora.add_lora) and merge (fold them into
     the saved model; False saves them beside it); source / weights_dir / device / quiet / n_heads (as for
-    load_gpt2).
+    load_gpt2); strategy / cpu_offload / activation_checkpointing / memory_check (as for training.loop.train;
+    under torchrun every process reads its share of each batch, `batch_size` per process).
     """
 
     train_layers: str | None = None
@@ -81,6 +83,10 @@ class FinetuneConfig:
     device: str | None = None
     quiet: bool = False
     n_heads: int | None = None
+    strategy: str = "ddp"
+    cpu_offload: bool = False
+    activation_checkpointing: bool = False
+    memory_check: bool = True
 
     def check(self) -> None:
         """The settings that can be checked before any loading, as one clear error each."""
@@ -101,7 +107,8 @@ def _settings(config: FinetuneConfig | None, options: dict) -> FinetuneConfig:
 
 @torch.no_grad()
 def accuracy(model: nn.Module, batches) -> float | None:
-    """Share of counted targets (not -100) where the model's top logit is the target; None without any."""
+    """Share of counted targets (not -100) where the model's top logit is the target, over every process's
+    batches; None without any."""
     device = model.tok_emb.weight.device
     was_training = model.training
     model.eval()
@@ -112,14 +119,15 @@ def accuracy(model: nn.Module, batches) -> float | None:
         correct += int((model(x.to(device)).argmax(-1)[keep] == y[keep]).sum())
         total += int(keep.sum())
     model.train(was_training)
+    correct, total = all_sum([float(correct), float(total)], device)
     return correct / total if total else None
 
 
 def _load(cfg: FinetuneConfig, model):
-    """(model in float32, tokenizer, the folder its tokenizer files are in)."""
-    net = load_gpt2(
-        model, cfg.source, cfg.weights_dir, device=pick_device(cfg.device), quiet=cfg.quiet, n_heads=cfg.n_heads
-    )
+    """(model in float32, tokenizer, the folder its tokenizer files are in), after joining torchrun's processes."""
+    rank, world, device = init_distributed(cfg.device)
+    check_strategy(cfg.strategy, cfg.cpu_offload, world)
+    net = load_gpt2(model, cfg.source, cfg.weights_dir, device=device, quiet=cfg.quiet or rank > 0, n_heads=cfg.n_heads)
     enc = load_tokenizer(model, cfg.source, cfg.weights_dir)
     where = model_folder(model, cfg.source, cfg.weights_dir, quiet=True)
     return net, enc, where if where.is_dir() else where.parent
@@ -134,10 +142,12 @@ def _check_length(max_length: int | None, net) -> None:
 
 
 def _loader(data, cfg: FinetuneConfig, shuffle: bool, what: str) -> WindowLoader:
-    loader = WindowLoader(data, cfg.batch_size, shuffle=shuffle, seed=cfg.seed)
+    rank, world = dist_info()
+    loader = WindowLoader(data, cfg.batch_size, shuffle=shuffle, seed=cfg.seed, rank=rank, world_size=world)
     if shuffle and len(loader) == 0:
+        batch = f"{cfg.batch_size} x {world} processes" if world > 1 else f"{cfg.batch_size}"
         raise Gpt2LoadError(
-            f"{what} has {len(data)} examples, fewer than one batch of {cfg.batch_size}: lower --batch-size or add data"
+            f"{what} has {len(data)} examples, fewer than one batch of {batch}: lower --batch-size or add data"
         )
     return loader
 
@@ -159,13 +169,16 @@ def _run(
     metrics_fn: Callable[[nn.Module], dict] | None = None,
 ) -> Path:
     """With the run folder locked: add adapters (when asked), run the training loop at the book's constant
-    learning rate (no warmup, no clipping), then `finish(rows)` (which gives the model's metadata) and save."""
-    lock = open_run(out)
+    learning rate (no warmup, no clipping), then `finish(rows)` (which gives the model's metadata) and save.
+    Under torchrun every process runs this; rank 0 alone writes."""
+    rank, world = dist_info()
+    lock = rank0_first(lambda: open_run(out) if rank == 0 else None)
     try:
         adapters = setup_lora(net, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets, cfg.seed)
         if adapters is not None:
             run_info = {**run_info, "lora": adapters}
         book = BOOK_DEFAULTS[task]
+        skeleton = sharding_skeleton(net, {"strategy": cfg.strategy})
         rows = train(
             net,
             *loaders,
@@ -188,11 +201,19 @@ def _run(
             progress=cfg.progress,
             run_info={**run_info, "batch_size": cfg.batch_size},
             metrics_fn=metrics_fn,
+            strategy=cfg.strategy,
+            cpu_offload=cfg.cpu_offload,
+            activation_checkpointing=cfg.activation_checkpointing,
+            memory_check=cfg.memory_check,
         )
-        save_final(net, out, tokenizer_dir, finish(rows), cfg.merge)
+        save_trained(net, skeleton, out, tokenizer_dir, finish(rows), cfg.merge)
     finally:
-        lock.release()
-    print(f"gpt2load: saved the fine-tuned model in {out} (and {out / 'final'})", flush=True)
+        if lock is not None:
+            lock.release()
+        if world > 1:
+            shutdown()
+    if rank == 0:
+        print(f"gpt2load: saved the fine-tuned model in {out} (and {out / 'final'})", flush=True)
     return out
 
 
@@ -261,9 +282,10 @@ def finetune_classify(
         for flag, key in (("--train", "train_acc"), ("--val", "val_acc"), ("--test", "test_acc")):
             if flag in data:
                 final_row[key] = accuracy(net, _all_batches(_loader(data[flag], cfg, False, flag)))
-        _write_final_row(out, final_row, rows)
-        shown = "  ".join(f"{k} {v:.2%}" for k, v in final_row.items() if k.endswith("_acc"))
-        print(f"gpt2load: accuracy on the whole sets: {shown}", flush=True)
+        if dist_info()[0] == 0:
+            _write_final_row(out, final_row, rows)
+            shown = "  ".join(f"{k} {v:.2%}" for k, v in final_row.items() if k.endswith("_acc"))
+            print(f"gpt2load: accuracy on the whole sets: {shown}", flush=True)
         return {CLASSIFIER_KEY: json.dumps({"labels": names, "pool": pool, "max_length": max_length})}
 
     info = {"task": "classify", "labels": names, "pool": pool, "max_length": max_length}

@@ -1,5 +1,5 @@
 """Training checkpoints: atomic writes with a sha256 sidecar, newest-valid lookup with fallback past damaged
-files, pruning, and every RNG state needed for a bit-exact resume.
+files (and past damaged sharded folders, see dcp.py), pruning, and every RNG state needed for a bit-exact resume.
 
 A checkpoint whose sidecar is missing (copied without it, or written by a tool that does not make one) is
 "unverified", not damaged: it is used when it loads with weights_only=True and holds every expected entry.
@@ -11,6 +11,7 @@ import hashlib
 import os
 import random
 import re
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -20,11 +21,12 @@ import torch
 from ..errors import Gpt2LoadError
 from ..fsutil import atomic_path
 from ..model.gpt import GPTModel, is_derived
+from .dcp import META, read_meta
 from .distributed import broadcast, dist_info, rank0_first
 
 CHECKPOINT_FORMAT = "gpt2load-train"
 CHECKPOINT_VERSION = 1
-_CKPT_NAME = re.compile(r"^step-(\d+)\.pt$")
+_CKPT_NAME = re.compile(r"^step-(\d+)\.(pt|dcp)$")  # .dcp: a sharded checkpoint's folder (FSDP)
 EXPECTED_KEYS = frozenset(
     ("format", "version", "step", "tokens_seen", "model", "config", "optimizer", "scheduler", "data", "rng", "settings")
 )
@@ -53,7 +55,8 @@ def _sha256_file(path: Path) -> str:
 
 
 def list_checkpoints(folder: Path) -> list[tuple[int, Path]]:
-    """(step, path) of the checkpoint files in `folder`, oldest first (temporary files ignored)."""
+    """(step, path) of the checkpoint files (and sharded folders) in `folder`, oldest first (temporary files
+    ignored)."""
     if not folder.is_dir():
         return []
     found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := _CKPT_NAME.match(p.name))]
@@ -103,9 +106,11 @@ def latest_checkpoint(folder: Path, device: torch.device, warn: Callable[[str], 
     there is no usable checkpoint."""
     for _, path in reversed(list_checkpoints(folder)):
         try:
-            ck, verified = _read_checkpoint(path, device)
+            ck, verified = (read_meta(path), True) if path.is_dir() else _read_checkpoint(path, device)
         except ValueError as e:
             bad = path.with_name(path.name + ".corrupt")
+            if bad.is_dir():
+                shutil.rmtree(bad)
             os.replace(path, bad)
             path.with_name(path.name + ".sha256").unlink(missing_ok=True)
             warn(f"checkpoint {path} is damaged ({e}); moved it to {bad.name} and trying the previous one")
@@ -122,7 +127,11 @@ def find_resume_checkpoint(folder: Path, device: torch.device, warn: Callable[[s
     found = rank0_first(lambda: latest_checkpoint(folder, device, warn) if rank == 0 else None)
     chosen = broadcast(str(found[0]) if found else None)
     if rank != 0 and chosen is not None:
-        found = (Path(chosen), torch.load(chosen, map_location=device, weights_only=True))
+        path = Path(chosen)
+        if path.is_dir():  # a sharded checkpoint: rank 0 verified it, the others need its meta.pt only
+            found = (path, torch.load(path / META, map_location="cpu", weights_only=True))
+        else:
+            found = (path, torch.load(path, map_location=device, weights_only=True))
     return found
 
 
@@ -145,6 +154,9 @@ def restore(
 
 def prune(folder: Path, keep: int) -> None:
     for _, path in list_checkpoints(folder)[:-keep]:
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+            continue
         path.unlink(missing_ok=True)
         path.with_name(path.name + ".sha256").unlink(missing_ok=True)
 

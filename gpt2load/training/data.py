@@ -20,6 +20,7 @@ from ..errors import Gpt2LoadError
 from ..fsutil import atomic_path
 from ..tokenizer import EOT, EOT_ID, encode
 from .checkpoint import rng_state, set_rng_state
+from .evaluation import IGNORE_INDEX
 
 CACHE_VERSION = 1
 CHUNK_CHARS = 1 << 22  # tokenize about 4M characters at a time, so big files need little memory
@@ -251,6 +252,11 @@ class WindowLoader:
             mine = chunk[self.rank * per : (self.rank + 1) * per]
             if len(mine):
                 yield self.windows.gather(mine.numpy())
+            elif self.world_size > 1:
+                # every process runs as many forwards as the others (FSDP gathers weights inside each one):
+                # a process without a share gets one window whose targets all count for nothing
+                x, y = self.windows.gather(chunk[:1].numpy())
+                yield x, torch.full_like(y, IGNORE_INDEX)
 
 
 # ---------------------------------------------------------------- batches across epochs, for the loop

@@ -49,6 +49,9 @@ def init_distributed(
 def shutdown() -> None:
     """Leave the process group, if this process joined one."""
     if dist.is_available() and dist.is_initialized():
+        # everyone arrives first: a process that tears its connections down while a peer is still in a
+        # collective makes gloo's I/O thread abort that peer
+        dist.barrier()
         dist.destroy_process_group()
 
 
@@ -83,6 +86,12 @@ def all_sum(values: list[float], device: torch.device) -> list[float]:
     return t.tolist()
 
 
+def barrier() -> None:
+    """Wait for every process (nothing to wait for in one process)."""
+    if dist_info()[1] > 1:
+        dist.barrier()
+
+
 def broadcast(obj: T, src: int = 0) -> T:
     """`obj` as process `src` has it, on every process."""
     _, world = dist_info()
@@ -103,4 +112,4 @@ def gather(obj: T) -> list[T]:
     return out
 
 
-__all__ = ["all_sum", "broadcast", "dist_info", "gather", "init_distributed", "rank0_first", "shutdown"]
+__all__ = ["all_sum", "barrier", "broadcast", "dist_info", "gather", "init_distributed", "rank0_first", "shutdown"]

@@ -1,5 +1,5 @@
 """The training loop: AdamW with warmup + cosine, clipping, bf16 autocast, token-weighted losses, evaluation,
-metrics, checkpoints that resume bit-exactly, and data parallel under torchrun (DDP).
+metrics, checkpoints that resume bit-exactly, and data parallel under torchrun (DDP, or FSDP: sharding.py).
 
 `train(model, train_loader, val_loader, **options)` runs on any loaders yielding (input, target) batches; what
 a batch's loss is comes from `TrainConfig.loss_fn` (next-token cross-entropy by default), so a recipe with
@@ -8,24 +8,19 @@ another objective (e.g. classification) plugs in without a second loop.
 
 from __future__ import annotations
 
-import math
-import random
 import sys
 import time
-from collections.abc import Callable, Iterable
-from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, fields, replace
+from collections.abc import Iterable
+from dataclasses import fields, replace
 from pathlib import Path
 
-import numpy as np
 import torch
-from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from ..errors import Gpt2LoadError
 from ..fsutil import open_run_folder
 from ..model.build import pick_dtype
-from ..model.gpt import GPTModel, stored_state
+from ..model.gpt import GPTModel, set_backend, stored_state
 from ..model.quant import refuse_quantized
 from .checkpoint import (
     CHECKPOINT_FORMAT,
@@ -38,114 +33,16 @@ from .checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
+from .config import TrainConfig, check_positive
 from .data import BatchStream, total_steps
-from .distributed import all_sum, dist_info, gather, rank0_first
-from .evaluation import (
-    Batch,
-    LossFn,
-    autocast,
-    count_targets,
-    eval_batches,
-    loss_sums,
-    sample_text,
-    token_loss,
-)
+from .dcp import SUFFIX, check_fits, load_sharded, model_shapes, save_sharded
+from .distributed import dist_info, gather, rank0_first
+from .evaluation import Batch, eval_batches, loss_sums, sample_text
+from .memory import plan_and_check
 from .metrics import MetricsLog, perplexity, plot_losses
 from .optim import WarmupCosine, apply_freezing, make_optimizer
-
-
-def check_positive(**values) -> None:
-    """Each value must be None or a positive int; the error names it as the CLI flag (--batch-size)."""
-    for name, v in values.items():
-        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
-            raise Gpt2LoadError(f"--{name.replace('_', '-')} must be a positive integer, got {v!r}")
-
-
-@dataclass
-class TrainConfig:
-    """Everything `train` does besides the model and the data. See `train` for each field."""
-
-    max_steps: int | None = None
-    epochs: int | None = None
-    grad_accum: int = 1
-    lr: float = 1e-4
-    min_lr: float | None = None
-    warmup_steps: int | None = None
-    weight_decay: float = 0.1
-    grad_clip: float | None = 1.0
-    dtype: str | torch.dtype = "float32"
-    train_layers: str | None = "all"
-    eval_every: int = 100
-    eval_batches: int = 10
-    save_every: int | None = 500
-    keep_checkpoints: int = 3
-    out_dir: str | Path | None = None
-    resume: bool = False
-    seed: int = 123
-    tokenizer: object = None
-    sample_prompt: str | None = None
-    sample_tokens: int = 40
-    progress: bool | None = None
-    log: Callable[[str], None] | None = None
-    run_info: dict | None = None
-    loss_fn: LossFn = token_loss
-    count_fn: Callable[[torch.Tensor], int] = count_targets
-    metrics_fn: Callable[[nn.Module], dict] | None = None
-
-    def check(self) -> None:
-        """One clear error for a value out of range (named as the CLI flag)."""
-        names = ("max_steps", "epochs", "grad_accum", "eval_batches", "keep_checkpoints")
-        check_positive(**{name: getattr(self, name) for name in names})
-        for name in ("lr", "min_lr", "warmup_steps", "weight_decay", "grad_clip", "eval_every", "save_every"):
-            v = getattr(self, name)
-            if v is not None and (not isinstance(v, int | float) or v < 0 or not math.isfinite(v)):
-                raise Gpt2LoadError(f"--{name.replace('_', '-')} must be a number of at least 0, got {v!r}")
-        if not isinstance(self.sample_tokens, int) or self.sample_tokens < 0:
-            raise Gpt2LoadError(f"--sample-tokens must be a number of at least 0, got {self.sample_tokens!r}")
-        if self.resume and self.out_dir is None:
-            raise Gpt2LoadError("resume needs out_dir, where the checkpoints are")
-
-
-@contextmanager
-def _run_rng(seed: int, device: torch.device):
-    """Seed the global RNGs for the run (dropout and a shuffling DataLoader draw from them; neither takes a
-    private generator), and give the caller back exactly the states it had: train() reseeds nothing for them."""
-    py, npy = random.getstate(), np.random.get_state()
-    cuda = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=cuda):
-        try:
-            torch.manual_seed(seed)
-            random.seed(seed)
-            np.random.seed(seed)
-            yield
-        finally:
-            random.setstate(py)
-            np.random.set_state(npy)
-
-
-def _train_step(net: nn.Module, batches: BatchStream, cfg: TrainConfig, amp: torch.dtype, device, world: int):
-    """Forward and backward over grad_accum batches, weighting every target of every process equally.
-
-    Returns (mean loss on this process, input tokens on all processes)."""
-    micro = [next(batches) for _ in range(cfg.grad_accum)]
-    local = sum(cfg.count_fn(y) for _, y in micro)
-    (total,) = all_sum([float(local)], device)
-    if total == 0:
-        raise Gpt2LoadError("a training step has no targets to learn from (all -100): check the data's targets")
-    loss_sum, tokens = 0.0, 0
-    for k, (x, y) in enumerate(micro):
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        sync = k == len(micro) - 1 or not isinstance(net, DistributedDataParallel)
-        with nullcontext() if sync else net.no_sync():
-            with autocast(device, amp):
-                loss, _ = cfg.loss_fn(net, x, y)
-            # DDP averages gradients over processes, so scaling each sum by world / (targets on every process)
-            # makes the step follow the mean over every target of the global batch, however they are spread
-            (loss * (world / total)).backward()
-        loss_sum += loss.item()
-        tokens += x.numel() * world
-    return loss_sum / max(local, 1), tokens
-
+from .sharding import checkpointed_blocks, is_sharded, shard_model
+from .step import run_rng, train_step
 
 # ---------------------------------------------------------------- the loop
 
@@ -189,6 +86,11 @@ def train(
             targets of -100 ignored. Every loss is the sum over targets divided by their count.
         count_fn: y -> number of targets that count (default: those not -100), known before the forward.
         metrics_fn: model -> dict of extra metrics (e.g. accuracies), added to every metrics row.
+        strategy: under torchrun, "ddp" (a full copy per process) or "fsdp" (fully_shard per block: the model
+            comes back sharded; checkpoints are sharded folders, see dcp.py). A single process ignores "ddp".
+        cpu_offload: FSDP's shards, gradients and optimizer state live in host memory.
+        activation_checkpointing: each block keeps only its input and recomputes the rest in the backward.
+        memory_check: refuse a run whose estimated memory exceeds the device's (see memory.py).
     """
     unknown = set(options) - {f.name for f in fields(TrainConfig)}
     if unknown:
@@ -206,7 +108,7 @@ def train(
     rank, _ = dist_info()
     lock = rank0_first(lambda: open_run_folder(cfg.out_dir) if cfg.out_dir is not None and rank == 0 else None)
     try:
-        with _run_rng(cfg.seed + rank, device):
+        with run_rng(cfg.seed + rank, device):
             return _Run(model, base, train_loader, val_loader, cfg, amp, device).run()
     finally:
         if lock is not None:
@@ -222,6 +124,15 @@ class _Run:
         self.train_loader, self.val_loader = train_loader, val_loader
         self.log = cfg.log or (print if self.rank == 0 else (lambda msg: None))
         self.trainable = apply_freezing(base, cfg.train_layers)
+        self.sharded = cfg.strategy == "fsdp" and self.world > 1
+        plan_and_check(base, train_loader, cfg.strategy, self.world, amp, device, cfg, self.log)
+        self.backend = getattr(base, "backend", None)
+        if self.sharded:
+            set_backend(base, None)  # the speed layer's cached fused weights would not follow FSDP's gathers
+            if not is_sharded(base):
+                shard_model(base, amp, device, cfg.cpu_offload)
+            self.trainable = list({id(p): p for p in base.parameters() if p.requires_grad}.values())
+        self.trainable_names = [n for n, p in base.named_parameters() if p.requires_grad]
         self.total = total_steps(cfg.max_steps, cfg.epochs, train_loader, cfg.grad_accum)
         warmup = round(0.05 * self.total) if cfg.warmup_steps is None else cfg.warmup_steps
         min_lr = cfg.lr / 10 if cfg.min_lr is None else cfg.min_lr
@@ -247,7 +158,7 @@ class _Run:
         self.step, self.tokens_seen, self.batches = 0, 0, BatchStream(train_loader)
         self.rows: list[dict] = []
         self.net = model
-        if self.world > 1 and model is base:
+        if self.world > 1 and model is base and not self.sharded:
             ids = [device.index] if device.type == "cuda" else None
             self.net = DistributedDataParallel(base, device_ids=ids, broadcast_buffers=False)
         self.timer = {"train_s": 0.0, "tokens": 0}
@@ -275,7 +186,16 @@ class _Run:
             self.log("gpt2load: no checkpoint to resume from; starting at step 0")
         else:
             path, ck = found
-            restore(path, ck, self.base, self.optimizer, self.schedule, self.cfg.train_layers)
+            if path.name.endswith(SUFFIX):  # sharded: read back resharded to this run's processes
+                check_fits(path, ck, self.base, self.trainable_names, self.cfg.train_layers)
+                load_sharded(path, self.base, self.optimizer)
+                self.schedule.load_state_dict(ck["scheduler"])
+            elif self.sharded:
+                raise Gpt2LoadError(
+                    f"{path} was written by a run without FSDP: resume it with --strategy ddp (or in one process)"
+                )
+            else:
+                restore(path, ck, self.base, self.optimizer, self.schedule, self.cfg.train_layers)
             self.step, self.tokens_seen = ck["step"], ck["tokens_seen"]
             was = ck["settings"]
             changed = [f"{k} {was.get(k)} -> {v}" for k, v in self.settings.items() if was.get(k) != v]
@@ -318,6 +238,9 @@ class _Run:
             **extra,
         }
         self.rows.append(row)
+        sampling = self.cfg.sample_prompt is not None and self.cfg.tokenizer is not None
+        # under FSDP every rank generates: each forward gathers the shards from all of them
+        sample = self.sample() if sampling and (self.sharded or self.rank == 0) else None
         if self.rank != 0:
             return
         if self.metrics:
@@ -326,31 +249,53 @@ class _Run:
         speed = f"  {tps:,.0f} tok/s" if tps else ""
         train_text = f"{train_loss:.4f}" if train_loss is not None else "n/a"
         self.say(f"step {self.step}/{self.total}  tokens {self.tokens_seen:,}  train {train_text}{val}{speed}")
-        if self.cfg.sample_prompt is not None and self.cfg.tokenizer is not None:
-            text = sample_text(self.base, self.cfg.tokenizer, self.cfg.sample_prompt, self.cfg.sample_tokens)
-            self.say(f"sample: {self.cfg.sample_prompt}{text.replace(chr(10), ' ')}")
+        if sample is not None:
+            self.say(f"sample: {self.cfg.sample_prompt}{sample}")
+
+    def sample(self) -> str:
+        text = sample_text(self.base, self.cfg.tokenizer, self.cfg.sample_prompt, self.cfg.sample_tokens)
+        return text.replace(chr(10), " ")
 
     def checkpoint(self) -> None:
         states = gather(rng_state(self.batches.epoch_rng))  # every rank's RNG (dropout differs per rank)
+        if self.sharded:
+            meta = {**self.payload(states), "shapes": model_shapes(self.base), "trainable": self.trainable_names}
+            save_sharded(self.ck_dir / f"step-{self.step:06d}{SUFFIX}", self.base, self.optimizer, meta)
+            if self.rank == 0:
+                prune(self.ck_dir, self.cfg.keep_checkpoints)
+            return
         if self.rank != 0:
             return
         payload = {
+            **self.payload(states),
+            "model": stored_state(self.base),
+            "optimizer": self.optimizer.state_dict(),
+        }
+        save_checkpoint(self.ck_dir / f"step-{self.step:06d}.pt", payload)
+        prune(self.ck_dir, self.cfg.keep_checkpoints)
+
+    def payload(self, states: list) -> dict:
+        """What a checkpoint holds besides the weights and the optimizer state."""
+        return {
             "format": CHECKPOINT_FORMAT,
             "version": CHECKPOINT_VERSION,
             "step": self.step,
             "tokens_seen": self.tokens_seen,
-            "model": stored_state(self.base),
             "config": self.base.cfg.to_dict(),
-            "optimizer": self.optimizer.state_dict(),
             "scheduler": self.schedule.state_dict(),
             "data": {"epoch": self.batches.epoch, "position": self.batches.position, "shuffle_seed": self.cfg.seed},
             "rng": states,
             "settings": self.settings,
         }
-        save_checkpoint(self.ck_dir / f"step-{self.step:06d}.pt", payload)
-        prune(self.ck_dir, self.cfg.keep_checkpoints)
 
     def run(self) -> list[dict]:
+        try:
+            with checkpointed_blocks(self.base, self.cfg.activation_checkpointing):
+                return self._run()
+        finally:
+            set_backend(self.base, self.backend)
+
+    def _run(self) -> list[dict]:
         cfg = self.cfg
         self.start()
         if cfg.progress if cfg.progress is not None else sys.stderr.isatty():
@@ -363,7 +308,7 @@ class _Run:
         self.base.train()
         while self.step < self.total:
             t0 = time.perf_counter()
-            step_loss, tokens = _train_step(self.net, self.batches, cfg, self.amp, self.device, self.world)
+            step_loss, tokens = train_step(self.net, self.batches, cfg, self.amp, self.device, self.world)
             if cfg.grad_clip:
                 torch.nn.utils.clip_grad_norm_(self.trainable, cfg.grad_clip)
             self.optimizer.step()

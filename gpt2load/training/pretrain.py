@@ -19,8 +19,9 @@ from ..load import load_gpt2, load_tokenizer, model_folder
 from ..model.gpt import GPTModel
 from ..model.lora import DEFAULT_ALPHA, DEFAULT_TARGETS, check_lora_settings, parse_targets, setup_lora
 from .data import TokenWindows, WindowLoader, split_tokens, tokenize_files
-from .distributed import init_distributed, rank0_first, shutdown
+from .distributed import dist_info, init_distributed, rank0_first, shutdown
 from .loop import check_positive, train
+from .sharding import check_strategy, gather_full, is_sharded, meta_skeleton
 
 
 def _set_dropout(net: GPTModel, rate: float) -> None:
@@ -47,6 +48,28 @@ def save_final(
             except OSError:  # a file system without hard links
                 shutil.copyfile(f, tmp)
     return final
+
+
+def sharding_skeleton(net: GPTModel, options: dict) -> nn.Module | None:
+    """The meta-device copy `save_trained` needs when `train` is about to shard `net` (FSDP), else None."""
+    return meta_skeleton(net) if options.get("strategy") == "fsdp" and dist_info()[1] > 1 else None
+
+
+def save_trained(
+    net: GPTModel,
+    skeleton: nn.Module | None,
+    out: Path,
+    tokenizer_dir: Path,
+    metadata: dict[str, str] | None = None,
+    merge: bool = True,
+) -> None:
+    """Every process: `save_final` by rank 0, of the whole model; a sharded model is gathered onto rank 0's CPU
+    first (one tensor at a time, into `skeleton`, see sharding.gather_full). An error on rank 0 is raised on
+    every rank."""
+    rank, _ = dist_info()
+    if skeleton is not None and is_sharded(net):
+        net = gather_full(net, skeleton)
+    rank0_first(lambda: save_final(net, out, tokenizer_dir, metadata, merge) if rank == 0 else None)
 
 
 def open_run(out: Path) -> RunLock:
@@ -154,7 +177,8 @@ def train_on_files(
         lora_rank, lora_alpha, lora_targets: train LoRA adapters only (see lora.add_lora).
         merge: save the adapters merged into the model (False: beside it, see exports.save_finetuned).
         n_heads: as for load_gpt2 (a book-layout .pth of a width no GPT-2 size has).
-        **options: passed to `train` (max_steps, epochs, grad_accum, lr, ..., resume, sample_prompt).
+        **options: passed to `train` (max_steps, epochs, grad_accum, lr, ..., resume, sample_prompt, strategy,
+            cpu_offload, activation_checkpointing, memory_check).
     """
     check_positive(batch_size=batch_size, context_length=context_length, stride=stride)
     if not 0.0 <= dropout < 1.0:
@@ -167,6 +191,7 @@ def train_on_files(
         check_lora_settings(lora_rank, lora_alpha)
         parse_targets(lora_targets)
     rank, world, dev = init_distributed(device)
+    check_strategy(options.get("strategy", "ddp"), options.get("cpu_offload", False), world)
     lock: RunLock | None = None
     try:
         out = Path(out)
@@ -200,10 +225,11 @@ def train_on_files(
         if lora is not None:
             info["lora"] = lora
             options["train_layers"] = None  # the adapters alone train
+        skeleton = sharding_skeleton(net, options)
         train(net, train_loader, val_loader, out_dir=out, tokenizer=enc, run_info=info, **options)
+        where = model_folder(model, source, weights_dir, quiet=True)
+        save_trained(net, skeleton, out, where if where.is_dir() else where.parent, merge=merge)
         if rank == 0:
-            where = model_folder(model, source, weights_dir, quiet=True)
-            save_final(net, out, where if where.is_dir() else where.parent, merge=merge)
             print(f"gpt2load: saved the trained model in {out} (and {out / 'final'})", flush=True)
         return out
     finally:
@@ -213,4 +239,4 @@ def train_on_files(
             shutdown()
 
 
-__all__ = ["open_run", "save_final", "train_on_files"]
+__all__ = ["open_run", "save_final", "save_trained", "sharding_skeleton", "train_on_files"]
