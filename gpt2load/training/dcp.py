@@ -14,6 +14,7 @@ import hashlib
 import os
 import secrets
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
@@ -126,7 +127,9 @@ def load_sharded(folder: Path, model: nn.Module, optimizer: torch.optim.Optimize
     from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
 
     states = _states(model, optimizer)
-    dcp.load(states, checkpoint_id=folder, no_dist=dist_info()[1] == 1)
+    with warnings.catch_warnings():  # in one process DCP warns that it assumes one process
+        warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
+        dcp.load(states, checkpoint_id=folder, no_dist=dist_info()[1] == 1)
     set_model_state_dict(model, states["model"])
     set_optimizer_state_dict(model, optimizer, states["optim"])
 
