@@ -289,7 +289,7 @@ class LlamaBench:
     """The llama.cpp table's settings and the header lines it prints (build check, CPU flags)."""
 
     def __init__(self, args, tokenizer_dir: Path) -> None:
-        self.args, self.tokenizer_dir = args, tokenizer_dir
+        self.args, self.tokenizer_dir, self.loads = args, tokenizer_dir, []
         self.build_line, self.native = native_report()
         flags = cpu_flags()
         have = {k: any(f in flags for f in v) for k, v in CPU_FLAGS.items()}
@@ -304,6 +304,7 @@ class LlamaBench:
         )
 
     def rows(self, size: str, models: dict, prompt: torch.Tensor, folder: Path, big: bool = False) -> list:
+        self.loads.append(f"{size} {os.getloadavg()[0]:.1f}")
         types = tuple(t.strip() for t in self.args.llama_big_types.split(",")) if big else ROWS_TYPES
         a = self.args
         return llama_rows(
@@ -335,7 +336,9 @@ class LlamaBench:
         lib = os.environ.get("LLAMA_CPP_LIB_PATH")
         lines = [self.build_line + ("" if self.native else ". Rows marked (portable).")]
         lines += [f"llama.cpp's libraries from LLAMA_CPP_LIB_PATH={lib}"] if lib else []
-        print_table(rows, self.args.reps, [*lines, self.cpu_line, self.src_line])
+        # a busy machine can slow llama.cpp's rows far more than gpt2load's (its threads meet after every op)
+        load = "1-minute load average before the rows: " + ", ".join(self.loads)
+        print_table(rows, self.args.reps, [*lines, self.cpu_line, self.src_line, load])
 
 
 def llama_bench(args, tokenizer_dir: Path) -> tuple[LlamaBench | None, str]:
