@@ -182,7 +182,7 @@ def memory_table() -> None:
     from gpt2load.model.gpt import GPTModel
     from gpt2load.training.memory import Plan, estimate
 
-    print("| size | one process / DDP | FSDP, 2 processes | FSDP, 4 | FSDP, 8 | activations 8 × 1024 bf16 (with AC) |")
+    print("| size | DDP, 2 processes | FSDP, 2 processes | FSDP, 4 | FSDP, 8 | activations 8 × 1024 bf16 (with AC) |")
     print("|---|---:|---:|---:|---:|---:|")
     for size in ("124M", "355M", "774M", "1558M"):
         with torch.device("meta"):

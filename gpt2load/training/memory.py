@@ -2,8 +2,10 @@
 copies FSDP gathers, and activations, for a strategy, dtype and batch; a run that cannot fit its device is
 refused with the flags that would make it fit.
 
-Weights and optimizer state are exact counts; activations are an estimate (about 40 saved values per token per
-block for the book's LayerNorm, attention and GELU, plus the logits and the loss's float32 copy of them).
+Weights and optimizer state are exact counts; activations are an estimate from what autograd saves, measured
+with saved-tensor hooks on the 124M shape: per token and block, 64 bytes per embedding value in float32 (the
+book's unfused LayerNorm and GELU keep their intermediates), 104 under bfloat16 autocast (it keeps float32 and
+bfloat16 copies), 32 more with dropout (its masks); per token, the logits and the loss's log-softmax.
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ from ..errors import Gpt2LoadError
 from .distributed import gather
 from .evaluation import eval_batches
 
-SAVED_PER_TOKEN_PER_BLOCK = 40  # × emb_dim values a block keeps for its backward (measured order, not exact)
+BLOCK_BYTES = {torch.float32: 64, torch.bfloat16: 104}  # per token and block, × emb_dim (see above)
+DROPOUT_BYTES = 32  # per token and block, × emb_dim, when the drop rate is above 0
 GB = 1e9
 
 
@@ -50,7 +53,7 @@ class Estimate:
     weights: float
     gradients: float
     optimizer: float
-    working: float  # DDP's gradient buckets, or FSDP's gathered units (weights and their gradients)
+    working: float  # DDP's gradient buckets and autocast's weight copies, or FSDP's gathered units
     activations: float
     host: float = 0.0
 
@@ -59,7 +62,7 @@ class Estimate:
         return self.weights + self.gradients + self.optimizer + self.working + self.activations
 
     def line(self, plan: Plan, capacity: float | None) -> str:
-        working = "gathered units" if plan.strategy == "fsdp" and plan.world > 1 else "DDP buckets"
+        working = "gathered units" if plan.strategy == "fsdp" and plan.world > 1 else "buckets and casts"
         parts = [
             f"weights {_gb(self.weights)}",
             f"gradients {_gb(self.gradients)}",
@@ -105,15 +108,17 @@ def estimate(model: nn.Module, plan: Plan) -> Estimate:
         working = compute * (root + 2 * block) + compute * (root_trainable + block_trainable)
     else:
         working = 4 * trainable if plan.world > 1 else 0  # DDP copies gradients into its buckets
+        if plan.dtype != torch.float32:
+            working += compute * total  # autocast keeps a bfloat16 copy of every weight through the step
     b, s, h = plan.batch, plan.tokens, cfg.emb_dim
     vocab = getattr(getattr(model, "out_head", None), "out_features", cfg.vocab_size)
-    per_block = SAVED_PER_TOKEN_PER_BLOCK * h * compute
+    per_block = (BLOCK_BYTES.get(plan.dtype, 104) + (DROPOUT_BYTES if cfg.drop_rate > 0 else 0)) * h
     if plan.activation_checkpointing:  # each block keeps its input; one block's activations are rebuilt at a time
-        blocks_bytes = len(blocks) * h * compute + per_block
+        blocks_bytes = len(blocks) * h * 4 + per_block
     else:
         blocks_bytes = len(blocks) * per_block
-    logits = vocab * (compute + 8)  # the logits, their float32 copy for the loss, and log-softmax's output
-    activations = b * s * (blocks_bytes + 2 * h * compute + logits)
+    logits = vocab * (compute + 8)  # the logits, (under autocast) their float32 copy, and log-softmax's output
+    activations = b * s * (blocks_bytes + 2 * h * 4 + logits)
     weights, grads, optim = state
     host = 0.0
     if fsdp and plan.cpu_offload:
