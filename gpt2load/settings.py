@@ -28,7 +28,8 @@ class KernelSettings:
         where it works). onednn: GPT2LOAD_ONEDNN, "0" never uses oneDNN's private op, "1" always, "auto" measures.
     native: GPT2LOAD_NATIVE, "0" never builds or uses gpt2load's C kernels. attention: GPT2LOAD_ATTENTION, "sdpa"
         (torch's), "native" (attend.c's wherever it applies) or "auto". int8pack: GPT2LOAD_INT8PACK, False leaves
-        torch's int8 kernel unused.
+        torch's int8 kernel unused. block: GPT2LOAD_BLOCK, "0" never computes a decoding step's block in one call
+        of gpt2load's block.c (its matmuls, attention and GELU then run one by one).
     """
 
     matmul: str = "auto"
@@ -36,6 +37,7 @@ class KernelSettings:
     native: str = "auto"
     attention: str = "auto"
     int8pack: bool = True
+    block: str = "auto"
 
     def __post_init__(self) -> None:
         for var, value, allowed in (
@@ -43,6 +45,7 @@ class KernelSettings:
             ("GPT2LOAD_ONEDNN", self.onednn, ("0", "1", "auto")),
             ("GPT2LOAD_NATIVE", self.native, ("0", "auto")),
             ("GPT2LOAD_ATTENTION", self.attention, ("auto", "sdpa", "native")),
+            ("GPT2LOAD_BLOCK", self.block, ("0", "auto")),
         ):
             if value not in allowed:
                 raise Gpt2LoadError(f"{var}={value!r} is not one of {', '.join(allowed)}: set one of them, or unset it")
@@ -77,6 +80,7 @@ class KernelSettings:
             native=word("GPT2LOAD_NATIVE"),
             attention=word("GPT2LOAD_ATTENTION"),
             int8pack=env.get("GPT2LOAD_INT8PACK", "1").strip() != "0",
+            block=word("GPT2LOAD_BLOCK"),
         )
 
 

@@ -144,7 +144,7 @@ def test_the_build_lands_whole_in_the_cache_folder(fresh_build):
 def test_a_failed_build_leaves_no_file_and_forcing_says_why(fresh_build, monkeypatch):
     monkeypatch.setenv("CC", "false")  # a "compiler" that fails
     assert not native.available()
-    assert "building gemv.c, gemm.c, attend.c failed" in native.why_unavailable()
+    assert "building gemv.c, gemm.c, attend.c, block.c failed" in native.why_unavailable()
     assert not list((fresh_build / "cache").rglob("*.so*")) and not list((fresh_build / "tmp").rglob("*.so*"))
     monkeypatch.setenv("CC", str(fresh_build / "no-such-compiler"))
     native._library.cache_clear()

@@ -26,6 +26,7 @@ from ..model.gpt import (
 )
 from ..model.quant import Int8Linear
 from ..settings import KernelSettings
+from .fused import FusedBlocks, allowed
 from .kernels import Stacked
 from .registry import Kernels, shared_kernels
 
@@ -65,6 +66,7 @@ class Backend:
         self._fused: weakref.WeakKeyDictionary[nn.Module, tuple[Stacked, Stacked, Stacked]] = (
             weakref.WeakKeyDictionary()
         )
+        self.blocks = FusedBlocks() if allowed(kernels.settings) else None  # a decoding step's block in one call
 
     def __reduce__(self):  # a pickled model comes back with a backend of the same settings
         return (Backend, (self.kernels,))
@@ -101,15 +103,19 @@ class Backend:
         kids = (m["norm1"], m["att"], m["ff"], m["norm2"], m["drop_shortcut"])
         if not (fast_enabled(block) and not kids[-1].training and is_stock(kids, _BLOCK_STOCK)):
             return None
+        if x.shape[1] == 1 and cache is not None and self.blocks is not None:
+            y = self.blocks.step(block, x, cache, layer, attn_mask, self._stacked_qkv(kids[1]))
+            if y is not None:
+                return y
         # Stock children without hooks, no dropout at inference: their forwards directly, without the module-call
         # machinery (a few microseconds each, a tenth of a decoding step over all layers).
         h = kids[1].forward(kids[0].forward(x), cache, layer, attn_mask, last_only)
         x = (x if h.shape[1] == x.shape[1] else x[:, -h.shape[1] :]) + h
         return x + kids[2].forward(kids[3].forward(x))
 
-    def qkv(self, att: MultiHeadAttention, x: torch.Tensor):
-        if not fast_enabled(att):
-            return None
+    def _stacked_qkv(self, att: MultiHeadAttention):
+        """The attention's q/k/v weights stacked into one [3d, d] matrix, with their bias and (int8) scales stacked
+        too (None where absent), when its three linears are stock modules of one kind; else None."""
         m = att._modules
         lins = (m["W_query"], m["W_key"], m["W_value"])
         kind = type(lins[0])
@@ -122,13 +128,20 @@ class Backend:
         if fused is None:
             fused = self._fused[att] = (Stacked(), Stacked(), Stacked())
         weight, bias, scale = fused
-        # One matmul reads all three weights: for one token, as fast as reading one of them.
         b = None if biases[0] is None else bias.get(biases)
         if kind is Int8Linear:
-            w = weight.get([lin.qweight for lin in lins])
-            y = self.kernels.int8_linear(x, w, scale.get([lin.weight_scale for lin in lins]), b)
-        else:
-            y = self.kernels.linear(x, weight.get([lin.weight for lin in lins]), b)
+            return weight.get([lin.qweight for lin in lins]), b, scale.get([lin.weight_scale for lin in lins])
+        return weight.get([lin.weight for lin in lins]), b, None
+
+    def qkv(self, att: MultiHeadAttention, x: torch.Tensor):
+        if not fast_enabled(att):
+            return None
+        stacked = self._stacked_qkv(att)
+        if stacked is None:
+            return None
+        # One matmul reads all three weights: for one token, as fast as reading one of them.
+        w, b, scale = stacked
+        y = self.kernels.linear(x, w, b) if scale is None else self.kernels.int8_linear(x, w, scale, b)
         B, T, _ = x.shape
         return y.view(B, T, 3, att.num_heads, att.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
 

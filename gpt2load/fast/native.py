@@ -156,6 +156,11 @@ def gemv(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, scale: torch.
     return y
 
 
+def block(*args) -> int:
+    """block.c's gpt2load_block (fused.py prepares its arguments): 0, or 1 when out of memory."""
+    return _library()[0].gpt2load_block(*args)
+
+
 @functools.cache
 def _attend_built(lib: ctypes.CDLL) -> bool:
     return bool(lib.gpt2load_attend_supported())  # attend.c has a kernel only in AVX-512 builds

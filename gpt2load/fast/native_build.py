@@ -23,8 +23,10 @@ from pathlib import Path
 
 from ..settings import Settings
 
-_SOURCES = [Path(__file__).parent / "csrc" / n for n in ("gemv.c", "gemm.c", "attend.c")]
-_HEADERS = [Path(__file__).parent / "csrc" / "vecmath.h"]  # included by the sources: part of the library's name
+_SOURCES = [Path(__file__).parent / "csrc" / n for n in ("gemv.c", "gemm.c", "attend.c", "block.c")]
+_HEADERS = [
+    Path(__file__).parent / "csrc" / n for n in ("vecmath.h", "rowdot.h")
+]  # included by the sources: part of the library's name
 _FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
 
 
@@ -182,6 +184,10 @@ def _bind(lib: ctypes.CDLL) -> None:
     fn = lib.gpt2load_attend
     fn.restype = ctypes.c_int
     fn.argtypes = [*[ctypes.c_void_p] * 4, *[ctypes.c_int64] * 5, *[ctypes.c_void_p] * 3, ctypes.c_float, ctypes.c_int]
+    fn = lib.gpt2load_block
+    fn.restype = ctypes.c_int
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_int, *[ctypes.c_void_p] * 2, ctypes.c_int64, *[ctypes.c_void_p] * 3]
+    fn.argtypes += [ctypes.c_int64, *[ctypes.c_void_p] * 2, ctypes.c_int]
     for name in ("gpt2load_gemm_supported", "gpt2load_attend_supported"):
         getattr(lib, name)
 
