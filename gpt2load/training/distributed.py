@@ -28,8 +28,8 @@ def dist_info() -> tuple[int, int]:
 def init_distributed(
     device: str | torch.device | None = None, settings: Settings | None = None
 ) -> tuple[int, int, torch.device]:
-    """Join the process group torchrun describes (WORLD_SIZE > 1): gloo on CPU, nccl on CUDA, one GPU per
-    local rank. Returns (rank, world_size, device); a single process gets (0, 1, the chosen device)."""
+    """Join the process group torchrun describes (WORLD_SIZE > 1): gloo on CPU, nccl on CUDA (with gloo for
+    CPU tensors), one GPU per local rank. Returns (rank, world_size, device); a single process gets (0, 1, the chosen device)."""
     dev = pick_device(device)
     settings = settings or Settings.from_env()  # torchrun's variables
     world = int(settings.number("WORLD_SIZE", 1, 1, whole=True))
@@ -42,7 +42,8 @@ def init_distributed(
     elif dev.type != "cpu":
         raise Gpt2LoadError(f"multi-process training runs on cpu or cuda, not {dev.type}: pass --device cpu")
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+        # on GPUs, NCCL for CUDA tensors and gloo for CPU ones (FSDP's --cpu-offload shards, gradients and norms)
+        dist.init_process_group("cpu:gloo,cuda:nccl" if dev.type == "cuda" else "gloo")
     return dist.get_rank(), dist.get_world_size(), dev
 
 
