@@ -325,3 +325,20 @@ def test_fsdp_on_two_gpus_matches_one_gpu(model_dir, corpus, tmp_path):
 if __name__ == "__main__" and sys.argv[1:2] == ["--worker"]:
     torch.set_num_threads(1)
     _worker(Path(sys.argv[2]), sys.argv[3])
+
+
+def test_train_refuses_a_run_over_the_device_memory_and_no_memory_check_runs_it(
+    model_dir, corpus, tmp_path, capsys, monkeypatch
+):
+    """The refusal end to end: a device of 1 MB (the machine's size stood in for) cannot hold the tiny run."""
+    import gpt2load.training.memory as memory
+
+    monkeypatch.setattr(memory, "device_capacity", lambda device, here: 1e6)
+    flags = ["--max-steps", "1", "--batch-size", "2", "--eval-every", "0"]
+    assert main(train_cmd(model_dir, corpus, tmp_path / "a", *flags)) == 1
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("gpt2load: error: training needs about"), lines
+    assert "has 1.0 MB" in lines[0] and "--no-memory-check" in lines[0]
+    assert not list((tmp_path / "a").glob("checkpoints/*"))
+    assert main(train_cmd(model_dir, corpus, tmp_path / "b", *flags, "--no-memory-check")) == 0
+    assert "memory per process (estimate)" in capsys.readouterr().out
