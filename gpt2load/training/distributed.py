@@ -29,7 +29,8 @@ def init_distributed(
     device: str | torch.device | None = None, settings: Settings | None = None
 ) -> tuple[int, int, torch.device]:
     """Join the process group torchrun describes (WORLD_SIZE > 1): gloo on CPU, nccl on CUDA (with gloo for
-    CPU tensors), one GPU per local rank. Returns (rank, world_size, device); a single process gets (0, 1, the chosen device)."""
+    CPU tensors), one GPU per local rank. Returns (rank, world_size, device); a single process gets (0, 1, the
+    chosen device)."""
     dev = pick_device(device)
     settings = settings or Settings.from_env()  # torchrun's variables
     world = int(settings.number("WORLD_SIZE", 1, 1, whole=True))
