@@ -217,6 +217,7 @@ class Kernels:
             flat.device.type == "cpu"
             and q.is_contiguous()
             and q.data_ptr() % 64 == 0
+            and q.shape[1] % 16 == 0  # (torch 2.13's kernel crashes on other widths: 40 and 72 segfault)
             and s.int8pack
             and int8mm.int8pack_works()
         )

@@ -53,9 +53,13 @@ static inline vec vgelu(vec u) {
     return vdiv(u, vadd(vset1(1.0f), vexp(z2)));
 }
 
-static inline float gelu1(float u) {
-    const float z = 0.7978845608f * (u + 0.044715f * u * u * u);
-    return 0.5f * u * (1.0f + tanhf(z));
+/* GELU of n < VL values through the vector code, so every value gets the same bits whichever thread's share
+   (and so whichever thread count) it falls at the end of. */
+static inline void gelu_tail(float *y, int64_t n) {
+    float buf[VL] = {0};
+    memcpy(buf, y, (size_t)n * sizeof(float));
+    vstore(buf, vgelu(vload_f32(buf)));
+    memcpy(y, buf, (size_t)n * sizeof(float));
 }
 
 /* y[m] = (x[m] - mean) / sqrt(var + eps) * w + b for M rows of d (biased variance, as torch). */
@@ -107,7 +111,7 @@ static void matmul(int wt, const void *w, const float *scale, const float *bias,
         float *yr = y + m * N;
         int64_t c = c0;
         for (; c + VL <= c1; c += VL) vstore(yr + c, vgelu(vload_f32(yr + c)));
-        for (; c < c1; c++) yr[c] = gelu1(yr[c]);
+        if (c < c1) gelu_tail(yr + c, c1 - c);
     }
 }
 
