@@ -170,7 +170,7 @@ def prepared_block(kind):
     with_kernels(model, matmul="native")
     block = model.trf_blocks[0]
     dtype = model.pos_emb.weight.dtype
-    prepared = model.backend.blocks._prepare(block, model.backend._stacked_qkv(block.att), dtype)
+    prepared = model.backend.blocks._prepare(block, lambda: model.backend._stacked_qkv(block.att), dtype)
     prepared.model = model  # keeps the weights it points into alive
     return prepared, dtype
 

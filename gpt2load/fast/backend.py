@@ -104,7 +104,7 @@ class Backend:
         if not (fast_enabled(block) and not kids[-1].training and is_stock(kids, _BLOCK_STOCK)):
             return None
         if x.shape[1] == 1 and cache is not None and self.blocks is not None:
-            y = self.blocks.step(block, x, cache, layer, attn_mask, self._stacked_qkv(kids[1]))
+            y = self.blocks.step(block, x, cache, layer, attn_mask, lambda: self._stacked_qkv(kids[1]))
             if y is not None:
                 return y
         # Stock children without hooks, no dropout at inference: their forwards directly, without the module-call

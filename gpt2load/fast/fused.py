@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ctypes
 import weakref
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -76,20 +77,20 @@ def _linears(block: TransformerBlock) -> list[nn.Module] | None:
     return lins
 
 
-def _version(t: torch.Tensor | None) -> tuple:
-    if t is None:
-        return (None,)
+def _version(t: torch.Tensor) -> int:
     try:
-        return (t.data_ptr(), t._version, t.dtype)
+        return t._version
     except RuntimeError:  # an inference tensor: it cannot change in place outside inference mode
-        return (t.data_ptr(), -1, t.dtype)
+        return -1
 
 
 class _Prepared:
-    """block.c's parameters for one block, and the tensors they point into (kept alive here)."""
+    """block.c's parameters for one block, the tensors they point into (kept alive here), and the module tensors
+    they were made from with their data pointers and versions then."""
 
-    def __init__(self, key: tuple, params: _Params, keep: list) -> None:
-        self.key, self.params, self.keep = key, params, keep
+    def __init__(self, params: _Params, keep: list, sources: list[torch.Tensor], dtype: torch.dtype) -> None:
+        self.params, self.keep, self.sources, self.dtype = params, keep, sources, dtype
+        self.versions = [(t.data_ptr(), _version(t)) for t in sources]
 
 
 def allowed(settings: KernelSettings) -> bool:
@@ -116,12 +117,13 @@ class FusedBlocks:
         cache: KVCache | None,
         layer: int,
         mask: torch.Tensor | None,
-        qkv: tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None] | None,
+        qkv: Callable[[], tuple | None],
     ) -> torch.Tensor | None:
-        """The block's output for x [B, 1, d] (one new token per row) when block.c applies, else None. `qkv`: the
-        stacked q/k/v weight, bias and int8 scales the backend holds for this block's attention."""
+        """The block's output for x [B, 1, d] (one new token per row) when block.c applies, else None. `qkv()`:
+        the stacked q/k/v weight, bias and int8 scales the backend holds for this block's attention (asked only
+        when the parameters are built)."""
         B, T, d = x.shape
-        if T != 1 or B > MAX_ROWS or qkv is None or type(cache) is not KVCache:
+        if T != 1 or B > MAX_ROWS or type(cache) is not KVCache:
             return None
         if x.dtype not in (torch.float32, torch.bfloat16) or not x.is_cpu or not native.available():
             return None
@@ -183,22 +185,30 @@ class FusedBlocks:
         self.calls += 1
         return y
 
-    def _prepare(self, block: TransformerBlock, qkv: tuple, dtype: torch.dtype) -> _Prepared | None:
-        lins = _linears(block)
+    def _prepare(self, block: TransformerBlock, qkv: tuple | None, dtype: torch.dtype) -> _Prepared | None:
+        """The block's parameters for block.c, reused while every module tensor is the same object with the same
+        data and version (checked at each call: a step between two generations may have trained the weights)."""
+        lins = _linears(block)  # (hooks or replaced modules since the last call: the modules run as they are)
         if lins is None:
             return None
+        got = self._prepared.get(block)
+        if got is not None and got.dtype is dtype and all(a is b for a, b in zip(lins, got.modules, strict=True)):
+            try:
+                if [(t.data_ptr(), t._version) for t in got.sources] == got.versions:
+                    return got
+            except RuntimeError:  # inference tensors have no version: they cannot have changed in place
+                if [t.data_ptr() for t in got.sources] == [p for p, _ in got.versions]:
+                    return got
         int8 = type(lins[0]) is Int8Linear
-        w_qkv, b_qkv, s_qkv = qkv
+        stacked = qkv()
+        if stacked is None:
+            return None
+        w_qkv, b_qkv, s_qkv = stacked
         weights = [w_qkv] + [m.qweight if int8 else m.weight for m in lins[3:]]
         scales = [s_qkv] + [m.weight_scale for m in lins[3:]] if int8 else [None] * 4
         biases = [b_qkv] + [m.bias for m in lins[3:]]
         norms = [block._modules["norm1"], block._modules["norm2"]]
         small = [t for n in norms for t in (n.scale, n.shift)]
-        key = tuple(_version(t) for t in [*weights, *biases, *small, *(scales if int8 else [])])
-        key += (dtype,)
-        got = self._prepared.get(block)
-        if got is not None and got.key == key:
-            return got
         wdt = weights[0].dtype
         if any(w.dtype is not wdt or not w.is_contiguous() or not w.is_cpu for w in weights) or wdt not in _CODES:
             return None
@@ -217,7 +227,11 @@ class FusedBlocks:
         p.ln1_w, p.ln1_b, p.ln2_w, p.ln2_b = (_ptr(t) for t in small32)
         for i in range(4):
             p.w[i], p.scale[i], p.bias[i] = _ptr(weights[i]), _ptr(scales32[i]), _ptr(biases32[i])
-        got = self._prepared[block] = _Prepared(key, p, [*weights, *small32, *biases32, *scales32])
+        # what the parameters were made from: every tensor of the block's modules
+        parts = ("qweight", "weight_scale", "bias") if int8 else ("weight", "bias")
+        sources = [t for m in lins for t in (getattr(m, n) for n in parts) if t is not None] + small
+        got = self._prepared[block] = _Prepared(p, [*weights, *small32, *biases32, *scales32], sources, dtype)
+        got.modules = lins
         return got
 
 

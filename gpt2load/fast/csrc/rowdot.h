@@ -148,8 +148,8 @@ static inline __attribute__((always_inline)) void row(const int wt, const int mb
         for (int j = 0; j < mb; j++) acc[u][j] = vzero();
     const int64_t base = n * K, step = (int64_t)VL * U, ku = K - K % step, kv = K - K % VL;
     for (int64_t k = 0; k < ku; k += step) {
-        PREFETCH(wt, w, base + k);
         for (int u = 0; u < U; u++) {
+            if (u * VL * WSIZE(wt) % 64 == 0) PREFETCH(wt, w, base + k + u * VL);
             vec wv = load_w(wt, w, base + k + u * VL);
             for (int j = 0; j < mb; j++) acc[u][j] = vfma(wv, vload_f32(x + j * K + k + u * VL), acc[u][j]);
         }
