@@ -82,28 +82,52 @@ static inline void share(int64_t n, int64_t *lo, int64_t *hi) {
     *hi = n * (t + 1) / T;
 }
 
+/* x rows of more than this many bytes (several rows of a long input: the second feed-forward matmul's) are taken
+   in chunks of k: read whole, they would leave L1 at every weight row pair and come back from L2 (8 rows of 3072:
+   the 124M fc2 took 2.4x its one-row time, mostly waiting on L2). */
+#define X_CHUNK_BYTES 24576
+
 /* y[m, n] = scale[n] * x[m] . w[n] + bias[n] (+ res[m, n]) for this thread's share of the weight rows (taken in
    pairs, see rowdot.h), then GELU over those columns when asked. The caller places the barrier. */
 static void matmul(int wt, const void *w, const float *scale, const float *bias, const float *x, int64_t M,
                    int64_t N, int64_t K, const float *res, int gelu, float *y) {
     int64_t lo, hi;
     share((N + 1) / 2, &lo, &hi);
-    for (int64_t pair = lo; pair < hi; pair++) {
-        const int64_t n = 2 * pair;
-        const int two = n + 1 < N;
-        for (int64_t m0 = 0; m0 < M; m0 += MB) {
-            const int mb = (int)(M - m0 < MB ? M - m0 : MB);
-            float out[2][MB];
-            rows(wt, mb, two, w, n, K, x + m0 * K, out[0], out[1]);
-            for (int i = 0; i <= two; i++) {
-                const int64_t c = n + i;
-                const float s = scale ? scale[c] : 1.0f, add = bias ? bias[c] : 0.0f;
-                for (int j = 0; j < mb; j++) {
-                    const int64_t at = (m0 + j) * N + c;
-                    y[at] = out[i][j] * s + add + (res ? res[at] : 0.0f);
+    for (int64_t m0 = 0; m0 < M; m0 += MB) {
+        const int mb = (int)(M - m0 < MB ? M - m0 : MB);
+        int64_t kc = K, pf = PREFETCH_BYTES;
+        if (mb > 2 && (int64_t)mb * K * 4 > X_CHUNK_BYTES) { /* chunks of whole vectors; the next pair prefetched */
+            kc = X_CHUNK_BYTES / (4 * mb) / (4 * VL) * (4 * VL);
+            pf = 2 * K * WSIZE(wt);
+        }
+        for (int64_t k0 = 0; k0 < K; k0 += kc) {
+            const int64_t len = K - k0 < kc ? K - k0 : kc;
+            const void *wk = WADDR(wt, w, k0);
+            for (int64_t pair = lo; pair < hi; pair++) {
+                const int64_t n = 2 * pair;
+                const int two = n + 1 < N;
+                float out[2][MB];
+                rows(wt, mb, two, wk, n, K, len, pf, x + m0 * K + k0, out[0], out[1]);
+                for (int i = 0; i <= two; i++) {
+                    const int64_t c = n + i;
+                    for (int j = 0; j < mb; j++) {
+                        const int64_t at = (m0 + j) * N + c;
+                        if (k0 == 0)
+                            y[at] = out[i][j];
+                        else
+                            y[at] += out[i][j];
+                    }
                 }
             }
         }
+        for (int64_t pair = lo; pair < hi; pair++) /* scale, bias and residual once the sums are whole */
+            for (int64_t c = 2 * pair; c < 2 * pair + 2 && c < N; c++) {
+                const float sc = scale ? scale[c] : 1.0f, add = bias ? bias[c] : 0.0f;
+                for (int j = 0; j < mb; j++) {
+                    const int64_t at = (m0 + j) * N + c;
+                    y[at] = y[at] * sc + add + (res ? res[at] : 0.0f);
+                }
+            }
     }
     if (!gelu) return;
     const int64_t c0 = 2 * lo, c1 = 2 * hi < N ? 2 * hi : N;

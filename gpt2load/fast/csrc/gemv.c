@@ -42,7 +42,7 @@ int gpt2load_gemv(int wt, const void *w, const float *scale, int at, const void 
         for (int64_t m0 = 0; m0 < M; m0 += MB) {
             const int mb = (int)(M - m0 < MB ? M - m0 : MB);
             float out0[MB], out1[MB];
-            rows(wt, mb, two, w, n, K, xf + m0 * K, out0, out1);
+            rows(wt, mb, two, w, n, K, K, PREFETCH_BYTES, xf + m0 * K, out0, out1);
             store(at, scale, bias, y, N, n, m0, mb, out0);
             if (two) store(at, scale, bias, y, N, n + 1, m0, mb, out1);
         }

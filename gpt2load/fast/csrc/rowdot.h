@@ -134,34 +134,35 @@ static inline float scalar_w(const int wt, const void *w, int64_t off) {
 /* Software prefetch into L2 (_MM_HINT_T1), 8 KB ahead of each weight row being read. Measured on an AVX-512
    EPYC: without it, a pass with several x rows computes and waits for memory in turn (8 rows: 31 ms for the
    124M matmuls, 23 ms with it); prefetching into L1 instead, or 2 KB ahead, gained little. */
-#define PREFETCH(wt, w, off) __builtin_prefetch(WADDR(wt, w, off) + PREFETCH_BYTES, 0, 2)
+#define PREFETCH(wt, w, off) __builtin_prefetch(WADDR(wt, w, off) + pf, 0, 2)
 
-/* out[j] = sum_k x[j, k] * w[n, k] for j < mb (a constant once inlined). The row is read front to back, so each
+/* out[j] = sum_k x[j, k] * w[n, k] over k < K for j < mb (a constant once inlined); rows of w and x are `ld` apart
+   (ld > K: one chunk of longer rows), and each weight row is prefetched `pf` bytes ahead. The row is read front to back, so each
    thread's share of the weight is one sequential stream; with few x rows, partial sums over U chunks at a time
    keep enough multiply-adds in flight. */
-static inline __attribute__((always_inline)) void row(const int wt, const int mb, const void *w, int64_t n, int64_t K,
-                                                      const float *x, float *out) {
+static inline __attribute__((always_inline)) void row(const int wt, const int mb, const void *w, int64_t n, int64_t ld,
+                                                      int64_t K, int64_t pf, const float *x, float *out) {
     enum { U_MAX = 4 };
     const int U = mb == 1 ? 4 : mb == 2 ? 2 : 1;
     vec acc[U_MAX][MB];
     for (int u = 0; u < U; u++)
         for (int j = 0; j < mb; j++) acc[u][j] = vzero();
-    const int64_t base = n * K, step = (int64_t)VL * U, ku = K - K % step, kv = K - K % VL;
+    const int64_t base = n * ld, step = (int64_t)VL * U, ku = K - K % step, kv = K - K % VL;
     for (int64_t k = 0; k < ku; k += step) {
         for (int u = 0; u < U; u++) {
             if (u * VL * WSIZE(wt) % 64 == 0) PREFETCH(wt, w, base + k + u * VL);
             vec wv = load_w(wt, w, base + k + u * VL);
-            for (int j = 0; j < mb; j++) acc[u][j] = vfma(wv, vload_f32(x + j * K + k + u * VL), acc[u][j]);
+            for (int j = 0; j < mb; j++) acc[u][j] = vfma(wv, vload_f32(x + j * ld + k + u * VL), acc[u][j]);
         }
     }
     for (int64_t k = ku; k < kv; k += VL) {
         vec wv = load_w(wt, w, base + k);
-        for (int j = 0; j < mb; j++) acc[0][j] = vfma(wv, vload_f32(x + j * K + k), acc[0][j]);
+        for (int j = 0; j < mb; j++) acc[0][j] = vfma(wv, vload_f32(x + j * ld + k), acc[0][j]);
     }
     for (int j = 0; j < mb; j++) {
         for (int u = 1; u < U; u++) acc[0][j] = vadd(acc[0][j], acc[u][j]);
         float s = vsum(acc[0][j]);
-        for (int64_t k = kv; k < K; k++) s += scalar_w(wt, w, base + k) * x[j * K + k];
+        for (int64_t k = kv; k < K; k++) s += scalar_w(wt, w, base + k) * x[j * ld + k];
         out[j] = s;
     }
 }
@@ -169,16 +170,17 @@ static inline __attribute__((always_inline)) void row(const int wt, const int mb
 /* Rows n and n + 1 at once, for mb >= 2: each x load feeds two multiply-adds, which with 8 x rows is what keeps
    the arithmetic ahead of memory (8 rows: 20.5 ms instead of 23.8; 16 rows: 34 instead of 56). */
 static inline __attribute__((always_inline)) void row_pair(const int wt, const int mb, const void *w, int64_t n,
-                                                           int64_t K, const float *x, float *out0, float *out1) {
+                                                           int64_t ld, int64_t K, int64_t pf, const float *x,
+                                                           float *out0, float *out1) {
     vec a[MB], b[MB];
     for (int j = 0; j < mb; j++) a[j] = b[j] = vzero();
-    const int64_t base0 = n * K, base1 = base0 + K, kv = K - K % VL;
+    const int64_t base0 = n * ld, base1 = base0 + ld, kv = K - K % VL;
     for (int64_t k = 0; k < kv; k += VL) {
         PREFETCH(wt, w, base0 + k);
         PREFETCH(wt, w, base1 + k);
         const vec w0 = load_w(wt, w, base0 + k), w1 = load_w(wt, w, base1 + k);
         for (int j = 0; j < mb; j++) {
-            const vec xv = vload_f32(x + j * K + k);
+            const vec xv = vload_f32(x + j * ld + k);
             a[j] = vfma(w0, xv, a[j]);
             b[j] = vfma(w1, xv, b[j]);
         }
@@ -186,8 +188,8 @@ static inline __attribute__((always_inline)) void row_pair(const int wt, const i
     for (int j = 0; j < mb; j++) {
         float s0 = vsum(a[j]), s1 = vsum(b[j]);
         for (int64_t k = kv; k < K; k++) {
-            s0 += scalar_w(wt, w, base0 + k) * x[j * K + k];
-            s1 += scalar_w(wt, w, base1 + k) * x[j * K + k];
+            s0 += scalar_w(wt, w, base0 + k) * x[j * ld + k];
+            s1 += scalar_w(wt, w, base1 + k) * x[j * ld + k];
         }
         out0[j] = s0;
         out1[j] = s1;
@@ -213,16 +215,16 @@ static inline __attribute__((always_inline)) void row_pair(const int wt, const i
     } else {                                                                   \
         BY_MB(call##_I8)                                                       \
     }
-#define ONE_F32(m) row(F32, m, w, n, K, x, out0)
-#define ONE_BF16(m) row(BF16, m, w, n, K, x, out0)
-#define ONE_I8(m) row(I8, m, w, n, K, x, out0)
-#define TWO_F32(m) row_pair(F32, m, w, n, K, x, out0, out1)
-#define TWO_BF16(m) row_pair(BF16, m, w, n, K, x, out0, out1)
-#define TWO_I8(m) row_pair(I8, m, w, n, K, x, out0, out1)
+#define ONE_F32(m) row(F32, m, w, n, ld, K, pf, x, out0)
+#define ONE_BF16(m) row(BF16, m, w, n, ld, K, pf, x, out0)
+#define ONE_I8(m) row(I8, m, w, n, ld, K, pf, x, out0)
+#define TWO_F32(m) row_pair(F32, m, w, n, ld, K, pf, x, out0, out1)
+#define TWO_BF16(m) row_pair(BF16, m, w, n, ld, K, pf, x, out0, out1)
+#define TWO_I8(m) row_pair(I8, m, w, n, ld, K, pf, x, out0, out1)
 
 /* Weight rows n (and n + 1 when `two`) against mb <= MB rows of x: every case compiled with constants. */
-static inline void rows(int wt, int mb, int two, const void *w, int64_t n, int64_t K, const float *x, float *out0,
-                 float *out1) {
+static inline void rows(int wt, int mb, int two, const void *w, int64_t n, int64_t ld, int64_t K, int64_t pf,
+                        const float *x, float *out0, float *out1) {
     if (two && mb > 1) {
         BY_WT(TWO)
     } else {
