@@ -100,7 +100,7 @@ def test_forced_native_runs_in_a_bfloat16_model(wide16, monkeypatch):
     prompt = torch.randint(0, WIDE.vocab_size, (2, 20), generator=torch.Generator().manual_seed(3))
     logits = {}
     for setting in ("native", "sdpa"):
-        with_kernels(wide16, attention=setting)
+        with_kernels(wide16, attention=setting, block="0")  # attention by the module, not block.c
         with torch.inference_mode():
             cache = wide16.new_cache(2, 32)
             first = wide16(prompt[:, :12], cache=cache)  # a prompt, then a chunk after it, then one token
@@ -211,7 +211,7 @@ def test_float32_decoding_takes_attend_one_with_the_same_tokens(setting, monkeyp
     model = pair(WIDE, seed=5)[1]
     idx, mask = left_pad([[5, 6, 7, 8, 9, 10], [11, 12], [13, 14, 15, 16]])
     prompt = torch.tensor([[3, 1, 4, 1, 5]])
-    with_kernels(model, attention=setting)
+    with_kernels(model, attention=setting, block="0")  # decoding steps by the modules, not block.c
     calls = kernel_calls(monkeypatch, "attend_one")
     batch, alone, beams = (
         generate(model, idx, 10, attention_mask=mask),
