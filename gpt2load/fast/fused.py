@@ -109,6 +109,15 @@ class FusedBlocks:
     def __init__(self) -> None:
         self._prepared: weakref.WeakKeyDictionary[nn.Module, _Prepared] = weakref.WeakKeyDictionary()
         self.calls = 0  # blocks computed by block.c (for tests)
+        self._arrays: dict[tuple, ctypes.Array] = {}  # strides as C arrays (the same few at every step)
+
+    def _int64s(self, values: tuple) -> ctypes.Array:
+        arr = self._arrays.get(values)
+        if arr is None:
+            if len(self._arrays) > 256:
+                self._arrays.clear()
+            arr = self._arrays[values] = (ctypes.c_int64 * len(values))(*values)
+        return arr
 
     def step(
         self,
@@ -160,9 +169,9 @@ class FusedBlocks:
             return None
         x = x.contiguous()
         y = torch.empty_like(x)
-        strides = (ctypes.c_int64 * 3)(*k.stride()[:3])
+        strides = self._int64s(k.stride()[:3])
         if mask is not None:
-            ms = (ctypes.c_int64 * 2)(*(mask.stride(i) if mask.shape[i] > 1 else 0 for i in (0, 1)))
+            ms = self._int64s(tuple(mask.stride(i) if mask.shape[i] > 1 else 0 for i in (0, 1)))
             mask_ptr = mask.data_ptr()
         else:
             ms, mask_ptr = None, None

@@ -142,8 +142,8 @@ static inline float scalar_w(const int wt, const void *w, int64_t off) {
    keep enough multiply-adds in flight. */
 static inline __attribute__((always_inline)) void row(const int wt, const int mb, const void *w, int64_t n, int64_t ld,
                                                       int64_t K, int64_t pf, const float *x, float *out) {
-    enum { U_MAX = 4 };
-    const int U = mb == 1 ? 4 : mb == 2 ? 2 : 1;
+    enum { U_MAX = 8 };
+    const int U = mb == 1 ? 8 : mb == 2 ? 2 : 1;
     vec acc[U_MAX][MB];
     for (int u = 0; u < U; u++)
         for (int j = 0; j < mb; j++) acc[u][j] = vzero();
