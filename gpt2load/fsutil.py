@@ -9,6 +9,7 @@ marker exactly, and only when the caller asks for it (`--force`).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -365,7 +366,17 @@ def open_run_folder(path: str | Path) -> RunLock:
     return lock
 
 
+def sha256_file(path: str | Path) -> str:
+    """The file's sha256 (hex), read in 16 MB blocks."""
+    sha = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 24):
+            sha.update(block)
+    return sha.hexdigest()
+
+
 __all__ = [
+    "sha256_file",
     "RunLock",
     "atomic_dir",
     "atomic_output_file",

@@ -21,6 +21,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+from ..fsutil import sha256_file
 from ..settings import Settings
 
 _SOURCES = [Path(__file__).parent / "csrc" / n for n in ("gemv.c", "gemm.c", "attend.c", "block.c")]
@@ -104,14 +105,6 @@ def _record(library: Path) -> Path:
     return library.with_name(library.name + ".sha256")
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _fsync(path: Path | str, folder: bool = False) -> None:
     fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if folder else 0))
     try:
@@ -132,7 +125,7 @@ def _verified(library: Path) -> bool:
             return False
         with open(record, "rb") as f:
             recorded = f.read(100).decode("ascii", "replace").strip()
-        return recorded == _sha256(library)
+        return recorded == sha256_file(library)
     except OSError:
         return False
 
@@ -153,7 +146,7 @@ def _compile(cc: list[str], target: Path) -> str | None:
             last = (run.stderr.strip().splitlines() or [f"exit status {run.returncode} and no message"])[-1]
             return f"{shlex.join(cc)}: {last}"
         os.chmod(tmps[0], 0o755)  # whatever the umask: nobody else may write to code we run
-        Path(tmps[1]).write_text(_sha256(Path(tmps[0])) + "\n")
+        Path(tmps[1]).write_text(sha256_file(Path(tmps[0])) + "\n")
         for tmp in tmps:
             _fsync(tmp)
         os.replace(tmps[0], target)

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from ..errors import Gpt2LoadError
-from ..fsutil import atomic_path
+from ..fsutil import atomic_path, sha256_file
 from ..model.gpt import GPTModel, is_derived
 from .dcp import META, read_meta
 from .distributed import broadcast, dist_info, rank0_first
@@ -44,14 +44,6 @@ class _HashingWriter:
 
     def flush(self) -> None:
         self.f.flush()
-
-
-def _sha256_file(path: Path) -> str:
-    sha = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 24):
-            sha.update(block)
-    return sha.hexdigest()
 
 
 def list_checkpoints(folder: Path) -> list[tuple[int, Path]]:
@@ -86,7 +78,7 @@ def _read_checkpoint(path: Path, device: torch.device) -> tuple[dict, bool]:
         want = None
     except (OSError, IndexError, UnicodeDecodeError):
         raise ValueError("its .sha256 file is unreadable") from None
-    if want is not None and _sha256_file(path) != want:
+    if want is not None and sha256_file(path) != want:
         raise ValueError("sha256 mismatch: truncated or corrupt")
     try:
         ck = torch.load(path, map_location=device, weights_only=True)

@@ -10,7 +10,6 @@ without FSDP.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import secrets
 import shutil
@@ -21,6 +20,7 @@ import torch
 from torch import nn
 
 from ..errors import Gpt2LoadError
+from ..fsutil import sha256_file
 from .distributed import barrier, broadcast, dist_info
 
 SUFFIX = ".dcp"
@@ -37,14 +37,6 @@ def _states(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
     return {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer)}
-
-
-def _sha256(path: Path) -> str:
-    sha = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 24):
-            sha.update(block)
-    return sha.hexdigest()
 
 
 def _fsync_write(path: Path, write) -> None:
@@ -65,7 +57,7 @@ def save_sharded(final: Path, model: nn.Module, optimizer: torch.optim.Optimizer
     dcp.save(_states(model, optimizer), checkpoint_id=tmp)
     if rank == 0:
         _fsync_write(tmp / META, lambda f: torch.save(meta, f))
-        lines = [f"{_sha256(p)}  {p.name}\n" for p in sorted(tmp.iterdir())]
+        lines = [f"{sha256_file(p)}  {p.name}\n" for p in sorted(tmp.iterdir())]
         _fsync_write(tmp / MANIFEST, lambda f: f.write("".join(lines).encode()))
         if final.exists():  # written again after a resume from an earlier step
             shutil.rmtree(final)
@@ -90,7 +82,7 @@ def read_meta(folder: Path) -> dict:
         raise ValueError("it is incomplete")
     for name, digest in listed.items():
         try:
-            ok = _sha256(folder / name) == digest
+            ok = sha256_file(folder / name) == digest
         except OSError:
             ok = False
         if not ok:
