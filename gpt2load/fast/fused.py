@@ -88,8 +88,10 @@ class _Prepared:
     """block.c's parameters for one block, the tensors they point into (kept alive here), and the module tensors
     they were made from with their data pointers and versions then."""
 
-    def __init__(self, params: _Params, keep: list, sources: list[torch.Tensor], dtype: torch.dtype) -> None:
-        self.params, self.keep, self.sources, self.dtype = params, keep, sources, dtype
+    def __init__(
+        self, params: _Params, keep: list, modules: list[nn.Module], sources: list[torch.Tensor], dtype: torch.dtype
+    ) -> None:
+        self.params, self.keep, self.modules, self.sources, self.dtype = params, keep, modules, sources, dtype
         self.versions = [(t.data_ptr(), _version(t)) for t in sources]
 
 
@@ -239,8 +241,7 @@ class FusedBlocks:
         # what the parameters were made from: every tensor of the block's modules
         parts = ("qweight", "weight_scale", "bias") if int8 else ("weight", "bias")
         sources = [t for m in lins for t in (getattr(m, n) for n in parts) if t is not None] + small
-        got = self._prepared[block] = _Prepared(p, [*weights, *small32, *biases32, *scales32], sources, dtype)
-        got.modules = lins
+        got = self._prepared[block] = _Prepared(p, [*weights, *small32, *biases32, *scales32], lins, sources, dtype)
         return got
 
 
